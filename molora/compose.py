@@ -1,0 +1,117 @@
+"""Composing pretrained PEFT LoRA adapters into one routed model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from molora.bank import ExpertBank
+from molora.config import MoLoRAConfig
+from molora.errors import AdapterError, MoLoRAError
+from molora.layer import RoutedLoRALinear, base_features
+from molora.model import MoLoRAModel, build_shared_router, router_kwargs
+from molora.peft_io import PeftLoraAdapter, load_peft_adapter
+from molora.routers import build_router
+
+
+def compose(
+    base_model: nn.Module,
+    adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
+    router: str = "soft",
+    *,
+    top_k: int | None = None,
+    trainable_experts: bool = False,
+    dropout: float = 0.0,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    adapter_dtype: str = "float32",
+    **router_kwargs_: Any,
+) -> MoLoRAModel:
+    """Load N PEFT LoRA adapters as the experts of a routed model.
+
+    Expert ``i`` of every layer is adapter ``i`` (in the order given). A module that only some
+    adapters target gets experts from those only; ranks, alphas and rsLoRA may differ between
+    adapters and between modules (``rank_pattern``/``alpha_pattern``). With ``router="task"``,
+    task id ``i`` (or the adapter's name) routes an example to adapter ``i``, which reproduces
+    PEFT with that adapter active. Every adapter is read and checked against ``base_model``
+    before the model is changed.
+
+    Args:
+        base_model: the model the adapters were trained on.
+        adapters: ``{name: folder}``, or folders (named after their last path component).
+        router: router name (``soft``, ``topk``, ``task``, ...); ``router_kwargs_`` go to it.
+        top_k: experts per token for ``router="topk"``.
+        trainable_experts: leave the experts trainable (default: frozen; only routers train).
+    """
+    if not isinstance(adapters, Mapping):
+        adapters = {os.path.basename(os.path.normpath(str(p))): p for p in adapters}
+    if not adapters:
+        raise MoLoRAError("compose needs at least one adapter")
+    loaded = [load_peft_adapter(path, name) for name, path in adapters.items()]
+    names = [a.name for a in loaded]
+    if len(set(names)) != len(names):
+        raise MoLoRAError(f"adapter names must be distinct; got {names}")
+    config = MoLoRAConfig(
+        target_modules=sorted({m for a in loaded for m in a.modules}),
+        num_experts=len(loaded),
+        rank=max(f.rank for a in loaded for f in a.modules.values()),
+        alpha=float(max(f.alpha for a in loaded for f in a.modules.values())),
+        dropout=dropout,
+        router=router,
+        top_k=top_k,
+        router_kwargs=dict(router_kwargs_),
+        aux_loss_coef=aux_loss_coef,
+        z_loss_coef=z_loss_coef,
+        expert_names=names,
+        adapter_dtype=adapter_dtype,
+    )
+    modules = _check_against_base(base_model, loaded)
+    first = next(iter(modules.values()))
+    shared = build_shared_router(config, names, base_features(first)[0], first.weight.device)
+    kwargs = router_kwargs(config)
+    layers: dict[str, RoutedLoRALinear] = {}
+    for path, module in modules.items():
+        d_in, d_out, _ = base_features(module)
+        bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=module.weight.device)
+        expert_ids = []
+        for i, adapter in enumerate(loaded):
+            f = adapter.modules.get(path)
+            if f is not None:
+                bank.add_expert(f.rank, f.alpha, use_rslora=f.use_rslora, A=f.A, B=f.B, trainable=trainable_experts)
+                expert_ids.append(i)
+        layer_router = None
+        if shared is None:
+            layer_router = build_router(router, num_experts=bank.num_experts, d_in=d_in, **kwargs)
+            layer_router = layer_router.to(device=module.weight.device, dtype=config.torch_dtype)
+        layers[path] = RoutedLoRALinear(
+            module, bank, layer_router, dropout=dropout, name=path, expert_ids=expert_ids, num_global_experts=len(loaded)
+        )
+    return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+
+
+def _check_against_base(base_model: nn.Module, adapters: list[PeftLoraAdapter]) -> dict[str, nn.Module]:
+    """Map every adapted module path to the base module, checking type and shapes."""
+    modules: dict[str, nn.Module] = {}
+    for adapter in adapters:
+        for path, f in adapter.modules.items():
+            try:
+                module = base_model.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(
+                    f"adapter {adapter.name!r} targets module {path!r}, which {type(base_model).__name__} does not have "
+                    "(was it trained on a different base model?)"
+                ) from None
+            try:
+                d_in, d_out, _ = base_features(module)
+            except MoLoRAError as exc:
+                raise AdapterError(f"adapter {adapter.name!r}, module {path!r}: {exc}") from None
+            if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
+                raise AdapterError(
+                    f"adapter {adapter.name!r} was made for a different base model: module {path!r} is "
+                    f"[{d_out} x {d_in}] but the adapter has lora_A {list(f.A.shape)} and lora_B {list(f.B.shape)}"
+                )
+            modules[path] = module
+    return modules

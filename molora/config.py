@@ -1,0 +1,105 @@
+"""MoLoRAConfig: what to wrap, how many experts, and how to route them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class MoLoRAConfig:
+    """Configuration of a mixture of LoRA experts.
+
+    Args:
+        target_modules: module names to wrap. A list matches a module whose path equals an entry
+            or ends with ``"." + entry`` (``["query", "value"]``); a string is a regular
+            expression the whole path must match — PEFT's semantics.
+        num_experts: experts per wrapped layer.
+        rank, alpha: LoRA rank ``r`` and ``alpha``; scaling ``alpha / r`` (or ``alpha / sqrt(r)``
+            with ``use_rslora``).
+        dropout: LoRA dropout on the adapters' input.
+        shared_a: HydraLoRA layout (one shared ``A``, one ``B`` per expert).
+        init: ``"kaiming"`` (default), ``"gaussian"`` or ``"orthogonal"`` rows of ``A``; ``B`` = 0.
+        router: router name (see :data:`molora.routers.ROUTERS`).
+        top_k: experts per token for top-k routers; also the ``k`` of the balancing loss.
+        router_kwargs: extra constructor arguments of the router.
+        aux_loss_coef: weight of the Switch/GShard load-balancing loss in :meth:`aux_loss`.
+        z_loss_coef: weight of the router z-loss in :meth:`aux_loss`.
+        expert_names: names of the experts (default ``expert_0``, ...).
+        adapter_dtype: dtype of the experts and routers (``"float32"`` by default, also for
+            half-precision base models, as PEFT's ``autocast_adapter_dtype`` does).
+    """
+
+    target_modules: list[str] | str
+    num_experts: int = 4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    shared_a: bool = False
+    init: str = "kaiming"
+    router: str = "soft"
+    top_k: int | None = None
+    router_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    expert_names: list[str] | None = None
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"MoLoRAConfig: target_modules must be non-empty names; got {self.target_modules!r}")
+        elif isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(f"MoLoRAConfig: target_modules regex {self.target_modules!r} is invalid: {exc}") from None
+        else:
+            raise ValueError(f"MoLoRAConfig: target_modules must be a list of names or a regex; got {self.target_modules!r}")
+        for name in ("num_experts", "rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"MoLoRAConfig: {name} must be a positive int; got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1); got {self.dropout!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"MoLoRAConfig: top_k must be in [1, num_experts={self.num_experts}]; got {self.top_k!r}")
+        if self.expert_names is not None:
+            if len(self.expert_names) != self.num_experts or len(set(self.expert_names)) != self.num_experts:
+                raise ValueError(f"MoLoRAConfig: expert_names must be {self.num_experts} distinct names; got {self.expert_names!r}")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoLoRAConfig: {name} must be >= 0; got {getattr(self, name)!r}")
+        self.torch_dtype  # validates adapter_dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.adapter_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"MoLoRAConfig: adapter_dtype {self.adapter_dtype!r} is not a floating torch dtype")
+        return dtype
+
+    def matches(self, module_name: str) -> bool:
+        """Whether ``module_name`` is a target (PEFT's matching rules)."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    def names(self) -> list[str]:
+        return list(self.expert_names) if self.expert_names else [f"expert_{i}" for i in range(self.num_experts)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MoLoRAConfig: unknown fields {unknown}")
+        return cls(**data)

@@ -1,0 +1,78 @@
+"""Exporting a static mixture of experts as one PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save as st_save
+
+from molora.errors import MoLoRAError
+from molora.persistence import atomic_write
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from molora.model import MoLoRAModel
+
+
+def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mapping[str, float] | Sequence[float]) -> None:
+    """Write ``delta W = sum_e w_e s_e B_e A_e`` per layer as one PEFT LoRA adapter, exactly.
+
+    PEFT's ``add_weighted_adapter(combination_type="cat")`` construction: the scaled ``A``s are
+    stacked along the rank axis and the ``B``s side by side,
+
+        A' = [w_1 s_1 A_1; ...; w_n s_n A_n]     B' = [B_1, ..., B_n]     B' A' = sum_e w_e s_e B_e A_e,
+
+    so ranks add up (per module through ``rank_pattern``) and the adapter's scaling is 1
+    (``lora_alpha = r``). Experts with weight 0 are left out; a module whose experts all have
+    weight 0 is not targeted.
+    """
+    per_layer = model._local_weights(weights)
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    transposed = False
+    for name, layer in model.routed_layers().items():
+        bank, w = layer.bank, per_layer[name]
+        As, Bs = [], []
+        for e in range(bank.num_experts):
+            if float(w[e]) != 0.0:
+                A = bank.A_shared if bank.shared_a else bank.A[e]
+                As.append(A.detach().float().cpu() * (float(w[e]) * float(bank.scaling[e])))
+                Bs.append(bank.B[e].detach().float().cpu())
+        if not As:
+            continue
+        state[f"base_model.model.{name}.lora_A.weight"] = torch.cat(As, dim=0).contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = torch.cat(Bs, dim=1).contiguous()
+        ranks[name] = sum(a.shape[0] for a in As)
+        transposed |= layer.transposed
+    if not state:
+        raise MoLoRAError("export_peft: every weight is 0; nothing to export")
+    r = max(ranks.values())
+    patterns = {re.escape(n): k for n, k in ranks.items()}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": patterns,
+        "alpha_pattern": dict(patterns),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": transposed,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
+    atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2).encode())

@@ -1,0 +1,313 @@
+"""MoLoRAModel: a transformers (or any torch) model whose target linears are routed LoRA layers."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from molora import context
+from molora.config import MoLoRAConfig
+from molora.errors import MoLoRAError
+from molora.layer import RoutedLoRALinear, base_features, layer_spec
+from molora.routers import Router, build_router, router_class
+from molora.routers.losses import load_balancing_loss, z_loss
+
+from .bank import ExpertBank
+
+
+def router_kwargs(config: MoLoRAConfig) -> dict[str, Any]:
+    """The router's constructor kwargs: ``router_kwargs`` plus ``top_k`` where the router takes it."""
+    kwargs = dict(config.router_kwargs)
+    if config.top_k is not None:
+        if "top_k" not in inspect.signature(router_class(config.router).__init__).parameters:
+            raise MoLoRAError(f"MoLoRAConfig: router {config.router!r} takes no top_k; use router='topk'")
+        kwargs.setdefault("top_k", config.top_k)
+    return kwargs
+
+
+def find_targets(model: nn.Module, config: MoLoRAConfig) -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``config.target_modules`` selects; errors if none or unsupported."""
+    targets = {name: m for name, m in model.named_modules() if name and config.matches(name)}
+    if not targets:
+        raise MoLoRAError(
+            f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}; "
+            f"linear modules are e.g. {_linear_names(model)[:8]}"
+        )
+    for name, module in targets.items():
+        if isinstance(module, RoutedLoRALinear):
+            raise MoLoRAError(f"module {name!r} is already a routed LoRA layer")
+        try:
+            base_features(module)
+        except MoLoRAError as exc:
+            raise MoLoRAError(f"target module {name!r}: {exc}") from None
+    return targets
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    names = []
+    for name, m in model.named_modules():
+        try:
+            base_features(m)
+            names.append(name)
+        except MoLoRAError:
+            pass
+    return names
+
+
+class MoLoRAModel(nn.Module):
+    """A base model with routed LoRA layers; everything else passes through.
+
+    Build one with :func:`get_molora_model`, :func:`molora.compose` or :meth:`from_pretrained`.
+    The base model's parameters are frozen; experts and routers are trainable unless frozen.
+
+    Every forward of the wrapped model (also the inner forwards of ``generate``) runs in a
+    forward scope (:mod:`molora.context`) so a shared router decides once per forward.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: MoLoRAConfig,
+        layers: Mapping[str, RoutedLoRALinear],
+        *,
+        expert_names: Sequence[str],
+        shared_router: Router | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.expert_names = list(expert_names)
+        self.shared_router = shared_router
+        base_model.requires_grad_(False)
+        for name, layer in layers.items():
+            layer.set_shared_router(shared_router)
+            base_model.set_submodule(name, layer)
+        self._scope_tokens: list[Any] = []
+        self._hooks = [
+            base_model.register_forward_pre_hook(self._open_scope, with_kwargs=True),
+            base_model.register_forward_hook(self._close_scope, always_call=True),
+        ]
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _open_scope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._scope_tokens.append(context.open_scope(kwargs.get("attention_mask")))
+
+    def _close_scope(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._scope_tokens:
+            context.close_scope(self._scope_tokens.pop())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def routed_layers(self) -> dict[str, RoutedLoRALinear]:
+        """The routed layers by module path (relative to the base model)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, RoutedLoRALinear)}
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def task_names(self) -> list[str] | None:
+        return getattr(self.shared_router, "task_names", None)
+
+    def routing(self, **signals: Any) -> contextlib.AbstractContextManager:
+        """``with model.routing(task_ids=..., timesteps=..., embeddings=..., attention_mask=...):``
+
+        Sets the routing signals for the forward passes inside the block. ``task_ids`` may hold
+        task names (e.g. the adapter names of :func:`molora.compose`).
+        """
+        ids = signals.get("task_ids")
+        if isinstance(ids, (list, tuple)) and any(isinstance(t, str) for t in ids):
+            index = getattr(self.shared_router, "task_index", None)
+            if index is None:
+                raise MoLoRAError("task names need a task router (router='task')")
+            signals["task_ids"] = torch.tensor([index(t) for t in ids], dtype=torch.long)
+        return context.routing(**signals)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside the block (bit-exact base outputs)."""
+        layers = self.routed_layers().values()
+        if any(layer.merged_weights is not None for layer in layers):
+            raise MoLoRAError("adapters are merged into the base weights; unmerge() before disabling them")
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, p in zip(layers, previous):
+                layer.disabled = p
+
+    # ------------------------------------------------------------------ merging
+    def _local_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(self.expert_names))
+            if unknown:
+                raise MoLoRAError(f"unknown experts {unknown}; experts are {self.expert_names}")
+            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.expert_names])
+        else:
+            w = torch.as_tensor(list(weights), dtype=torch.float32)
+            if w.shape != (self.num_experts,):
+                raise MoLoRAError(f"expected {self.num_experts} weights (one per expert); got {w.numel()}")
+        return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}
+
+    def merge(self, weights: Mapping[str, float] | Sequence[float]) -> None:
+        """Fold the static mixture ``sum_e w_e s_e B_e A_e`` into every base weight.
+
+        ``weights`` maps expert names to weights (missing = 0) or lists one weight per expert.
+        """
+        per_layer = self._local_weights(weights)
+        if any(layer.merged_weights is not None for layer in self.routed_layers().values()):
+            raise MoLoRAError("already merged; unmerge() first")
+        for name, layer in self.routed_layers().items():
+            layer.merge(per_layer[name])
+
+    def unmerge(self) -> None:
+        for layer in self.routed_layers().values():
+            layer.unmerge()
+
+    # ------------------------------------------------------------------ losses
+    def router_logits(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Per routed layer, the last forward's router logits ``[tokens, E]`` and padding mask."""
+        return [layer.last_router_logits for layer in self.routed_layers().values() if layer.last_router_logits is not None]
+
+    def aux_loss(self) -> Tensor:
+        """``aux_loss_coef * L_balance + z_loss_coef * L_z`` over the last forward's routed layers
+        (logits of all layers concatenated, as transformers' Mixtral does); 0 if none apply."""
+        cfg = self.config
+        recorded = self.router_logits()
+        device = next((lg.device for lg, _ in recorded), None)
+        total = torch.zeros((), device=device)
+        if not recorded or (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0):
+            return total
+        groups: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
+        for lg, mask in recorded:  # layers with different expert counts are balanced separately
+            groups.setdefault(lg.shape[-1], []).append((lg, mask))
+        for items in groups.values():
+            logits = tuple(lg for lg, _ in items)
+            masks = [m for _, m in items]
+            mask = masks[0] if all(m is not None for m in masks) else None
+            share = len(items) / len(recorded)
+            if cfg.aux_loss_coef:
+                k = cfg.top_k or 1
+                total = total + share * cfg.aux_loss_coef * load_balancing_loss(logits, k, mask)
+            if cfg.z_loss_coef:
+                total = total + share * cfg.z_loss_coef * z_loss(logits, mask)
+        return total
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def set_experts_trainable(self, trainable: bool, experts: Sequence[str] | None = None) -> None:
+        """Freeze or unfreeze the named experts in every layer (``None``: all experts)."""
+        names = self.expert_names if experts is None else list(experts)
+        unknown = sorted(set(names) - set(self.expert_names))
+        if unknown:
+            raise MoLoRAError(f"unknown experts {unknown}; experts are {self.expert_names}")
+        ids = {self.expert_names.index(n) for n in names}
+        for layer in self.routed_layers().values():
+            local = [i for i, g in enumerate(layer.expert_ids) if g in ids]
+            layer.bank.set_trainable(trainable, None if experts is None else local)
+
+    # ------------------------------------------------------------------ persistence
+    def layer_specs(self) -> dict[str, dict]:
+        return {name: layer_spec(layer) for name, layer in self.routed_layers().items()}
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Only molora's tensors: experts and routers, keyed ``<module path>.<param>``."""
+        state: dict[str, Tensor] = {}
+        for name, layer in self.routed_layers().items():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    state[f"{name}.{key}"] = value
+        if self.shared_router is not None:
+            for key, value in self.shared_router.state_dict().items():
+                state[f"shared_router.{key}"] = value
+        return state
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically; no pickle)."""
+        from molora.persistence import save_checkpoint
+
+        save_checkpoint(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str) -> MoLoRAModel:
+        """Rebuild a saved MoLoRAModel on ``base_model`` (the same base it was trained on)."""
+        from molora.persistence import load_checkpoint
+
+        return load_checkpoint(base_model, directory)
+
+    def export_peft(self, directory: str, weights: Mapping[str, float] | Sequence[float]) -> None:
+        """Write the static mixture ``sum_e w_e s_e B_e A_e`` as one PEFT LoRA adapter (exact)."""
+        from molora.export import export_peft
+
+        export_peft(self, directory, weights)
+
+    def unload(self) -> nn.Module:
+        """Put the original base layers back (merged mixtures stay folded in) and return the base model."""
+        for name, layer in self.routed_layers().items():
+            self.base_model.set_submodule(name, layer.base_layer)
+        for h in self._hooks:
+            h.remove()
+        return self.base_model
+
+
+def build_shared_router(config: MoLoRAConfig, expert_names: Sequence[str], d_in: int, device: Any) -> Router | None:
+    """The model-level router if ``config.router`` is a shared kind (task, retrieval, ...), else None."""
+    cls = router_class(config.router)
+    if not cls.shared:
+        return None
+    kwargs = router_kwargs(config)
+    if config.router == "task":
+        kwargs.setdefault("task_names", list(expert_names))
+    router = build_router(config.router, num_experts=len(expert_names), d_in=d_in, **kwargs)
+    return router.to(device=device, dtype=config.torch_dtype)
+
+
+def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
+    """Wrap ``model``: each target linear becomes a :class:`RoutedLoRALinear` with
+    ``config.num_experts`` fresh experts; the base is frozen. Nothing is changed on error."""
+    targets = find_targets(model, config)
+    names = config.names()
+    kwargs = router_kwargs(config)
+    first = next(iter(targets.values()))
+    shared = build_shared_router(config, names, base_features(first)[0], first.weight.device)
+    layers: dict[str, RoutedLoRALinear] = {}
+    for name, module in targets.items():
+        d_in, d_out, _ = base_features(module)
+        device = module.weight.device
+        bank = ExpertBank(d_in, d_out, shared_a=config.shared_a, shared_rank=config.rank, init=config.init, dtype=config.torch_dtype, device=device)
+        for _ in range(config.num_experts):
+            bank.add_expert(config.rank, config.alpha, use_rslora=config.use_rslora, init=config.init)
+        router = None
+        if shared is None:
+            router = build_router(config.router, num_experts=config.num_experts, d_in=d_in, **kwargs)
+            router = router.to(device=device, dtype=config.torch_dtype)
+        layers[name] = RoutedLoRALinear(module, bank, router, dropout=config.dropout, name=name)
+    return MoLoRAModel(model, config, layers, expert_names=names, shared_router=shared)

@@ -1,0 +1,92 @@
+"""The router interface: what a routed layer asks, and what a router answers.
+
+A router maps a layer input ``x [..., d_in]`` and the routing signals (see
+:mod:`molora.context`) to a :class:`RoutingDecision`: dense gates over the experts, or top-k
+gates with expert indices, plus the router logits the balancing losses need.
+
+Two kinds:
+
+* **per-layer** routers (``shared = False``) are built once per routed layer and see that
+  layer's input (token- or sequence-level routing: MoLoRA, HydraLoRA, MoLA);
+* **shared** routers (``shared = True``) are built once per model and decide once per forward
+  pass from the routing signals (task id, retrieval query, timestep); every layer reuses the
+  decision through the forward scope's cache, expressed over the model's global expert list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from molora.context import RoutingSignals
+from molora.errors import RoutingError
+
+
+@dataclasses.dataclass
+class RoutingDecision:
+    """A router's answer for one layer call.
+
+    Attributes:
+        gates: ``[rows, E]`` dense gates when ``indices`` is None, else ``[rows, k]`` gates of the
+            experts named by ``indices``.
+        indices: ``None`` or ``LongTensor [rows, k]`` of expert indices, ``-1`` for "no expert".
+        logits: ``None`` or ``[tokens, E]`` router logits (pre-softmax), for balancing losses.
+        per_example: ``rows`` is the batch size (one decision per example, broadcast over the
+            example's tokens) rather than the number of tokens.
+    """
+
+    gates: Tensor
+    indices: Tensor | None = None
+    logits: Tensor | None = None
+    per_example: bool = False
+
+
+class Router(nn.Module):
+    """Base class of routers; subclasses implement :meth:`forward`.
+
+    Constructor contract (used by :func:`molora.routers.build_router` and checkpoint loading):
+    ``Router(num_experts=E, d_in=d, **kwargs)`` where ``kwargs`` are JSON-serialisable and
+    returned by :meth:`get_config`.
+    """
+
+    name: ClassVar[str] = ""
+    shared: ClassVar[bool] = False
+
+    def __init__(self, num_experts: int, d_in: int) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"{type(self).__name__}: num_experts must be a positive int; got {num_experts!r}")
+        self.num_experts = num_experts
+        self.d_in = d_in
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor kwargs (besides num_experts and d_in)."""
+        return {}
+
+    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def check_positive(router: str, name: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"router {router!r}: {name} must be > 0; got {value!r}")
+    return float(value)
+
+
+def check_top_k(router: str, top_k: int | None, num_experts: int) -> int | None:
+    if top_k is None:
+        return None
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"router {router!r}: top_k must be an int in [1, num_experts={num_experts}]; got {top_k!r}")
+    return top_k
+
+
+def require_signal(router: str, signals: RoutingSignals, field: str) -> Tensor:
+    value = getattr(signals, field)
+    if value is None:
+        raise RoutingError(
+            f"router {router!r} needs {field}: wrap the call in `with model.routing({field}=...)`"
+        )
+    return value

