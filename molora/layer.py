@@ -78,7 +78,10 @@ class RoutedLoRALinear(nn.Module):
         self.transposed = transposed
         self.merged_weights: Tensor | None = None
         self.disabled = False
-        self.last_router_logits: tuple[Tensor, Tensor | None] | None = None
+        # The last forward's decision (in local expert indices, one row per token or example)
+        # and the padding mask matching its rows: read by balancing losses and routing stats.
+        self.last_decision: RoutingDecision | None = None
+        self.last_mask: Tensor | None = None
         self._shared_router: list[Router] = []  # a plain list: the model owns the shared router
         ids = list(range(bank.num_experts)) if expert_ids is None else [int(i) for i in expert_ids]
         n_global = len(ids) if num_global_experts is None else int(num_global_experts)
@@ -146,15 +149,12 @@ class RoutedLoRALinear(nn.Module):
         return result + delta.reshape(*result.shape[:-1], self.bank.d_out).to(result.dtype)
 
     def _record(self, d: RoutingDecision, x: Tensor) -> None:
-        """Keep this forward's router logits (and the matching flat padding mask) for the losses."""
-        if d.logits is None:
-            self.last_router_logits = None
-            return
+        """Keep this forward's decision and, for token-level rows of a ``[batch, seq, d]`` input,
+        the padding mask ``[batch, seq]`` that matches them."""
         mask = current_signals().attention_mask
-        # The padding mask applies to token-level logits of an input laid out [batch, seq, d].
         if mask is not None and (d.per_example or tuple(x.shape[:-1]) != tuple(mask.shape)):
             mask = None
-        self.last_router_logits = (d.logits, mask)
+        self.last_decision, self.last_mask = d, mask
 
     # ------------------------------------------------------------------ merging
     def _weight_delta(self, weights: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError
 from molora.layer import RoutedLoRALinear, base_features, layer_spec
 from molora.routers import Router, build_router, router_class
-from molora.routers.losses import load_balancing_loss, z_loss
+from molora.routers.losses import model_aux_loss
 
 from .bank import ExpertBank
 
@@ -185,34 +185,17 @@ class MoLoRAModel(nn.Module):
         for layer in self.routed_layers().values():
             layer.unmerge()
 
-    # ------------------------------------------------------------------ losses
-    def router_logits(self) -> list[tuple[Tensor, Tensor | None]]:
-        """Per routed layer, the last forward's router logits ``[tokens, E]`` and padding mask."""
-        return [layer.last_router_logits for layer in self.routed_layers().values() if layer.last_router_logits is not None]
-
+    # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> Tensor:
-        """``aux_loss_coef * L_balance + z_loss_coef * L_z`` over the last forward's routed layers
-        (logits of all layers concatenated, as transformers' Mixtral does); 0 if none apply."""
-        cfg = self.config
-        recorded = self.router_logits()
-        device = next((lg.device for lg, _ in recorded), None)
-        total = torch.zeros((), device=device)
-        if not recorded or (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0):
-            return total
-        groups: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
-        for lg, mask in recorded:  # layers with different expert counts are balanced separately
-            groups.setdefault(lg.shape[-1], []).append((lg, mask))
-        for items in groups.values():
-            logits = tuple(lg for lg, _ in items)
-            masks = [m for _, m in items]
-            mask = masks[0] if all(m is not None for m in masks) else None
-            share = len(items) / len(recorded)
-            if cfg.aux_loss_coef:
-                k = cfg.top_k or 1
-                total = total + share * cfg.aux_loss_coef * load_balancing_loss(logits, k, mask)
-            if cfg.z_loss_coef:
-                total = total + share * cfg.z_loss_coef * z_loss(logits, mask)
-        return total
+        """The configured balancing losses of the last forward (0 if none apply); see
+        :func:`molora.routers.losses.model_aux_loss`."""
+        return model_aux_loss(self)
+
+    def routing_stats(self) -> dict[str, Any]:
+        """Per layer: share of tokens and of gate mass per expert, load CV, dropped tokens (last forward)."""
+        from molora.stats import routing_stats
+
+        return routing_stats(self)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:

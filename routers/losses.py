@@ -7,9 +7,13 @@ transformers' Mixtral and MoE-PEFT do, so the loss balances the load of the whol
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from molora.model import MoLoRAModel
 
 
 def _concat(router_logits: Tensor | Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -81,3 +85,35 @@ def z_loss(router_logits: Tensor | Sequence[Tensor], attention_mask: Tensor | No
     if mask is None:
         return z.mean()
     return (z * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def model_aux_loss(model: MoLoRAModel) -> Tensor:
+    """``aux_loss_coef * L_aux + z_loss_coef * L_z`` over the routed layers' last forward.
+
+    Logits of all layers are concatenated (transformers' Mixtral, MoE-PEFT); layers with
+    different expert counts (MoLA) are balanced group by group, each group weighted by its
+    share of the layers. Returns 0 when no coefficient is set or no router produced logits.
+    """
+    cfg = model.config
+    records = [
+        (layer.last_decision.logits, layer.last_mask)
+        for layer in model.routed_layers().values()
+        if layer.last_decision is not None and layer.last_decision.logits is not None
+    ]
+    device = records[0][0].device if records else None
+    total = torch.zeros((), device=device)
+    if not records or (cfg.aux_loss_coef == 0 and cfg.z_loss_coef == 0):
+        return total
+    groups: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
+    for logits, mask in records:
+        groups.setdefault(logits.shape[-1], []).append((logits, mask))
+    for items in groups.values():
+        logits = tuple(lg for lg, _ in items)
+        masks = [m for _, m in items]
+        mask = masks[0] if all(m is not None for m in masks) else None
+        share = len(items) / len(records)
+        if cfg.aux_loss_coef:
+            total = total + share * cfg.aux_loss_coef * load_balancing_loss(logits, cfg.top_k or 1, mask)
+        if cfg.z_loss_coef:
+            total = total + share * cfg.z_loss_coef * z_loss(logits, mask)
+    return total
