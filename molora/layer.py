@@ -84,14 +84,22 @@ class RoutedLoRALinear(nn.Module):
         self.last_mask: Tensor | None = None
         self._shared_router: list[Router] = []  # a plain list: the model owns the shared router
         ids = list(range(bank.num_experts)) if expert_ids is None else [int(i) for i in expert_ids]
-        n_global = len(ids) if num_global_experts is None else int(num_global_experts)
-        self.expert_ids = ids
-        self.num_global_experts = n_global
-        g2l = torch.full((n_global,), -1, dtype=torch.long)
-        g2l[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
-        self.register_buffer("_global_to_local", g2l, persistent=False)
-        self.register_buffer("_local_to_global", torch.tensor(ids, dtype=torch.long), persistent=False)
-        self._identity_map = ids == list(range(n_global))
+        self.register_buffer("_global_to_local", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("_local_to_global", torch.empty(0, dtype=torch.long), persistent=False)
+        self.set_expert_ids(ids, len(ids) if num_global_experts is None else int(num_global_experts))
+
+    def set_expert_ids(self, expert_ids: Sequence[int], num_global_experts: int) -> None:
+        """Set which global experts the local experts are (index maps both ways)."""
+        ids = [int(i) for i in expert_ids]
+        if len(ids) != self.bank.num_experts or len(set(ids)) != len(ids) or any(not 0 <= i < num_global_experts for i in ids):
+            raise MoLoRAError(f"module {self.name!r}: bad expert_ids {ids} for {self.bank.num_experts} local / {num_global_experts} global experts")
+        device = self._global_to_local.device
+        g2l = torch.full((num_global_experts,), -1, dtype=torch.long, device=device)
+        g2l[torch.tensor(ids, dtype=torch.long, device=device)] = torch.arange(len(ids), device=device)
+        self._global_to_local = g2l
+        self._local_to_global = torch.tensor(ids, dtype=torch.long, device=device)
+        self.expert_ids, self.num_global_experts = ids, num_global_experts
+        self._identity_map = ids == list(range(num_global_experts))
 
     # ------------------------------------------------------------------ routing
     def set_shared_router(self, router: Router | None) -> None:

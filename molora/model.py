@@ -217,6 +217,40 @@ class MoLoRAModel(nn.Module):
             local = [i for i, g in enumerate(layer.expert_ids) if g in ids]
             layer.bank.set_trainable(trainable, None if experts is None else local)
 
+    def add_expert(
+        self,
+        name: str,
+        *,
+        rank: int | None = None,
+        alpha: float | None = None,
+        init: str | None = None,
+        trainable: bool = True,
+    ) -> int:
+        """Add one fresh expert (``B = 0``: it adds nothing yet) to every routed layer and grow
+        the routers (its router weights start at 0; a soft router's gates renormalise over the
+        larger set, a task router maps a new task to it); returns its global index. Rebuild optimizers afterwards:
+        grown routers have new parameter tensors (the existing experts keep theirs)."""
+        if name in self.expert_names:
+            raise MoLoRAError(f"an expert named {name!r} exists already; experts are {self.expert_names}")
+        cfg = self.config
+        layers = self.routed_layers()
+        if any(layer.bank.shared_a for layer in layers.values()) and rank not in (None, cfg.rank):
+            raise MoLoRAError("a shared-A (HydraLoRA) bank adds heads of the shared rank only")
+        new_id = self.num_experts
+        for layer in layers.values():
+            if layer.router is not None:
+                layer.router.add_expert(name)
+        if self.shared_router is not None:
+            self.shared_router.add_expert(name)
+        for layer in layers.values():
+            layer.bank.add_expert(rank or cfg.rank, cfg.alpha if alpha is None else alpha, use_rslora=cfg.use_rslora,
+                                  init=init or cfg.init, trainable=trainable)
+            layer.set_expert_ids([*layer.expert_ids, new_id], new_id + 1)
+        self.expert_names.append(name)
+        cfg.num_experts = len(self.expert_names)
+        cfg.expert_names = list(self.expert_names)
+        return new_id
+
     # ------------------------------------------------------------------ persistence
     def layer_specs(self) -> dict[str, dict]:
         return {name: layer_spec(layer) for name, layer in self.routed_layers().items()}

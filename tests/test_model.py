@@ -12,7 +12,7 @@ import molora
 from molora import MoLoRAConfig, get_molora_model
 from molora.errors import MoLoRAError
 
-from helpers import model_inputs
+from helpers import model_inputs, tiny_bert
 
 
 def _randomize_experts(model: molora.MoLoRAModel, seed: int = 0) -> None:
@@ -196,3 +196,30 @@ def test_generate_passes_through_with_task_routing(gpt2):
     with torch.no_grad(), model.routing(task_ids=[0, 1]):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 6)
+
+
+@pytest.mark.parametrize("router", ["soft", "task"])
+def test_add_expert_grows_every_layer_and_keeps_outputs(bert, tmp_path, router):
+    inputs = model_inputs("bert")
+    model = get_molora_model(bert, MoLoRAConfig(target_modules=["query", "value"], num_experts=2, router=router))
+    _randomize_experts(model)
+    old_params = {n: p for n, p in model.named_parameters() if ".bank." in n}
+    with torch.no_grad(), model.routing(task_ids=[0, 1, 0]):
+        before = model(**inputs).last_hidden_state
+    assert model.add_expert("new") == 2
+    assert model.expert_names == ["expert_0", "expert_1", "new"]
+    for layer in model.routed_layers().values():
+        assert layer.bank.num_experts == 3 and layer.expert_ids == [0, 1, 2]
+    # Existing experts are the same tensors (optimizers keep them); the new B is zero.
+    assert all(dict(model.named_parameters())[n] is p for n, p in old_params.items())
+    with torch.no_grad(), model.routing(task_ids=[0, 1, 0]):
+        after = model(**inputs).last_hidden_state
+    if router == "task":  # the old tasks still go to their experts: outputs unchanged
+        torch.testing.assert_close(after, before)
+        with torch.no_grad(), model.routing(task_ids=["new", "new", "expert_0"]):
+            model(**inputs).last_hidden_state.sum()
+    model.save_pretrained(tmp_path / "c")
+    loaded = molora.MoLoRAModel.from_pretrained(tiny_bert(), tmp_path / "c")
+    assert loaded.expert_names == model.expert_names
+    with pytest.raises(MoLoRAError, match="exists already"):
+        model.add_expert("new")
