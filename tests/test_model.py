@@ -223,3 +223,19 @@ def test_add_expert_grows_every_layer_and_keeps_outputs(bert, tmp_path, router):
     assert loaded.expert_names == model.expert_names
     with pytest.raises(MoLoRAError, match="exists already"):
         model.add_expert("new")
+
+
+def test_static_router_sums_experts_like_one_concatenated_lora(bert):
+    """All-ones static gates = one LoRA whose A/B are the experts' concatenated (O-LoRA inference)."""
+    inputs = model_inputs("bert")
+    model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=["query"], num_experts=3, rank=2, router="static"))
+    _randomize_experts(model)
+    ref = copy.deepcopy(bert)
+    with torch.no_grad():
+        for name, layer in model.routed_layers().items():
+            s = float(layer.bank.scaling[0])
+            A = torch.cat(list(layer.bank.A)).double()
+            B = torch.cat(list(layer.bank.B), dim=1).double()
+            W = ref.get_submodule(name).weight
+            W.copy_(W.double() + s * B @ A)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
