@@ -9,10 +9,11 @@ from typing import Any
 
 from .base import Router, RoutingDecision
 from .soft import SoftRouter
+from .static import StaticRouter
 from .task import TaskRouter
 from .topk import TopKRouter
 
-ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (SoftRouter, TopKRouter, TaskRouter)}
+ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (SoftRouter, TopKRouter, TaskRouter, StaticRouter)}
 
 
 def register_router(cls: type[Router]) -> type[Router]:
