@@ -142,6 +142,21 @@ class MoLoRAModel(nn.Module):
             signals["task_ids"] = torch.tensor([index(t) for t in ids], dtype=torch.long)
         return context.routing(**signals)
 
+    def set_router(self, router: Router) -> None:
+        """Route every layer through ``router`` from now on (e.g. train each task's expert under
+        task-id routing, then serve all experts by retrieval). ``router`` must be a shared
+        router over this model's experts; per-layer routers are removed."""
+        if not router.shared:
+            raise MoLoRAError(f"set_router takes a shared router (one decision per forward); {router.name!r} is per-layer")
+        if router.num_experts != self.num_experts:
+            raise MoLoRAError(f"router {router.name!r} has {router.num_experts} experts; the model has {self.num_experts}")
+        self.shared_router = router
+        for layer in self.routed_layers().values():
+            layer.router = None
+            layer.set_shared_router(router)
+        self.config.router = router.name
+        self.config.router_kwargs = {}
+
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the base model alone inside the block (bit-exact base outputs)."""

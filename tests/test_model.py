@@ -239,3 +239,22 @@ def test_static_router_sums_experts_like_one_concatenated_lora(bert):
             W = ref.get_submodule(name).weight
             W.copy_(W.double() + s * B @ A)
         torch.testing.assert_close(model(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_set_router_swaps_to_a_shared_router(bert, tmp_path):
+    from molora.routers import build_router
+
+    inputs = model_inputs("bert")
+    model = get_molora_model(bert, MoLoRAConfig(target_modules=["query"], num_experts=2, router="task"))
+    _randomize_experts(model)
+    with torch.no_grad(), model.routing(task_ids=[1, 1, 1]):
+        expert1 = model(**inputs).last_hidden_state
+    model.set_router(build_router("static", num_experts=2, d_in=32, weights=[0.0, 1.0]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expert1)
+    model.save_pretrained(tmp_path / "c")
+    loaded = molora.MoLoRAModel.from_pretrained(tiny_bert(), tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, expert1)
+    with pytest.raises(MoLoRAError, match="3 experts"):
+        model.set_router(build_router("static", num_experts=3, d_in=32))
