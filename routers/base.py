@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from molora.context import RoutingSignals
@@ -67,6 +68,31 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    #: Parameters/buffers with one slice per expert, by state_dict key, and that axis. A router
+    #: that lists them can grow (continual learning adds experts); new slices start at zero.
+    expert_dims: ClassVar[dict[str, int]] = {}
+
+    def add_expert(self, name: str | None = None) -> None:
+        """Grow to ``num_experts + 1`` experts (the new one's slices are zero).
+
+        Rebuilds the listed tensors, so an optimizer holding the old router parameters must be
+        rebuilt: continual-learning managers create one per task anyway.
+        """
+        if not self.expert_dims and any(True for _ in self.parameters()):
+            raise NotImplementedError(f"router {self.name!r} cannot grow: it declares no expert_dims")
+        for key, dim in self.expert_dims.items():
+            owner_name, _, attr = key.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            old = getattr(owner, attr)
+            shape = list(old.shape)
+            shape[dim] = 1
+            new = torch.cat([old.detach(), old.new_zeros(shape)], dim=dim)
+            if isinstance(old, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                owner.register_buffer(attr, new)
+        self.num_experts += 1
 
 
 def check_positive(router: str, name: str, value: float) -> float:

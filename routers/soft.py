@@ -25,6 +25,7 @@ class SoftRouter(Router):
     """Dense softmax router ``g = softmax(W_r x / tau)`` (MoLoRA / HydraLoRA / LoRAMoE)."""
 
     name = "soft"
+    expert_dims = {"proj.weight": 0}
 
     def __init__(self, num_experts: int, d_in: int, temperature: float = 1.0, granularity: str = "token") -> None:
         super().__init__(num_experts, d_in)

@@ -63,6 +63,14 @@ class TaskRouter(Router):
             return self.task_names.index(task)
         return int(task)
 
+    def add_expert(self, name: str | None = None) -> None:
+        """A new expert serves a new task (id ``num_tasks``, named ``name``)."""
+        super().add_expert(name)
+        self.mapping.append(self.num_experts - 1)
+        if self.task_names is not None:
+            self.task_names.append(name if name is not None else f"task_{len(self.mapping) - 1}")
+        self._table = torch.tensor(self.mapping, dtype=torch.long, device=self._table.device)
+
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         ids = require_signal(self.name, signals, "task_ids").to(self._table.device)
         unknown = (ids < 0) | (ids >= self.num_tasks)
