@@ -8,12 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Router, RoutingDecision
+from .cluster import ClusterRouter
+from .retrieval import RetrievalRouter
 from .soft import SoftRouter
 from .static import StaticRouter
+from .switch import SwitchRouter
 from .task import TaskRouter
+from .timestep import TimeStepRouter, TLoRARouter
 from .topk import TopKRouter
+from .topp import TopPRouter
 
-ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (SoftRouter, TopKRouter, TaskRouter, StaticRouter)}
+ROUTERS: dict[str, type[Router]] = {
+    cls.name: cls
+    for cls in (
+        SoftRouter, TopKRouter, TopPRouter, SwitchRouter, TaskRouter, StaticRouter,
+        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter,
+    )
+}
 
 
 def register_router(cls: type[Router]) -> type[Router]:
@@ -38,4 +49,8 @@ def build_router(name: str, *, num_experts: int, d_in: int, **kwargs: Any) -> Ro
         raise ValueError(f"router {name!r}: bad arguments {sorted(kwargs)}: {exc}") from exc
 
 
-__all__ = ["ROUTERS", "Router", "RoutingDecision", "SoftRouter", "TaskRouter", "TopKRouter", "build_router", "register_router", "router_class"]
+__all__ = [
+    "ROUTERS", "ClusterRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
+    "SwitchRouter", "TLoRARouter", "TaskRouter", "TimeStepRouter", "TopKRouter", "TopPRouter",
+    "build_router", "register_router", "router_class",
+]

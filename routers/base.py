@@ -36,12 +36,19 @@ class RoutingDecision:
         logits: ``None`` or ``[tokens, E]`` router logits (pre-softmax), for balancing losses.
         per_example: ``rows`` is the batch size (one decision per example, broadcast over the
             example's tokens) rather than the number of tokens.
+        dropped: ``None`` or the number of (real) tokens a capacity-limited router dropped
+            (routed to no expert), e.g. :class:`~molora.routers.switch.SwitchRouter`; read by
+            :func:`molora.stats.routing_stats`.
+        task_ids: ``None`` or the ``[batch]`` example types (the routing signal ``task_ids``)
+            the decision was made for; the LoRAMoE localized balancing loss reads them.
     """
 
     gates: Tensor
     indices: Tensor | None = None
     logits: Tensor | None = None
     per_example: bool = False
+    dropped: Tensor | int | None = None
+    task_ids: Tensor | None = None
 
 
 class Router(nn.Module):
@@ -96,9 +103,56 @@ class Router(nn.Module):
 
 
 def check_positive(router: str, name: str, value: float) -> float:
-    if not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"router {router!r}: {name} must be > 0; got {value!r}")
     return float(value)
+
+
+def check_nonnegative(router: str, name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"router {router!r}: {name} must be >= 0; got {value!r}")
+    return float(value)
+
+
+def check_probability(router: str, name: str, value: float) -> float:
+    """A threshold in ``(0, 1]`` (top-p)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ValueError(f"router {router!r}: {name} must be in (0, 1]; got {value!r}")
+    return float(value)
+
+
+def check_int(router: str, name: str, value: int, low: int, high: int | None = None) -> int:
+    """An int in ``[low, high]`` (``high=None``: unbounded)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"router {router!r}: {name} must be an int {bound}; got {value!r}")
+    return value
+
+
+def check_choice(router: str, name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"router {router!r}: {name} must be one of {choices}; got {value!r}")
+    return value
+
+
+def check_width(router: str, name: str, t: Tensor, width: int) -> Tensor:
+    """``t [rows, width]``; a RoutingError (a ValueError) naming the input and the width otherwise."""
+    if t.dim() != 2 or t.shape[-1] != width:
+        raise RoutingError(f"router {router!r}: {name} must be [batch, {width}]; got shape {tuple(t.shape)}")
+    return t
+
+
+def check_timesteps(router: str, t: Tensor, num_timesteps: int) -> Tensor:
+    """Diffusion timesteps ``t [batch]`` as float64 in ``[0, T)``; a RoutingError naming them otherwise."""
+    if t.dim() != 1:
+        raise RoutingError(f"router {router!r}: timesteps must be [batch]; got shape {tuple(t.shape)}")
+    t = t.to(torch.float64)
+    bad = (t < 0) | (t >= num_timesteps)
+    if bad.any():
+        raise RoutingError(
+            f"router {router!r}: timesteps must be in [0, num_timesteps={num_timesteps}); got {t[bad][:5].tolist()}"
+        )
+    return t
 
 
 def check_top_k(router: str, top_k: int | None, num_experts: int) -> int | None:

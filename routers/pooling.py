@@ -1,12 +1,25 @@
-"""Sequence pooling for sequence-level routing: mean of token inputs over the attention mask."""
+"""What a router looks at: the token inputs, their masked mean (sequence), or an outside signal.
+
+The one place where routing inputs are pooled or read from the routing signals, so every router
+means the same by ``granularity="sequence"`` or ``source="hidden"``:
+
+* ``token``: one decision per position, from the layer input ``x [..., d_in]``;
+* ``sequence``: one decision per example, from ``mean_s m_bs x_bs / max(1, sum_s m_bs)`` (the
+  masked mean over the attention mask, :func:`pool_sequence`);
+* ``context``: one decision per example, from the routing signal ``embeddings [batch, dim]``
+  given by the caller (e.g. a frozen sentence encoder's embedding of the prompt).
+"""
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from molora.context import RoutingSignals
 from molora.errors import RoutingError
 
-GRANULARITIES = ("token", "sequence")
+GRANULARITIES = ("token", "sequence", "context")
+#: Where a context-level router (retrieval, cluster) takes its query from.
+QUERY_SOURCES = ("embeddings", "hidden")
 
 
 def pool_sequence(x: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -25,3 +38,33 @@ def pool_sequence(x: Tensor, attention_mask: Tensor | None) -> Tensor:
         return x.mean(dim=1)
     m = attention_mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def routing_input(router: str, x: Tensor, signals: RoutingSignals, granularity: str) -> tuple[Tensor, bool]:
+    """The rows a router scores, and whether they are per example: ``(rows [n, d], per_example)``.
+
+    ``token``: ``x`` flattened to ``[tokens, d_in]``; ``sequence``: the masked mean ``[B, d_in]``;
+    ``context``: the routing signal ``embeddings [B, dim]`` (a RoutingError if it is missing).
+    """
+    if granularity == "token":
+        return x.reshape(-1, x.shape[-1]), False
+    if granularity == "sequence":
+        return pool_sequence(x, signals.attention_mask), True
+    if granularity == "context":
+        emb = signals.embeddings
+        if emb is None:
+            raise RoutingError(
+                f"router {router!r} with granularity='context' needs embeddings: wrap the call in "
+                "`with model.routing(embeddings=...)`"
+            )
+        return emb, True
+    raise ValueError(f"router {router!r}: granularity must be one of {GRANULARITIES}; got {granularity!r}")
+
+
+def query_vectors(router: str, x: Tensor, signals: RoutingSignals, source: str) -> Tensor:
+    """Per-example query ``[B, dim]`` of a context-level router (retrieval, cluster).
+
+    ``embeddings``: the caller's routing signal (e.g. MiniLM sentence embeddings); ``hidden``: the
+    model's own hidden states, i.e. the first routed layer's input pooled over the attention mask.
+    """
+    return routing_input(router, x, signals, "context" if source == "embeddings" else "sequence")[0]

@@ -3,7 +3,9 @@
     g(x) = softmax(W_r x / tau)            W_r: [E, d_in], tau > 0 (temperature)
 
 Token-level by default; ``granularity="sequence"`` routes each example once from the mean of
-its token inputs over the attention mask. Followed by MoLoRA/MoV (Zadouri et al., 2023,
+its token inputs over the attention mask; ``granularity="context"`` routes each example once from
+the routing signal ``embeddings [batch, context_dim]`` (see :mod:`molora.routers.pooling`).
+Followed by MoLoRA/MoV (Zadouri et al., 2023,
 "Pushing Mixture of Experts to the Limit"), HydraLoRA (Tian et al., 2024) and LoRAMoE
 (Dou et al., 2024). The router weight starts at zero, so a fresh router mixes uniformly.
 """
@@ -17,8 +19,8 @@ from torch import Tensor, nn
 
 from molora.context import RoutingSignals
 
-from .base import Router, RoutingDecision, check_positive
-from .pooling import GRANULARITIES, pool_sequence
+from .base import Router, RoutingDecision, check_choice, check_int, check_positive, check_width
+from .pooling import GRANULARITIES, routing_input
 
 
 class SoftRouter(Router):
@@ -27,26 +29,38 @@ class SoftRouter(Router):
     name = "soft"
     expert_dims = {"proj.weight": 0}
 
-    def __init__(self, num_experts: int, d_in: int, temperature: float = 1.0, granularity: str = "token") -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        temperature: float = 1.0,
+        granularity: str = "token",
+        context_dim: int | None = None,
+    ) -> None:
         super().__init__(num_experts, d_in)
         self.temperature = check_positive(self.name, "temperature", temperature)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"router {self.name!r}: granularity must be one of {GRANULARITIES}; got {granularity!r}")
-        self.granularity = granularity
-        self.proj = nn.Linear(d_in, num_experts, bias=False)
+        self.granularity = check_choice(self.name, "granularity", granularity, GRANULARITIES)
+        # Context-level routing reads the caller's embeddings, whose width need not be d_in.
+        self.context_dim = None if context_dim is None else check_int(self.name, "context_dim", context_dim, 1)
+        self.proj = nn.Linear(self.input_dim, num_experts, bias=False)
         nn.init.zeros_(self.proj.weight)
 
+    @property
+    def input_dim(self) -> int:
+        """Width of the rows the router scores: ``context_dim`` for context granularity, else ``d_in``."""
+        return self.context_dim if self.granularity == "context" and self.context_dim is not None else self.d_in
+
     def get_config(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "granularity": self.granularity}
+        return {"temperature": self.temperature, "granularity": self.granularity, "context_dim": self.context_dim}
 
     def logits(self, x: Tensor, signals: RoutingSignals) -> tuple[Tensor, bool]:
-        """Router logits ``W_r x`` per token (or per example for sequence granularity)."""
-        x = x.to(self.proj.weight.dtype)
-        if self.granularity == "sequence":
-            return self.proj(pool_sequence(x, signals.attention_mask)), True
-        return self.proj(x.reshape(-1, x.shape[-1])), False
+        """Router logits ``W_r x`` per token (or per example for sequence/context granularity)."""
+        rows, per_example = routing_input(self.name, x, signals, self.granularity)
+        if per_example and self.granularity == "context":
+            check_width(self.name, "embeddings", rows, self.input_dim)
+        return self.proj(rows.to(self.proj.weight.dtype)), per_example
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         logits, per_example = self.logits(x, signals)
         gates = torch.softmax(logits / self.temperature, dim=-1)
-        return RoutingDecision(gates=gates, logits=logits, per_example=per_example)
+        return RoutingDecision(gates=gates, logits=logits, per_example=per_example, task_ids=signals.task_ids)

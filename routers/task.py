@@ -36,13 +36,17 @@ class TaskRouter(Router):
     ) -> None:
         super().__init__(num_experts, d_in)
         mapping = list(range(num_experts)) if mapping is None else [int(m) for m in mapping]
+        if not mapping:
+            raise ValueError("router 'task': mapping must name at least one task")
         bad = [m for m in mapping if not 0 <= m < num_experts]
         if bad:
             raise ValueError(f"router 'task': mapping names experts {bad} outside [0, {num_experts})")
         if task_names is not None and len(task_names) != len(mapping):
             raise ValueError(f"router 'task': {len(task_names)} task_names for {len(mapping)} mapped tasks")
-        if fallback is not None and not 0 <= fallback < num_experts:
-            raise ValueError(f"router 'task': fallback expert {fallback} outside [0, {num_experts})")
+        if task_names is not None and len(set(task_names)) != len(task_names):
+            raise ValueError(f"router 'task': task_names must be distinct; got {list(task_names)}")
+        if fallback is not None and (not isinstance(fallback, int) or not 0 <= fallback < num_experts):
+            raise ValueError(f"router 'task': fallback expert {fallback!r} outside [0, {num_experts})")
         self.mapping = mapping
         self.task_names = list(task_names) if task_names is not None else None
         self.fallback = fallback
