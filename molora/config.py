@@ -31,6 +31,11 @@ class MoLoRAConfig:
         expert_names: names of the experts (default ``expert_0``, ...).
         adapter_dtype: dtype of the experts and routers (``"float32"`` by default, also for
             half-precision base models, as PEFT's ``autocast_adapter_dtype`` does).
+        entropy_loss_coef: weight of the mean gate entropy in :meth:`aux_loss` (sharpens routing).
+        localized_loss_coef: weight of LoRAMoE's localized balancing constraint in :meth:`aux_loss`
+            (needs ``expert_types`` and the routing signal ``task_ids`` as example types).
+        localized_alpha: LoRAMoE's ``alpha`` in ``[0, 1]``.
+        expert_types: the type (group) of each expert for the localized balancing constraint.
     """
 
     target_modules: list[str] | str
@@ -48,6 +53,10 @@ class MoLoRAConfig:
     z_loss_coef: float = 0.0
     expert_names: list[str] | None = None
     adapter_dtype: str = "float32"
+    entropy_loss_coef: float = 0.0
+    localized_loss_coef: float = 0.0
+    localized_alpha: float = 0.1
+    expert_types: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -72,9 +81,17 @@ class MoLoRAConfig:
         if self.expert_names is not None:
             if len(self.expert_names) != self.num_experts or len(set(self.expert_names)) != self.num_experts:
                 raise ValueError(f"MoLoRAConfig: expert_names must be {self.num_experts} distinct names; got {self.expert_names!r}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "entropy_loss_coef", "localized_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoLoRAConfig: {name} must be >= 0; got {getattr(self, name)!r}")
+        if not 0.0 <= self.localized_alpha <= 1.0:
+            raise ValueError(f"MoLoRAConfig: localized_alpha must be in [0, 1]; got {self.localized_alpha!r}")
+        if self.expert_types is not None:
+            self.expert_types = [int(t) for t in self.expert_types]
+            if len(self.expert_types) != self.num_experts:
+                raise ValueError(f"MoLoRAConfig: expert_types must give a type for each of the {self.num_experts} experts; got {self.expert_types!r}")
+        if self.localized_loss_coef > 0 and self.expert_types is None:
+            raise ValueError("MoLoRAConfig: localized_loss_coef > 0 needs expert_types (the type of each expert)")
         self.torch_dtype  # validates adapter_dtype
 
     @property
