@@ -12,6 +12,12 @@ import torch
 LAYER_FIELDS = ("num_experts", "top_k", "rank", "alpha")
 
 
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: ``pattern`` is a regular expression that
+    must match the end of the module path, ``(.*\\.)?(pattern)$``."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
 @dataclasses.dataclass
 class MoLoRAConfig:
     """Configuration of a mixture of LoRA experts.
@@ -134,7 +140,7 @@ class MoLoRAConfig:
         the config's values, updated by the first matching :attr:`layer_overrides` pattern."""
         settings = {"num_experts": self.num_experts, "top_k": self.top_k, "rank": self.rank, "alpha": self.alpha}
         for pattern, values in self.layer_overrides.items():
-            if re.match(rf"(.*\.)?({pattern})$", module_name):
+            if pattern_matches(pattern, module_name):
                 settings.update(values)
                 if "num_experts" in values and "top_k" not in values and settings["top_k"] is not None:
                     settings["top_k"] = min(settings["top_k"], values["num_experts"])
