@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from molora.errors import CheckpointError
 from molora.model import MoLoRAModel
 from molora.persistence import CONFIG_NAME, _load_tensors, read_checkpoint
-from molora.stats import decision_stats
+from molora.stats import RoutingTally
 
 try:
     from transformers import Trainer
@@ -138,21 +138,13 @@ class MoLoRATrainerMixin:
     def _reset_routing_window(self) -> None:
         self._aux_sum = torch.zeros(())
         self._aux_count = 0
-        self._counts: dict[str, Tensor] = {}
-        self._tokens: dict[str, float] = {}
+        self._tally = RoutingTally()
 
     def _accumulate_routing(self, aux: Tensor) -> None:
         self._aux_sum = self._aux_sum + aux.detach().float().cpu()
         self._aux_count += 1
-        if self.routing_log == "none":
-            return
-        for name, layer in self.molora_model.routed_layers().items():
-            if layer.last_decision is None:
-                continue
-            s = decision_stats(layer.last_decision, layer.last_mask, layer.bank.num_experts)
-            counts = torch.tensor(s["token_fraction"], dtype=torch.float64) * s["tokens"]
-            self._counts[name] = self._counts.get(name, torch.zeros_like(counts)) + counts
-            self._tokens[name] = self._tokens.get(name, 0.0) + s["tokens"]
+        if self.routing_log != "none":
+            self._tally.update(self.molora_model)
 
     def _gather_mean(self, value: Tensor) -> Tensor:
         """Mean over processes (every process calls ``log``); the value itself on one process."""
@@ -164,21 +156,19 @@ class MoLoRATrainerMixin:
         """Add ``aux_loss`` and expert utilisation to the training logs (those that carry ``loss``)."""
         if "loss" in logs and self._aux_count:
             logs["aux_loss"] = round(float(self._gather_mean(self._aux_sum / self._aux_count)), 6)
-            if self.routing_log != "none":
-                experts = self.molora_model.expert_names
-                cvs = []
-                for name, counts in self._counts.items():
-                    frac = self._gather_mean(counts / max(self._tokens[name], 1e-12))
-                    cv = float(frac.std(unbiased=False) / frac.mean()) if frac.mean() > 0 else 0.0
-                    cvs.append(cv)
-                    if self.routing_log == "layer":
-                        logs[f"routing/{name}/load_cv"] = round(cv, 4)
-                    else:
-                        layer = self.molora_model.routed_layers()[name]
-                        for g, f in zip(layer.expert_ids, frac.tolist()):
-                            logs[f"routing/{name}/{experts[g]}"] = round(f, 4)
-                if cvs:
-                    logs["routing/mean_load_cv"] = round(sum(cvs) / len(cvs), 4)
+            stats = self._tally.result()["layers"]
+            cvs = []
+            for name, s in stats.items():
+                frac = self._gather_mean(torch.tensor(s["token_fraction"], dtype=torch.float64))
+                cv = float(frac.std(unbiased=False) / frac.mean()) if frac.mean() > 0 else 0.0
+                cvs.append(cv)
+                if self.routing_log == "layer":
+                    logs[f"routing/{name}/load_cv"] = round(cv, 4)
+                else:
+                    for expert, f in zip(s["experts"], frac.tolist()):
+                        logs[f"routing/{name}/{expert}"] = round(f, 4)
+            if cvs:
+                logs["routing/mean_load_cv"] = round(sum(cvs) / len(cvs), 4)
             self._reset_routing_window()
         super().log(logs, *args, **kwargs)
 
