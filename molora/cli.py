@@ -249,7 +249,8 @@ def fit_router(model, rows: list[dict], loss_fn, *, steps: int, lr: float, batch
     frozen), ``steps`` steps over shuffled batches of ``rows``; returns the loss of each step.
 
     Stands in for :func:`molora.train_router.train_router` (router="existing", which adds early
-    stopping on held-out shots) where that module is not installed; the CLI prefers it.
+    stopping on held-out shots) where that module is not installed; the CLI prefers it. Like it,
+    the model stays in eval mode (no dropout noise on a handful of shots).
     """
     import random
 
@@ -268,7 +269,7 @@ def fit_router(model, rows: list[dict], loss_fn, *, steps: int, lr: float, batch
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
-    model.train()
+    model.eval()
     for _ in tqdm(range(steps), desc="router", unit="step", disable=not progress):
         if len(order) < batch_size:
             order += rng.sample(range(len(rows)), len(rows))
@@ -278,7 +279,6 @@ def fit_router(model, rows: list[dict], loss_fn, *, steps: int, lr: float, batch
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-    model.eval()
     return losses
 
 
@@ -293,7 +293,8 @@ def _train_router(args: argparse.Namespace) -> int:
         train_router = None
     if train_router is not None and router_parameters(model):
         result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
-                              batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                              batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+                              progress=not args.no_progress)
         losses = result.train_losses
     else:
         losses = fit_router(model, rows, loss_fn, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -343,6 +344,9 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--lr", type=float, default=5e-3)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--val-fraction", type=float, default=0.25,
+                    help="shots held out for early stopping by molora.train_router (the minimal fallback "
+                    "loop, used where that module is not installed, trains on all rows)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tr.set_defaults(func=_train_router)

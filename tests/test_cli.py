@@ -152,7 +152,7 @@ def test_train_router_trains_only_the_router(tmp_path, capsys):
     data = write_rows(tmp_path / "shots.jsonl", n=8, seed=1)
     argv = ["train-router", "--base", str(tmp_path / "base"), "--model-class", "causal-lm", "--checkpoint",
             str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "trained"), "--steps", "8",
-            "--lr", "0.05", "--batch-size", "8", "--no-progress"]
+            "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0", "--no-progress"]
     assert main(argv) == 0
     assert "trained the router" in capsys.readouterr().out
     after = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "trained")
