@@ -16,6 +16,7 @@ Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<dev
     python benchmarks/kernels.py --full     # the issue's whole grid (slow on a CPU)
     python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
     python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
+    python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ class Problem:
 
     def routed(self, backend: str):
         gates, idx = self.route()
-        return self.base(self.x) + routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend)
+        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does
+        return routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend, out=y)
 
     def form(self, fn):
         gates, idx = self.route()
-        return self.base(self.x) + fn(self.x, self.A, self.B, gates, idx, self.s)
+        return fn(self.x, self.A, self.B, gates, idx, self.s, None, self.base(self.x))
 
     def naive_loop(self):
         """Every expert on every token, weighted by its (mostly zero) gate."""
@@ -189,8 +191,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)

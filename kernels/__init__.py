@@ -9,7 +9,8 @@
   tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests). Imported lazily, so a CPU-only
   install without Triton works.
 
-Default: ``triton`` for CUDA tensors when Triton imports, else ``torch``.
+Default: ``triton`` for CUDA tensors when Triton is installed, else ``torch`` (CPU tensors,
+also under ``TRITON_INTERPRET=1``).
 ``MOLORA_KERNEL=reference|torch|triton`` overrides the default; ``backend=`` overrides both.
 """
 
@@ -38,13 +39,13 @@ def available_backends() -> list[str]:
 
 
 def default_backend(x: Tensor) -> str:
-    """``MOLORA_KERNEL`` if set; else ``triton`` on CUDA (or under ``TRITON_INTERPRET=1``) when
-    Triton is installed; else ``torch``."""
+    """``MOLORA_KERNEL`` if set; else ``triton`` for CUDA tensors when Triton is installed; else
+    ``torch``. Triton's CPU interpreter (``TRITON_INTERPRET=1``) is a test tool, never a default:
+    ask for it with ``backend="triton"`` or ``MOLORA_KERNEL=triton``."""
     name = os.environ.get("MOLORA_KERNEL")
     if name:
         return name
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if (x.is_cuda or interpret) and triton_available():
+    if x.is_cuda and triton_available():
         return "triton"
     return "torch"
 
@@ -97,6 +98,7 @@ def routed_lora(
     scaling: float | Tensor = 1.0,
     backend: str | None = None,
     rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Routed LoRA delta ``delta[t] = sum_e g[t,e] s_e B_e (m_e * A_e x_t)`` -> ``[T, d_out]``.
 
@@ -108,11 +110,21 @@ def routed_lora(
         scaling: a float or ``[E]`` per-expert ``alpha/r``.
         backend: ``reference`` | ``torch`` | ``triton``; default :func:`default_backend`.
         rank_mask: ``[E, r]``; rank components where it is 0 are ignored.
-    Differentiable in ``x``, ``A``, ``B`` and ``gates``.
+        out: optional ``[T, d_out]`` tensor of x's dtype (typically the base layer's output) that
+            the delta is added into in place; it is then returned. Saves a ``[T, d_out]``
+            temporary and an add (the torch backend accumulates straight into it).
+    Differentiable in ``x``, ``A``, ``B`` and ``gates`` (and ``out``, as the identity).
     """
     check_inputs(x, A, B, gates, indices, scaling, rank_mask)
-    fn = _backend_fn(backend or default_backend(x))
-    return fn(x, A, B, gates, indices, scaling, rank_mask)
+    if out is not None and (tuple(out.shape) != (x.shape[0], B.shape[1]) or out.dtype != x.dtype):
+        raise ValueError(f"routed_lora: out must be [T={x.shape[0]}, d_out={B.shape[1]}] of dtype {x.dtype}; "
+                         f"got {list(out.shape)} {out.dtype}")
+    name = backend or default_backend(x)
+    fn = _backend_fn(name)
+    if name == "torch":
+        return fn(x, A, B, gates, indices, scaling, rank_mask, out)
+    delta = fn(x, A, B, gates, indices, scaling, rank_mask)
+    return delta if out is None else out.add_(delta)
 
 
 __all__ = [

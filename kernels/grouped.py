@@ -55,38 +55,65 @@ def _scaling_vector(scaling: float | Tensor, E: int, like: Tensor) -> Tensor:
     return torch.full((E,), float(scaling), dtype=like.dtype, device=like.device)
 
 
+def _seg(buf: Tensor, r: int, start: int, n: int) -> Tensor:
+    """Segment ``[start, start + n)`` of a flat rank-major buffer as ``[r, n]`` (contiguous)."""
+    return buf[r * start : r * (start + n)].view(r, n)
+
+
 class _GroupedRoutedLoRA(torch.autograd.Function):
+    """Per-expert segments processed one at a time through small chunk buffers.
+
+    Nothing of size ``[N, d]`` is materialised: each expert's rows are gathered into a chunk
+    buffer (reused across experts, so it stays in cache), shrunk, expanded and scatter-added
+    straight into the output. Large fresh temporaries are what costs most on a CPU (every new
+    multi-megabyte allocation is page-faulted in again), more than the small GEMMs themselves.
+
+    The rank-``r`` quantities (``H``, ``H'``, ``U``, ``dH``) are kept rank-major, ``[r, n_e]`` per
+    segment: BLAS computes ``A_e X_e^T`` (an ``r``-row output) about 6x faster on a CPU than
+    ``X_e A_e^T`` (an ``r``-column output) for ``r = 8``, ``d = 1024`` (measured, MKL, 1 thread).
+    """
+
     @staticmethod
-    def forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask):  # noqa: D401
+    def forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask, out):  # noqa: D401
         T = x.shape[0]
         E, d_out, r = B.shape
         shared = A.dim() == 2
         order, tokens, counts = plan
         N = tokens.shape[0]
-        coef = gates.reshape(-1).index_select(0, order)  # [N] gate of each sorted pair
+        coef = gates.reshape(-1).index_select(0, order)  # [N] gate of each sorted pair, times s_e below
+        cmax = max(counts, default=0)
+        h = x.new_empty(r * N)  # rank-major per segment, see _seg
+        hp = x.new_empty(r * N)
         if shared:
-            h = (x @ A.T).index_select(0, tokens)  # A x once per token, then gathered
-            xs = None
+            HT = A @ x.T  # [r, T]: A x once per token, gathered per segment below
         else:
-            xs = x.index_select(0, tokens)
-            h = x.new_empty(N, r)
-        hp = x.new_empty(N, r)
-        buf = x.new_empty(N, d_out)
+            cx = x.new_empty(cmax, x.shape[1])
+        co = x.new_empty(cmax, d_out)
+        if out is None:
+            y = x.new_zeros(T, d_out)
+        else:  # accumulate into the caller's tensor (the base layer's output): no [T, d_out] temporary
+            y = out
+            ctx.mark_dirty(out)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             seg = slice(start, start + n)
-            if not shared:
-                torch.mm(xs[seg], A[e].T, out=h[seg])
+            tok = tokens[seg]
+            hT = _seg(h, r, start, n)
+            if shared:
+                torch.index_select(HT, 1, tok, out=hT)
+            else:
+                torch.index_select(x, 0, tok, out=cx[:n])
+                torch.mm(A[e], cx[:n].T, out=hT)
             if rank_mask is not None:
-                h[seg] *= rank_mask[e]
+                hT *= rank_mask[e, :, None]
             coef[seg] *= s[e]
-            torch.mul(h[seg], coef[seg, None], out=hp[seg])
-            torch.mm(hp[seg], B[e].T, out=buf[seg])
+            hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
+            torch.mm(hpT.T, B[e].T, out=co[:n])
+            y.index_add_(0, tok, co[:n])
             start += n
-        y = x.new_zeros(T, d_out).index_add_(0, tokens, buf)
-        ctx.plan, ctx.shape = plan, gates.shape
+        ctx.plan, ctx.shape, ctx.has_out = plan, gates.shape, out is not None
         ctx.save_for_backward(x, A, B, s, rank_mask, h, hp, coef)
         return y
 
@@ -98,47 +125,62 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         E, d_out, r = B.shape
         shared = A.dim() == 2
         N = tokens.shape[0]
-        dys = dy.contiguous().index_select(0, tokens)
-        U = dy.new_empty(N, r)
-        dB = torch.zeros_like(B) if need_b else None
-        dA = torch.zeros_like(A) if need_a else None
+        cmax = max(counts, default=0)
+        dy = dy.contiguous()
+        U = dy.new_empty(r * N)
+        cdy = dy.new_empty(cmax, d_out)
+        dBt = B.new_zeros(E, r, d_out) if need_b else None  # dB_e^T: [r, d_out] is the fast GEMM layout
+        dA = torch.zeros_like(A) if need_a and not shared else None
         need_dh = need_x or need_a
-        xs = x.index_select(0, tokens) if (need_a and not shared) else None
-        dxs = x.new_empty(N, x.shape[1]) if (need_x and not shared) else None
-        dh = dy.new_empty(N, r) if need_dh else None
+        dh = dy.new_empty(r * N) if need_dh else None
+        dx = None
+        if need_dh and not shared:
+            cx = x.new_empty(cmax, x.shape[1]) if need_a else None
+            cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
+            dx = x.new_zeros(x.shape) if need_x else None
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             seg = slice(start, start + n)
-            torch.mm(dys[seg], B[e], out=U[seg])
+            tok = tokens[seg]
+            torch.index_select(dy, 0, tok, out=cdy[:n])
+            uT = torch.mm(B[e].T, cdy[:n].T, out=_seg(U, r, start, n))
             if need_b:
-                torch.mm(dys[seg].T, hp[seg], out=dB[e])
+                torch.mm(_seg(hp, r, start, n), cdy[:n], out=dBt[e])
             if need_dh:
-                torch.mul(U[seg], coef[seg, None], out=dh[seg])
+                dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
                 if rank_mask is not None:
-                    dh[seg] *= rank_mask[e]
+                    dhT *= rank_mask[e, :, None]
                 if not shared:
                     if need_a:
-                        torch.mm(dh[seg].T, xs[seg], out=dA[e])
+                        torch.index_select(x, 0, tok, out=cx[:n])
+                        torch.mm(dhT, cx[:n], out=dA[e])
                     if need_x:
-                        torch.mm(dh[seg], A[e], out=dxs[seg])
+                        torch.mm(dhT.T, A[e], out=cdx[:n])
+                        dx.index_add_(0, tok, cdx[:n])
             start += n
-        dx = dg = None
+        dg = None
         if need_g:
-            # dg = s_e <U, m_e * H> ; h already carries the mask
-            seg_scale = torch.repeat_interleave(s, torch.tensor(counts, device=s.device), output_size=N) if N else s[:0]
-            dpair = (U * h).sum(-1) * seg_scale
+            # dg = s_e <U, m_e * H> per pair; h already carries the mask
+            dpair = x.new_empty(N)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    torch.mul((_seg(U, r, start, n) * _seg(h, r, start, n)).sum(0), s[e], out=dpair[start : start + n])
+                    start += n
             dg = dy.new_zeros(ctx.shape.numel()).index_copy_(0, order, dpair).view(ctx.shape)
         if shared and need_dh:
-            dH = x.new_zeros(x.shape[0], r).index_add_(0, tokens, dh)
-            if need_x:
-                dx = dH @ A
-            if need_a:
-                dA = dH.T @ x
-        elif need_x:
-            dx = x.new_zeros(x.shape).index_add_(0, tokens, dxs)
-        return dx, dA, dB, dg, None, None, None
+            dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    dHT.index_add_(1, tokens[start : start + n], _seg(dh, r, start, n))
+                    start += n
+            dx = dHT.T @ A if need_x else None
+            dA = dHT @ x if need_a else None
+        dB = dBt.transpose(1, 2).contiguous() if need_b else None
+        return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
 
 
 def routed_lora_grouped(
@@ -149,10 +191,12 @@ def routed_lora_grouped(
     indices: Tensor | None = None,
     scaling: float | Tensor = 1.0,
     rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Grouped (sorted, segmented) routed LoRA delta; see the module docstring.
 
-    Dense gates ``[T, E]`` are treated as ``k = E`` (every expert selected).
+    Dense gates ``[T, E]`` are treated as ``k = E`` (every expert selected). With ``out``
+    (``[T, d_out]``, x's dtype) the delta is added into ``out`` in place and ``out`` returned.
     """
     E = B.shape[0]
     if indices is None:
@@ -160,4 +204,4 @@ def routed_lora_grouped(
     plan = routing_plan(indices, E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
-    return _GroupedRoutedLoRA.apply(x, A, B, gates.to(x.dtype), plan, s, mask)
+    return _GroupedRoutedLoRA.apply(x, A, B, gates.to(x.dtype), plan, s, mask, out)

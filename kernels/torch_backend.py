@@ -46,9 +46,10 @@ def routed_lora_torch(
     indices: Tensor | None = None,
     scaling: float | Tensor = 1.0,
     rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Routed LoRA delta in plain torch: dense or grouped form by :func:`use_grouped`."""
     E, _, r = B.shape
     k = None if indices is None else indices.shape[1]
     fn = routed_lora_grouped if use_grouped(E, r, k) else routed_lora_dense
-    return fn(x, A, B, gates, indices, scaling, rank_mask)
+    return fn(x, A, B, gates, indices, scaling, rank_mask, out)

@@ -303,7 +303,7 @@ class _DenseTriton(torch.autograd.Function):
         E, d_out, r = B.shape
         shared = A.dim() == 2
         E_P = _p2(E)
-        R_P = max(16, _p2(r)) if shared else max(_p2(r), _p2(max(1, 16 // E_P)))
+        R_P = dense_columns(E, r, shared) // E_P
         bs = _blocks(x.device)
         y = torch.empty(T, d_out, dtype=x.dtype, device=x.device)
         _dense_fwd_kernel[(triton.cdiv(T, bs["BT"]),)](
@@ -438,20 +438,40 @@ def routed_lora_triton(
     indices: Tensor | None = None,
     scaling: float | Tensor = 1.0,
     rank_mask: Tensor | None = None,
+    path: str | None = None,
 ) -> Tensor:
-    """Routed LoRA delta by the Triton kernels (module docstring): fused dense for small
-    ``E r`` (and dense gates), grouped when :func:`use_grouped` says so or ``E r`` is too wide
-    for the dense kernel's registers."""
+    """Routed LoRA delta by the Triton kernels (module docstring).
+
+    ``path``: ``"dense"`` (fused dense kernel) or ``"grouped"``; default :func:`triton_path`.
+    """
     _check_device(x)
     E, d_out, r = B.shape
+    path = path or triton_path(E, r, None if indices is None else indices.shape[1], A.dim() == 2)
+    if path not in ("dense", "grouped"):
+        raise ValueError(f"routed_lora_triton: path must be 'dense' or 'grouped'; got {path!r}")
     x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
     mask = (torch.ones(E, r) if rank_mask is None else rank_mask).to(device=x.device, dtype=torch.float32).contiguous()
     s = _scaling_vector(scaling, E, x.float())
-    k = None if indices is None else indices.shape[1]
-    dense_cols = _p2(E) * max(_p2(r), 16 if A.dim() == 2 else 1)
-    if dense_cols <= MAX_DENSE_COLUMNS and not use_grouped(E, r, k):
+    if path == "dense":
         coef = (dense_gates(gates, indices, E).float() * s).contiguous()
         return _DenseTriton.apply(x, A, B, coef, mask).to(x.dtype)
     if indices is None:
         indices = torch.arange(E, device=x.device).expand(x.shape[0], E)
     return _GroupedTriton.apply(x, A, B, gates, indices.contiguous(), s, mask)
+
+
+def dense_columns(num_experts: int, rank: int, shared_a: bool) -> int:
+    """Register columns ``E_P * R_P`` of the fused dense kernel (powers of two, >= 16)."""
+    E_P = _p2(num_experts)
+    R_P = max(16, _p2(rank)) if shared_a else max(_p2(rank), _p2(max(1, 16 // E_P)))
+    return E_P * R_P
+
+
+def triton_path(num_experts: int, rank: int, top_k: int | None, shared_a: bool) -> str:
+    """``dense`` while the experts' columns fit the fused kernel's registers and the torch
+    backend's measured rule (:func:`use_grouped`) does not favour grouping; else ``grouped``.
+    The GPU crossover has not been measured (no GPU in the session that wrote this): the rule
+    reuses the CPU one."""
+    if dense_columns(num_experts, rank, shared_a) <= MAX_DENSE_COLUMNS and not use_grouped(num_experts, rank, top_k):
+        return "dense"
+    return "grouped"
