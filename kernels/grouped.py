@@ -60,6 +60,20 @@ def _seg(buf: Tensor, r: int, start: int, n: int) -> Tensor:
     return buf[r * start : r * (start + n)].view(r, n)
 
 
+def _per_pair(s: Tensor, counts: list[int]) -> Tensor:
+    """``s_e`` repeated over each expert's segment: ``[N]``."""
+    return torch.repeat_interleave(s, torch.tensor(counts, device=s.device), output_size=sum(counts))
+
+
+def _segments(plan: RoutingPlan):
+    """``(expert, start, n, tokens)`` of each non-empty segment, in sorted order."""
+    start = 0
+    for e, (n, tok) in enumerate(zip(plan.counts, plan.tokens.split(plan.counts))):
+        if n:
+            yield e, start, n, tok
+        start += n
+
+
 class _GroupedRoutedLoRA(torch.autograd.Function):
     """Per-expert segments processed one at a time through small chunk buffers.
 
@@ -80,8 +94,12 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         shared = A.dim() == 2
         order, tokens, counts = plan
         N = tokens.shape[0]
-        coef = gates.reshape(-1).index_select(0, order)  # [N] gate of each sorted pair, times s_e below
+        # [N] gate times s_e of each sorted pair
+        coef = gates.reshape(-1).index_select(0, order) * _per_pair(s, counts)
         cmax = max(counts, default=0)
+        A_e = None if shared else A.unbind(0)  # views taken once: indexing in the loop costs per call
+        B_e = B.unbind(0)
+        m_e = None if rank_mask is None else rank_mask.unsqueeze(-1).unbind(0)
         h = x.new_empty(r * N)  # rank-major per segment, see _seg
         hp = x.new_empty(r * N)
         if shared:
@@ -94,25 +112,19 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         else:  # accumulate into the caller's tensor (the base layer's output): no [T, d_out] temporary
             y = out
             ctx.mark_dirty(out)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
+        for e, start, n, tok in _segments(plan):
             seg = slice(start, start + n)
-            tok = tokens[seg]
             hT = _seg(h, r, start, n)
             if shared:
                 torch.index_select(HT, 1, tok, out=hT)
             else:
                 torch.index_select(x, 0, tok, out=cx[:n])
-                torch.mm(A[e], cx[:n].T, out=hT)
-            if rank_mask is not None:
-                hT *= rank_mask[e, :, None]
-            coef[seg] *= s[e]
+                torch.mm(A_e[e], cx[:n].T, out=hT)
+            if m_e is not None:
+                hT *= m_e[e]
             hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
-            torch.mm(hpT.T, B[e].T, out=co[:n])
+            torch.mm(hpT.T, B_e[e].T, out=co[:n])
             y.index_add_(0, tok, co[:n])
-            start += n
         ctx.plan, ctx.shape, ctx.has_out = plan, gates.shape, out is not None
         ctx.save_for_backward(x, A, B, s, rank_mask, h, hp, coef)
         return y
@@ -138,45 +150,39 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
             cx = x.new_empty(cmax, x.shape[1]) if need_a else None
             cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
             dx = x.new_zeros(x.shape) if need_x else None
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
+        A_e = None if shared else A.unbind(0)
+        B_e = B.unbind(0)
+        m_e = None if rank_mask is None else rank_mask.unsqueeze(-1).unbind(0)
+        dBt_e = dBt.unbind(0) if need_b else None
+        dA_e = dA.unbind(0) if dA is not None else None
+        dpair = x.new_empty(N) if need_g else None
+        for e, start, n, tok in _segments(ctx.plan):
             seg = slice(start, start + n)
-            tok = tokens[seg]
             torch.index_select(dy, 0, tok, out=cdy[:n])
-            uT = torch.mm(B[e].T, cdy[:n].T, out=_seg(U, r, start, n))
+            uT = torch.mm(B_e[e].T, cdy[:n].T, out=_seg(U, r, start, n))
+            if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
+                torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
             if need_b:
-                torch.mm(_seg(hp, r, start, n), cdy[:n], out=dBt[e])
+                torch.mm(_seg(hp, r, start, n), cdy[:n], out=dBt_e[e])
             if need_dh:
                 dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
-                if rank_mask is not None:
-                    dhT *= rank_mask[e, :, None]
+                if m_e is not None:
+                    dhT *= m_e[e]
                 if not shared:
                     if need_a:
                         torch.index_select(x, 0, tok, out=cx[:n])
-                        torch.mm(dhT, cx[:n], out=dA[e])
+                        torch.mm(dhT, cx[:n], out=dA_e[e])
                     if need_x:
-                        torch.mm(dhT.T, A[e], out=cdx[:n])
+                        torch.mm(dhT.T, A_e[e], out=cdx[:n])
                         dx.index_add_(0, tok, cdx[:n])
-            start += n
         dg = None
         if need_g:
-            # dg = s_e <U, m_e * H> per pair; h already carries the mask
-            dpair = x.new_empty(N)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    torch.mul((_seg(U, r, start, n) * _seg(h, r, start, n)).sum(0), s[e], out=dpair[start : start + n])
-                    start += n
+            dpair *= _per_pair(s, counts)
             dg = dy.new_zeros(ctx.shape.numel()).index_copy_(0, order, dpair).view(ctx.shape)
         if shared and need_dh:
             dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    dHT.index_add_(1, tokens[start : start + n], _seg(dh, r, start, n))
-                    start += n
+            for _, start, n, tok in _segments(ctx.plan):
+                dHT.index_add_(1, tok, _seg(dh, r, start, n))
             dx = dHT.T @ A if need_x else None
             dA = dHT @ x if need_a else None
         dB = dBt.transpose(1, 2).contiguous() if need_b else None
