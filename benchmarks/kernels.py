@@ -154,6 +154,18 @@ def print_table(rows: list[dict]) -> None:
             print(f"{row['d']:>5} {row['T']:>5} {row['E']:>3} {row['r']:>3} {row['k']:>2} {mode:>8} {m['base']['ms']:>8.1f}  {cells}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README table: fwd+bwd (and fwd) ratios to the base linear."""
+    names = list(rows[0]["fwd"])[1:]
+    lines = ["| d | T | E | r | k | base fwd+bwd ms | " + " | ".join(names) + " |",
+             "|---" * (6 + len(names)) + "|"]
+    for row in rows:
+        fb, f = row["fwd+bwd"], row["fwd"]
+        cells = " | ".join(f"{fb[n]['ratio']:.2f}x ({f[n]['ratio']:.2f}x)" for n in names)
+        lines.append(f"| {row['d']} | {row['T']} | {row['E']} | {row['r']} | {row['k']} | {fb['base']['ms']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
 def switch_point(device, dtype, repeats: int) -> list[dict]:
     """Grouped / dense time ratio of the torch forms, forward + backward, d=1024, T=4096."""
     rows = []
@@ -184,6 +196,7 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark; ``--markdown PATH`` only reprints a results JSON as a table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the issue's whole grid")
     ap.add_argument("--shapes", help="comma-separated d x T x E x r x k (the targets are always added)")
@@ -194,7 +207,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="print the markdown table of a results JSON and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())["rows"]))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -220,6 +237,7 @@ def main(argv=None) -> int:
         sys.stdout.flush()
     print("\nratios to the base linear (median of %d, interleaved):" % args.repeats)
     print_table(rows)
+    print("\nfwd+bwd (fwd) ratios, markdown:\n" + markdown_table(rows))
     path = Path(args.out or results_dir / f"kernels-{meta['device']}.json")
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print(f"wrote {path}")

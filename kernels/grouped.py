@@ -65,20 +65,27 @@ def _per_pair(s: Tensor, counts: list[int]) -> Tensor:
     return torch.repeat_interleave(s, torch.tensor(counts, device=s.device), output_size=sum(counts))
 
 
+#: Rows per chunk: an expert's segment is processed in pieces of at most this many rows, so the
+#: chunk buffers (``CHUNK_ROWS x d`` each) stay in the L2 cache (512 KiB at d = 1024, fp32).
+CHUNK_ROWS = 128
+
+
 def _segments(plan: RoutingPlan):
-    """``(expert, start, n, tokens)`` of each non-empty segment, in sorted order."""
+    """``(expert, start, n, tokens)`` of each non-empty segment piece (``n <= CHUNK_ROWS``),
+    in sorted order."""
     start = 0
     for e, (n, tok) in enumerate(zip(plan.counts, plan.tokens.split(plan.counts))):
-        if n:
-            yield e, start, n, tok
+        for c in range(0, n, CHUNK_ROWS):
+            m = min(CHUNK_ROWS, n - c)
+            yield e, start + c, m, tok[c : c + m]
         start += n
 
 
 class _GroupedRoutedLoRA(torch.autograd.Function):
-    """Per-expert segments processed one at a time through small chunk buffers.
+    """Per-expert segments processed piece by piece through small chunk buffers.
 
-    Nothing of size ``[N, d]`` is materialised: each expert's rows are gathered into a chunk
-    buffer (reused across experts, so it stays in cache), shrunk, expanded and scatter-added
+    Nothing of size ``[N, d]`` is materialised: each piece of an expert's rows is gathered into a
+    chunk buffer (reused, so it stays in cache), shrunk, expanded and scatter-added
     straight into the output. Large fresh temporaries are what costs most on a CPU (every new
     multi-megabyte allocation is page-faulted in again), more than the small GEMMs themselves.
 
@@ -96,7 +103,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         N = tokens.shape[0]
         # [N] gate times s_e of each sorted pair
         coef = gates.reshape(-1).index_select(0, order) * _per_pair(s, counts)
-        cmax = max(counts, default=0)
+        cmax = min(CHUNK_ROWS, max(counts, default=0))
         A_e = None if shared else A.unbind(0)  # views taken once: indexing in the loop costs per call
         B_e = B.unbind(0)
         m_e = None if rank_mask is None else rank_mask.unsqueeze(-1).unbind(0)
@@ -137,7 +144,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         E, d_out, r = B.shape
         shared = A.dim() == 2
         N = tokens.shape[0]
-        cmax = max(counts, default=0)
+        cmax = min(CHUNK_ROWS, max(counts, default=0))
         dy = dy.contiguous()
         U = dy.new_empty(r * N)
         cdy = dy.new_empty(cmax, d_out)
@@ -163,7 +170,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
             if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
                 torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
             if need_b:
-                torch.mm(_seg(hp, r, start, n), cdy[:n], out=dBt_e[e])
+                dBt_e[e].addmm_(_seg(hp, r, start, n), cdy[:n])  # summed over the expert's chunks
             if need_dh:
                 dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
                 if m_e is not None:
@@ -171,7 +178,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
                 if not shared:
                     if need_a:
                         torch.index_select(x, 0, tok, out=cx[:n])
-                        torch.mm(dhT, cx[:n], out=dA_e[e])
+                        dA_e[e].addmm_(dhT, cx[:n])
                     if need_x:
                         torch.mm(dhT.T, A_e[e], out=cdx[:n])
                         dx.index_add_(0, tok, cdx[:n])

@@ -126,3 +126,14 @@ def test_torch_path_property(T, d_in, d_out, E, r, k, shared, mixed, routing, se
     case = make_case(T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k, shared=shared, routing=routing, mixed_ranks=mixed, seed=seed)
     for form in FORMS:
         assert_matches_reference(case, torch.float64, form, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_grouped_segments_split_into_chunks(monkeypatch, shared, routing):
+    """Segments longer than CHUNK_ROWS are processed in pieces; weight grads sum over them."""
+    import molora.kernels.grouped as grouped
+
+    monkeypatch.setattr(grouped, "CHUNK_ROWS", 3)
+    case = make_case(T=23, E=4, r=4, k=2, shared=shared, routing=routing, mixed_ranks=True)
+    assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
