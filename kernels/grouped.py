@@ -220,4 +220,8 @@ def routed_lora_grouped(
     plan = routing_plan(indices, E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
+    if out is not None and out._base is not None:
+        # autograd cannot rebase a view's history onto a custom Function that marks it dirty
+        # (backward fails with a shape mismatch): add into a view out of place instead
+        return out.add_(_GroupedRoutedLoRA.apply(x, A, B, gates.to(x.dtype), plan, s, mask, None))
     return _GroupedRoutedLoRA.apply(x, A, B, gates.to(x.dtype), plan, s, mask, out)

@@ -63,6 +63,28 @@ def test_out_accumulates_in_place(form, shared):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("E, k", [(8, 2), (3, 2)])  # grouped and dense forms of the torch backend
+def test_out_may_be_a_view(backend, E, k):
+    """The routed layer passes a view of a [batch, seq, d_out] base output as ``out``."""
+    x, A, B, gates, idx, s, mask = make_case(T=6, d_in=5, d_out=4, E=E, r=3, k=k)
+    W = torch.randn(4, 5, dtype=torch.float64)
+    grads = []
+    for use_out in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+        x3 = leaves[0].view(2, 3, 5)
+        base = x3 @ W.T
+        if use_out:
+            routed_lora(leaves[0], *leaves[1:], idx, scaling=s, backend=backend, out=base.view(-1, 4))
+            y = base
+        else:
+            y = base + routed_lora(*leaves, idx, scaling=s, backend=backend).view(2, 3, 4)
+        y.pow(2).sum().backward()
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_routed_lora_out_argument_checked():
     x, A, B, gates, idx, s, _ = make_case(E=4, r=2, k=1)
     with pytest.raises(ValueError, match="out must be"):
