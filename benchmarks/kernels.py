@@ -75,7 +75,7 @@ class Problem:
 
     def routed(self, backend: str):
         gates, idx = self.route()
-        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does
+        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does for 2-D inputs
         return routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend, out=y)
 
     def form(self, fn):

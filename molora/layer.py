@@ -154,8 +154,10 @@ class RoutedLoRALinear(nn.Module):
         A, B = self.bank.stacked()
         xd = self.dropout(x2).to(B.dtype)
         if result.dtype == B.dtype and result.is_contiguous():
-            # the delta is added into the base output in place: no [T, d_out] temporary
-            routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=result.view(-1, self.bank.d_out))
+            # the delta is added into the base output in place: no [T, d_out] temporary (for a
+            # [batch, seq, d_out] output the grouped torch form adds into the view out of place)
+            out = result if result.dim() == 2 else result.view(-1, self.bank.d_out)
+            routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
             return result
         delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling)
         return result + delta.reshape(*result.shape[:-1], self.bank.d_out).to(result.dtype)
