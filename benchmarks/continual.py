@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", action="store_true", help="keep the other orders already in --out (same config only)")
     for f in dataclasses.fields(RunConfig):
         if f.type in ("int", "float", "int | None") and f.name != "seed":
             p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type == "float" else int, default=None)
@@ -83,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_1min_start": round(load_start, 2), "load_avg_1min_end": round(os.getloadavg()[0], 2)},
     }
     out = Path(args.out)
+    if args.merge and out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("config") != record["config"]:
+            raise SystemExit(f"--merge: {out} was made with another config; not merging")
+        for key in ("results", "untrained", "orders", "cache_seconds"):
+            record[key] = {**{k: v for k, v in old[key].items() if k not in record[key]}, **record[key]}
+        record["runs"] = old.get("runs", [{"orders": list(old["orders"]), "total_seconds": old["total_seconds"],
+                                            "machine": old["machine"]}])
+        record["runs"].append({"orders": orders, "total_seconds": total, "machine": record["machine"]})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"total {total} s; wrote {out}")

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="PEFT adapter folder to write")
     exp.set_defaults(func=_export_peft)
 
+    from molora.continual.runner import RunConfig as RC  # the benchmark's budget is the default
+
     cl = sub.add_parser("continual", help="train tasks one after another (O-LoRA, retrieval experts, baselines) and "
                         "report ACC/BWT", description="Continual learning on a folder of text-classification tasks "
                         "(clbench format: tasks.json and <task>/{train,test}.jsonl) with the shipped "
@@ -165,16 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--order", required=True, help="comma-separated task names in training order, or a named order "
                     "(standard4-1, standard4-2, standard4-3, long)")
     cl.add_argument("--strategy", default="olora", help="seqlora, inclora, olora, retrieval, multitask (comma-separated)")
-    cl.add_argument("--epochs", type=float, default=2.0, help="epochs per task")
-    cl.add_argument("--lr", type=float, default=5e-3)
-    cl.add_argument("--batch-size", type=int, default=16)
-    cl.add_argument("--max-length", type=int, default=64, help="tokens per input (instruction + text)")
-    cl.add_argument("--train-limit", type=int, default=150, help="training examples per task")
-    cl.add_argument("--test-limit", type=int, default=100, help="test examples per task")
-    cl.add_argument("--frozen-layers", type=int, default=4, help="bottom encoder layers without LoRA (cached)")
-    cl.add_argument("--rank", type=int, default=8)
-    cl.add_argument("--l1", type=float, default=0.5, help="O-LoRA orthogonality weight")
-    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--epochs", type=float, default=RC.epochs, help="epochs per task")
+    cl.add_argument("--lr", type=float, default=RC.lr)
+    cl.add_argument("--batch-size", type=int, default=RC.batch_size)
+    cl.add_argument("--max-length", type=int, default=RC.max_length, help="tokens per input (instruction + text)")
+    cl.add_argument("--train-limit", type=int, default=RC.train_limit, help="training examples per task")
+    cl.add_argument("--test-limit", type=int, default=RC.test_limit, help="test examples per task")
+    cl.add_argument("--frozen-layers", type=int, default=RC.frozen_layers, help="bottom encoder layers without LoRA (cached)")
+    cl.add_argument("--rank", type=int, default=RC.rank)
+    cl.add_argument("--l1", type=float, default=RC.l1, help="O-LoRA orthogonality weight")
+    cl.add_argument("--seed", type=int, default=RC.seed)
     cl.add_argument("--out", default=None, help="write the results as JSON here")
     cl.add_argument("--no-progress", action="store_true", help="hide progress bars")
     cl.set_defaults(func=_continual)
