@@ -77,6 +77,39 @@ def _export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continual(args: argparse.Namespace) -> int:
+    import json
+
+    from molora.continual.runner import (ORDERS, STRATEGIES, RunConfig, build_cache, format_table, load_order,
+                                         run_strategy, untrained_accuracies)
+
+    order = ORDERS.get(args.order) or [t.strip() for t in args.order.split(",") if t.strip()]
+    strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        raise CLIError(f"unknown strategy {bad or args.strategy!r}; choose from {', '.join(STRATEGIES)}")
+    for name in ("epochs", "lr"):
+        if getattr(args, name) <= 0:
+            raise CLIError(f"--{name} must be > 0; got {getattr(args, name)}")
+    cfg = RunConfig(frozen_layers=args.frozen_layers, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                    max_length=args.max_length, train_limit=args.train_limit, test_limit=args.test_limit,
+                    rank=args.rank, l1=args.l1, seed=args.seed)
+    tasks = load_order(args.data, order, cfg)
+    cache, protos = build_cache(tasks, cfg, progress=not args.no_progress)
+    b = untrained_accuracies(tasks, cache, protos, cfg)
+    results = {s: run_strategy(s, tasks, cache, protos, cfg, untrained=b, progress=not args.no_progress) for s in strategies}
+    label = args.order if args.order in ORDERS else "custom"
+    print(format_table({label: results}))
+    if args.out:
+        record = {"units": "fractions in [0, 1]", "order": order, "config": cfg.to_dict(), "untrained": b,
+                  "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _number_or_str(value: str) -> object:
     for cast in (int, float):
         try:
@@ -386,6 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export_peft)
 
     add_integration_commands(sub)
+
+    from molora.continual.runner import RunConfig as RC  # the benchmark's budget is the default
+
+    cl = sub.add_parser("continual", help="train tasks one after another (O-LoRA, retrieval experts, baselines) and "
+                        "report ACC/BWT", description="Continual learning on a folder of text-classification tasks "
+                        "(clbench format: tasks.json and <task>/{train,test}.jsonl) with the shipped "
+                        "all-MiniLM-L6-v2 and the label-prototype classifier; prints ACC, BWT, FWT per strategy.")
+    cl.add_argument("--data", required=True, help="task folder (tasks.json, <task>/train.jsonl, <task>/test.jsonl)")
+    cl.add_argument("--order", required=True, help="comma-separated task names in training order, or a named order "
+                    "(standard4-1, standard4-2, standard4-3, long)")
+    cl.add_argument("--strategy", default="olora", help="seqlora, inclora, olora, retrieval, multitask (comma-separated)")
+    cl.add_argument("--epochs", type=float, default=RC.epochs, help="epochs per task")
+    cl.add_argument("--lr", type=float, default=RC.lr)
+    cl.add_argument("--batch-size", type=int, default=RC.batch_size)
+    cl.add_argument("--max-length", type=int, default=RC.max_length, help="tokens per input (instruction + text)")
+    cl.add_argument("--train-limit", type=int, default=RC.train_limit, help="training examples per task")
+    cl.add_argument("--test-limit", type=int, default=RC.test_limit, help="test examples per task")
+    cl.add_argument("--frozen-layers", type=int, default=RC.frozen_layers, help="bottom encoder layers without LoRA (cached)")
+    cl.add_argument("--rank", type=int, default=RC.rank)
+    cl.add_argument("--l1", type=float, default=RC.l1, help="O-LoRA orthogonality weight")
+    cl.add_argument("--seed", type=int, default=RC.seed)
+    cl.add_argument("--out", default=None, help="write the results as JSON here")
+    cl.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cl.set_defaults(func=_continual)
     return parser
 
 

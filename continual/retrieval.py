@@ -1,0 +1,164 @@
+"""Retrieval experts: one expert per task, chosen per example by retrieval, no task id.
+
+Each task trains a new expert of the bank (a plain LoRA, or a HydraLoRA head ``B_t`` on a shared
+``A`` that is frozen after the first task) while every earlier expert is frozen, so earlier
+tasks' parameters cannot drift. During the task only the new expert is active (static one-hot
+gates). At the end of the task its retrieval key is set from a few of the task's inputs,
+
+    key_t = mean_i q(x_i) / ||q(x_i)||        (q: a frozen sentence encoder, e.g. all-MiniLM-L6-v2)
+
+and inference routes each example to the experts with the most similar keys
+(:class:`molora.routers.RetrievalRouter`: cosine, top-k, softmax over the kept scores / T).
+With ``top_k = 1`` an example correctly identified uses exactly its task's expert, which was
+frozen when the task ended: forgetting can only come from misidentified examples.
+:meth:`RetrievalExpertsManager.task_identification` reports how often the top-1 expert is the
+example's own task.
+
+Follows LoraRetriever (Zhao et al., 2024) and CoLoR for the keys; HydraLoRA (Tian et al., 2024)
+for the shared-A layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor
+
+from molora.routers import RetrievalRouter, StaticRouter
+
+from .manager import MANAGERS, ContinualError, ContinualManager
+
+__all__ = ["RetrievalExpertsManager"]
+
+EmbedFn = Callable[[Sequence[str]], Tensor]
+
+
+def _default_embed(texts: Sequence[str]) -> Tensor:
+    from molora.routers.retrieval import embed_texts
+
+    return embed_texts(texts)
+
+
+class RetrievalExpertsManager(ContinualManager):
+    """A retrieval-routed expert per task (module docstring).
+
+    Args:
+        shared_a: HydraLoRA layout (one shared ``A``, one head ``B_t`` per task).
+        top_k, temperature: of the retrieval router (``top_k`` is capped by the number of experts).
+        key_examples: how many of a task's inputs make its key (the first ones given).
+        embed_fn: texts -> query embeddings ``[n, key_dim]`` (default: the frozen MiniLM,
+            :func:`molora.routers.retrieval.embed_texts`); not saved, pass it again on resume.
+        key_dim: width of the query embeddings (384 for MiniLM).
+        Other arguments: :class:`~molora.continual.manager.ContinualManager`.
+    """
+
+    strategy = "retrieval"
+
+    def __init__(self, base_model: torch.nn.Module, *, shared_a: bool = False, top_k: int = 1,
+                 temperature: float = 1.0, key_examples: int = 32, key_dim: int = 384,
+                 embed_fn: EmbedFn | None = None, **kwargs: Any) -> None:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ContinualError(f"{type(self).__name__}: top_k must be an int >= 1; got {top_k!r}")
+        if not isinstance(key_examples, int) or key_examples < 1:
+            raise ContinualError(f"{type(self).__name__}: key_examples must be an int >= 1; got {key_examples!r}")
+        super().__init__(base_model, **kwargs)
+        self.shared_a, self.top_k, self.temperature = bool(shared_a), top_k, float(temperature)
+        self.key_examples, self.key_dim = key_examples, int(key_dim)
+        self.embed_fn: EmbedFn = embed_fn or _default_embed
+        self.keys: list[Tensor] = []  # one per finished task, in task order
+        self._pending: Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "shared_a": self.shared_a, "top_k": self.top_k, "temperature": self.temperature,
+                "key_examples": self.key_examples, "key_dim": self.key_dim}
+
+    # ------------------------------------------------------------------ task hooks
+    def _embed(self, texts: Sequence[str] | None, embeddings: Tensor | None) -> Tensor:
+        if (texts is None) == (embeddings is None):
+            raise ContinualError(f"{type(self).__name__}: give texts or embeddings (exactly one)")
+        emb = self.embed_fn(list(texts)) if embeddings is None else torch.as_tensor(embeddings)
+        if emb.dim() != 2 or emb.shape[1] != self.key_dim or emb.shape[0] == 0:
+            raise ContinualError(f"{type(self).__name__}: query embeddings must be [n >= 1, key_dim={self.key_dim}]; "
+                                 f"got shape {tuple(emb.shape)}")
+        return emb.float()
+
+    def _check_begin(self, name: str, examples: Sequence[str] | Tensor | None = None, **kwargs: Any) -> None:
+        super()._check_begin(name, **kwargs)
+        if examples is None:
+            raise ContinualError(f"{type(self).__name__}.begin_task({name!r}) needs examples=: a few of the task's "
+                                 "inputs (texts, or their query embeddings) to make its retrieval key")
+        # Embed now (before anything changes) so bad examples leave the manager untouched.
+        self._pending = self._key_from(examples)
+
+    def _key_from(self, examples: Sequence[str] | Tensor) -> Tensor:
+        if isinstance(examples, Tensor):
+            emb = self._embed(None, examples[: self.key_examples])
+        else:
+            emb = self._embed(list(examples)[: self.key_examples], None)
+        return torch.nn.functional.normalize(emb, dim=-1).mean(0)
+
+    def _begin(self, name: str, examples: Any = None, **kwargs: Any) -> None:
+        extra = {"shared_a": True} if self.shared_a else {}
+        idx = self._add_expert(name, **extra)
+        model = self.model
+        # Train the new expert alone: one-hot static gates (no routing signal needed in the loop).
+        onehot = [1.0 if i == idx else 0.0 for i in range(model.num_experts)]
+        model.set_router(StaticRouter(model.num_experts, model.shared_router.d_in, weights=onehot).to(self._zero().device))
+
+    def _end(self, name: str) -> None:
+        self.keys.append(self._pending)
+        self._pending = None
+        self._freeze(name)
+        self._install_router()
+
+    def _freeze(self, name: str) -> None:
+        self.model.set_experts_trainable(False, [name])
+        for layer in self.model.routed_layers().values():
+            if layer.bank.A_shared is not None:  # HydraLoRA: the shared A would move earlier experts
+                layer.bank.A_shared.requires_grad_(False)
+
+    def _install_router(self) -> None:
+        model = self.model
+        router = RetrievalRouter(model.num_experts, model.shared_router.d_in, top_k=min(self.top_k, model.num_experts),
+                                 temperature=self.temperature, source="embeddings", key_dim=self.key_dim)
+        router.set_keys(torch.stack(self.keys))
+        model.set_router(router.to(self._zero().device))
+
+    # ------------------------------------------------------------------ inference
+    def routing(self, texts: Sequence[str] | None = None, embeddings: Tensor | None = None) -> ContextManager[Any]:
+        """``with manager.routing(texts=batch_texts):`` routes the forwards inside by retrieval."""
+        return self.model.routing(embeddings=self._embed(texts, embeddings))
+
+    def identify(self, texts: Sequence[str] | None = None, embeddings: Tensor | None = None) -> list[str]:
+        """The top-1 retrieved task of each input."""
+        if not self.keys:
+            raise ContinualError(f"{type(self).__name__}: no finished task to retrieve")
+        q = torch.nn.functional.normalize(self._embed(texts, embeddings), dim=-1)
+        keys = torch.nn.functional.normalize(torch.stack(self.keys), dim=-1)
+        return [self.tasks[i] for i in (q @ keys.T).argmax(-1).tolist()]
+
+    def task_identification(self, inputs: dict[str, Sequence[str] | Tensor]) -> float:
+        """Fraction of inputs whose top-1 retrieved expert is their own task's:
+        ``inputs = {task name: texts or query embeddings}``."""
+        hits = total = 0
+        for task, x in inputs.items():
+            pred = self.identify(embeddings=x) if isinstance(x, Tensor) else self.identify(texts=x)
+            hits += sum(p == task for p in pred)
+            total += len(pred)
+        if total == 0:
+            raise ContinualError(f"{type(self).__name__}: task_identification got no inputs")
+        return hits / total
+
+    # ------------------------------------------------------------------ persistence
+    def _restore(self, extra: dict[str, Any]) -> None:
+        if self._model is None:
+            return
+        router = self.model.shared_router
+        self.keys = [router.keys[i].detach().clone() for i in range(router.num_experts)]
+        for name in self.tasks:
+            self._freeze(name)
+
+
+MANAGERS[RetrievalExpertsManager.strategy] = RetrievalExpertsManager
