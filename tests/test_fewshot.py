@@ -291,3 +291,10 @@ def test_xlora_classifier_rejects_bad_width():
     clf = XLoRAStyleClassifier(8, 2, 3, hidden=0)
     with pytest.raises(ValueError, match="input must be"):
         clf(torch.zeros(4, 5))
+
+
+def test_demo_rejects_too_many_experts():
+    from molora.demo import run_demo
+
+    with pytest.raises(ValueError, match="num_experts must be in"):
+        run_demo(num_experts=5, progress=False)
