@@ -256,8 +256,6 @@ def train_router(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         queue: list[int] = []
-
-
         for step in tqdm(range(1, steps + 1), desc="train router", disable=not progress, leave=False):
             if len(queue) < min(batch_size, len(train)):
                 fresh = list(range(len(train)))

@@ -108,7 +108,7 @@ def test_router_training_is_deterministic_under_seed(setup):
         res = molora.train_router(model, list(range(16)), loss_fn=loss_fn, steps=8, lr=0.05, seed=seed)
         return res, torch.cat([p.detach().flatten() for p in router_parameters(model)])
 
-    (r1, p1), (r2, p2), (r3, p3) = run(3), run(3), run(4)
+    (r1, p1), (r2, p2), (r3, _) = run(3), run(3), run(4)
     assert r1.train_losses == r2.train_losses and r1.val_losses == r2.val_losses
     assert torch.equal(p1, p2)
     assert r1.train_losses != r3.train_losses  # another seed: another split
