@@ -1,23 +1,67 @@
 """Kernels of the routed LoRA op ``delta = sum_e g_e s_e B_e A_e x``.
 
-``routed_lora`` is the one entry point; backends: ``reference`` (per-expert loop, ground
-truth), ``torch`` (the dense concatenated form). ``MOLORA_KERNEL`` overrides the choice.
+``routed_lora`` is the one entry point; backends:
+
+* ``reference``: per-expert loop, the ground truth of the tests (:mod:`.reference`);
+* ``torch``: the dense concatenated form, or the sorted/segmented grouped form for many
+  experts and small k, switched by a measured rule (:mod:`.torch_backend`);
+* ``triton``: fused dense and grouped Triton kernels (:mod:`.triton_backend`), for CUDA
+  tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests). Imported lazily, so a CPU-only
+  install without Triton works.
+
+Default: ``triton`` for CUDA tensors when Triton is installed, else ``torch`` (CPU tensors,
+also under ``TRITON_INTERPRET=1``).
+``MOLORA_KERNEL=reference|torch|triton`` overrides the default; ``backend=`` overrides both.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from torch import Tensor
 
 from .dense import routed_lora_dense
+from .grouped import routed_lora_grouped
 from .reference import routed_lora_reference
+from .torch_backend import routed_lora_torch
 
-_BACKENDS = {"reference": routed_lora_reference, "torch": routed_lora_dense}
+BACKENDS = ("reference", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend can run here (Triton importable)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return [b for b in BACKENDS if b != "triton" or triton_available()]
+
+
+def default_backend(x: Tensor) -> str:
+    """``MOLORA_KERNEL`` if set; else ``triton`` for CUDA tensors when Triton is installed; else
+    ``torch``. Triton's CPU interpreter (``TRITON_INTERPRET=1``) is a test tool, never a default:
+    ask for it with ``backend="triton"`` or ``MOLORA_KERNEL=triton``."""
+    name = os.environ.get("MOLORA_KERNEL")
+    if name:
+        return name
+    if x.is_cuda and triton_available():
+        return "triton"
+    return "torch"
+
+
+def _backend_fn(name: str):
+    if name == "reference":
+        return routed_lora_reference
+    if name == "torch":
+        return routed_lora_torch
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("routed_lora: backend 'triton' needs the triton package (pip install triton)")
+        from .triton_backend import routed_lora_triton
+
+        return routed_lora_triton
+    raise ValueError(f"routed_lora: unknown backend {name!r}; available: {available_backends()}")
 
 
 def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor | None, scaling, rank_mask) -> None:
@@ -54,6 +98,7 @@ def routed_lora(
     scaling: float | Tensor = 1.0,
     backend: str | None = None,
     rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Routed LoRA delta ``delta[t] = sum_e g[t,e] s_e B_e (m_e * A_e x_t)`` -> ``[T, d_out]``.
 
@@ -63,15 +108,33 @@ def routed_lora(
         B: ``[E, d_out, r]``.
         gates: ``[T, E]`` dense, or ``[T, k]`` with ``indices`` ``[T, k]`` (``-1`` = no expert).
         scaling: a float or ``[E]`` per-expert ``alpha/r``.
-        backend: ``reference`` | ``torch``; default from ``MOLORA_KERNEL`` else ``torch``.
+        backend: ``reference`` | ``torch`` | ``triton``; default :func:`default_backend`.
         rank_mask: ``[E, r]``; rank components where it is 0 are ignored.
-    Differentiable in ``x``, ``A``, ``B`` and ``gates``.
+        out: optional ``[T, d_out]`` tensor of x's dtype (typically the base layer's output) that
+            the delta is added into in place; it is then returned. Saves a ``[T, d_out]``
+            temporary and an add (the torch backend accumulates straight into it).
+    Differentiable in ``x``, ``A``, ``B`` and ``gates`` (and ``out``, as the identity).
     """
     check_inputs(x, A, B, gates, indices, scaling, rank_mask)
-    name = backend or os.environ.get("MOLORA_KERNEL") or "torch"
-    if name not in _BACKENDS:
-        raise ValueError(f"routed_lora: unknown backend {name!r}; available: {available_backends()}")
-    return _BACKENDS[name](x, A, B, gates, indices, scaling, rank_mask)
+    if out is not None and (tuple(out.shape) != (x.shape[0], B.shape[1]) or out.dtype != x.dtype):
+        raise ValueError(f"routed_lora: out must be [T={x.shape[0]}, d_out={B.shape[1]}] of dtype {x.dtype}; "
+                         f"got {list(out.shape)} {out.dtype}")
+    name = backend or default_backend(x)
+    fn = _backend_fn(name)
+    if name == "torch":
+        return fn(x, A, B, gates, indices, scaling, rank_mask, out)
+    delta = fn(x, A, B, gates, indices, scaling, rank_mask)
+    return delta if out is None else out.add_(delta)
 
 
-__all__ = ["available_backends", "check_inputs", "routed_lora", "routed_lora_dense", "routed_lora_reference"]
+__all__ = [
+    "available_backends",
+    "check_inputs",
+    "default_backend",
+    "routed_lora",
+    "routed_lora_dense",
+    "routed_lora_grouped",
+    "routed_lora_reference",
+    "routed_lora_torch",
+    "triton_available",
+]

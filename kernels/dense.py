@@ -27,7 +27,9 @@ def routed_lora_dense(
     indices: Tensor | None = None,
     scaling: float | Tensor = 1.0,
     rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
+    """Dense concatenated form (module docstring); with ``out`` the delta is added into it in place."""
     E, d_out, r = B.shape
     g = dense_gates(gates, indices, E).to(x.dtype)
     coef = g * (scaling.to(x.dtype) if isinstance(scaling, Tensor) else float(scaling))  # [T, E]
@@ -40,4 +42,6 @@ def routed_lora_dense(
         hp = coef.unsqueeze(-1) * h
     if rank_mask is not None:
         hp = hp * rank_mask.to(hp.dtype)
+    if out is not None:
+        return out.addmm_(hp.reshape(-1, E * r), B_cat.T)
     return hp.reshape(-1, E * r) @ B_cat.T

@@ -91,6 +91,267 @@ def _add_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="transformers auto class of the base")
 
 
+# ---------------------------------------------------------------------- bench, stats, train-router
+def default_benchmarks_dir() -> str:
+    """``benchmarks/`` of the source tree molora runs from (they ship with the repository, not the wheel)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def list_benchmarks(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise CLIError(f"no benchmarks folder at {directory} (benchmarks ship with the source repository; pass --dir)")
+    return sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    names = list_benchmarks(args.dir)
+    if args.list or args.name is None:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        raise CLIError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    # A fresh interpreter: benchmarks are scripts (argparse, __main__) and time themselves.
+    return subprocess.run([sys.executable, os.path.join(args.dir, args.name + ".py"), *extra]).returncode
+
+
+def read_text_rows(path: str, *, need_label: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file, each an object with a string ``"text"`` (optional ``"task"``,
+    and an integer ``"label"`` where ``need_label``); CLIError naming the line otherwise."""
+    import json
+
+    if not os.path.isfile(path):
+        raise CLIError(f"data file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CLIError(f"{path}, line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise CLIError(f'{path}, line {n}: each line must be an object with a string "text"')
+            if need_label and not isinstance(row.get("label"), int):
+                raise CLIError(f'{path}, line {n}: needs an integer "label"')
+            rows.append(row)
+    if not rows:
+        raise CLIError(f"data file {path} holds no rows")
+    return rows
+
+
+def load_checkpoint_model(args: argparse.Namespace):
+    """Base model + molora checkpoint (CLIError if the checkpoint folder is missing)."""
+    import molora
+
+    if not os.path.isdir(args.checkpoint):
+        raise CLIError(f"checkpoint folder {args.checkpoint} does not exist")
+    return molora.MoLoRAModel.from_pretrained(load_base(args.base, args.model_class), args.checkpoint)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"no tokenizer at {path} ({exc.__class__.__name__}); pass --tokenizer") from None
+    if tok.pad_token is None:  # GPT-2 style tokenizers: pad with EOS, padding is masked anyway
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def batch_inputs(model, tok, rows: list[dict], max_length: int):
+    """Tokenised rows plus their routing signals (``task`` per row -> ``task_ids``)."""
+    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    if "token_type_ids" not in _forward_args(model):
+        enc.pop("token_type_ids", None)
+    signals = {}
+    if any("task" in r for r in rows):
+        if not all("task" in r for r in rows):
+            raise CLIError('either every row or no row has a "task"')
+        signals["task_ids"] = [r["task"] for r in rows]
+    return dict(enc), signals
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.base_model.forward).parameters)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from molora.stats import RoutingTally, plot_routing_heatmap
+
+    rows = read_text_rows(args.data)
+    model = load_checkpoint_model(args).eval()
+    tok = load_tokenizer(args.tokenizer or args.base)
+    tally = RoutingTally()
+    batches = range(0, len(rows), args.batch_size)
+    with torch.no_grad():
+        for i in tqdm(batches, desc="routing", unit="batch", disable=args.no_progress):
+            inputs, signals = batch_inputs(model, tok, rows[i:i + args.batch_size], args.max_length)
+            with model.routing(**signals):
+                model(**inputs)
+            tally.update(model)
+    stats = tally.result()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "routing_stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    png = plot_routing_heatmap(stats, os.path.join(args.out, "routing_heatmap.png"), value=args.value,
+                               title=f"{args.value} on {os.path.basename(args.data)}")
+    for name, s in stats["layers"].items():
+        print(f"{name:60s} load_cv {s['load_cv']:.3f}  {args.value} " + " ".join(f"{v:.2f}" for v in s[args.value]))
+    print(f"{len(rows)} rows; mean load CV {stats['mean_load_cv']:.3f} -> {args.out}/routing_stats.json, {png}")
+    return 0
+
+
+def router_loss(model, tok, model_class: str, max_length: int):
+    """``loss_fn(model, rows)`` for router training: the base model's own loss on the rows
+    (next-token cross-entropy for ``causal-lm``, label cross-entropy for ``seq-cls``)."""
+    import torch
+
+    if model_class not in ("causal-lm", "seq-cls"):
+        raise CLIError("train-router needs a loss: use --model-class causal-lm (language modelling on the texts) "
+                       'or seq-cls (rows with an integer "label")')
+
+    def loss_fn(m, rows: list[dict]):
+        inputs, signals = batch_inputs(m, tok, rows, max_length)
+        if model_class == "causal-lm":
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        else:
+            labels = torch.tensor([r["label"] for r in rows])
+        with m.routing(**signals):
+            return m(**inputs, labels=labels).loss + m.aux_loss()
+
+    return loss_fn
+
+
+def router_parameters(model) -> list:
+    """The trainable parameters of the model's routers (per-layer and shared), each once."""
+    modules = [layer.router for layer in model.routed_layers().values() if layer.router is not None]
+    if model.shared_router is not None:
+        modules.append(model.shared_router)
+    return list({id(p): p for m in modules for p in m.parameters() if p.is_floating_point()}.values())
+
+
+def fit_router(model, rows: list[dict], loss_fn, *, steps: int, lr: float, batch_size: int, seed: int,
+               progress: bool) -> list[float]:
+    """Minimal few-shot router training: AdamW on the router parameters only (experts and base
+    frozen), ``steps`` steps over shuffled batches of ``rows``; returns the loss of each step.
+
+    Stands in for :func:`molora.train_router.train_router` (router="existing", which adds early
+    stopping on held-out shots) where that module is not installed; the CLI prefers it. Like it,
+    the model stays in eval mode (no dropout noise on a handful of shots).
+    """
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    params = router_parameters(model)
+    if not params:
+        raise CLIError(f"the checkpoint's router {model.config.router!r} has no trainable parameters "
+                       "(compose with a learned router, e.g. --router soft)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    model.eval()
+    for _ in tqdm(range(steps), desc="router", unit="step", disable=not progress):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(rows)), len(rows))
+        batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _train_router(args: argparse.Namespace) -> int:
+    rows = read_text_rows(args.data, need_label=args.model_class == "seq-cls")
+    model = load_checkpoint_model(args)
+    tok = load_tokenizer(args.tokenizer or args.base)
+    loss_fn = router_loss(model, tok, args.model_class, args.max_length)
+    try:
+        from molora.train_router import train_router  # the few-shot module, where installed
+    except ImportError:
+        train_router = None
+    if train_router is not None and router_parameters(model):
+        result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+                              progress=not args.no_progress)
+        losses = result.train_losses
+    else:
+        losses = fit_router(model, rows, loss_fn, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                            seed=args.seed, progress=not args.no_progress)
+    model.save_pretrained(args.out)
+    print(f"trained the router on {len(rows)} rows for {len(losses)} steps: loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f}; checkpoint -> {args.out}")
+    return 0
+
+
+def add_integration_commands(sub) -> None:
+    """``bench``, ``stats`` and ``train-router``."""
+    bench = sub.add_parser("bench", help="run a benchmark script of benchmarks/ by name",
+                           description="Run benchmarks/NAME.py (arguments after NAME go to the script); "
+                           "each prints a table and writes benchmarks/results/NAME.json.")
+    bench.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    bench.add_argument("--dir", default=default_benchmarks_dir(), help="benchmarks folder (default: the repository's)")
+    bench.set_defaults(func=_bench)
+
+    stats = sub.add_parser("stats", help="routing statistics and heatmap of a checkpoint on a data file",
+                           description='Route every row of a JSON-lines file ({"text": ...}, optional "task") '
+                           "through the checkpoint and write per-layer token fractions, gate shares, load CV "
+                           "(routing_stats.json) and a layers x experts heatmap (routing_heatmap.png).")
+    _add_base(stats)
+    stats.add_argument("--checkpoint", required=True, help="molora checkpoint folder")
+    stats.add_argument("--data", required=True, help='JSON-lines file, one {"text": ...} per line')
+    stats.add_argument("--out", required=True, help="folder for routing_stats.json and routing_heatmap.png")
+    stats.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
+    stats.add_argument("--value", choices=["token_fraction", "gate_share"], default="gate_share", help="heatmap value")
+    stats.add_argument("--batch-size", type=int, default=16)
+    stats.add_argument("--max-length", type=int, default=128)
+    stats.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    stats.set_defaults(func=_stats)
+
+    tr = sub.add_parser("train-router", help="few-shot training of a checkpoint's router (experts frozen)",
+                        description="Train only the router(s) of a molora checkpoint on a few rows of a JSON-lines "
+                        'file with the base model\'s own loss: causal-lm (next tokens of "text") or seq-cls '
+                        '(integer "label"). Writes a new checkpoint.')
+    _add_base(tr)
+    tr.add_argument("--checkpoint", required=True, help="molora checkpoint folder (its router is trained)")
+    tr.add_argument("--data", required=True, help='JSON-lines file of shots: {"text": ...} (+ "label" for seq-cls)')
+    tr.add_argument("--out", required=True, help="checkpoint folder to write")
+    tr.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
+    tr.add_argument("--steps", type=int, default=50)
+    tr.add_argument("--lr", type=float, default=5e-3)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--val-fraction", type=float, default=0.25,
+                    help="shots held out for early stopping by molora.train_router (the minimal fallback "
+                    "loop, used where that module is not installed, trains on all rows)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    tr.set_defaults(func=_train_router)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molora", description="Mixtures of LoRA experts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -124,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weight", action="append", required=True, metavar="EXPERT=W", help="an expert's weight (repeat)")
     exp.add_argument("--out", required=True, help="PEFT adapter folder to write")
     exp.set_defaults(func=_export_peft)
+
+    add_integration_commands(sub)
     return parser
 
 

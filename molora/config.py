@@ -9,6 +9,15 @@ from typing import Any
 import torch
 
 
+LAYER_FIELDS = ("num_experts", "top_k", "rank", "alpha")
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: ``pattern`` is a regular expression that
+    must match the end of the module path, ``(.*\\.)?(pattern)$``."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
 @dataclasses.dataclass
 class MoLoRAConfig:
     """Configuration of a mixture of LoRA experts.
@@ -36,6 +45,11 @@ class MoLoRAConfig:
             (needs ``expert_types`` and the routing signal ``task_ids`` as example types).
         localized_alpha: LoRAMoE's ``alpha`` in ``[0, 1]``.
         expert_types: the type (group) of each expert for the localized balancing constraint.
+        layer_overrides: per-layer settings, MoLA style (Gao et al., 2024: e.g. more experts in
+            higher layers). Maps a pattern to a dict of ``num_experts``, ``top_k``, ``rank``,
+            ``alpha``; a module whose path matches ``(.*\\.)?<pattern>$`` (PEFT's
+            ``rank_pattern`` rule) takes those values, the first matching pattern winning. A
+            layer with ``n < num_experts`` experts holds the model's first ``n`` experts.
     """
 
     target_modules: list[str] | str
@@ -57,6 +71,7 @@ class MoLoRAConfig:
     localized_loss_coef: float = 0.0
     localized_alpha: float = 0.1
     expert_types: list[int] | None = None
+    layer_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -92,7 +107,45 @@ class MoLoRAConfig:
                 raise ValueError(f"MoLoRAConfig: expert_types must give a type for each of the {self.num_experts} experts; got {self.expert_types!r}")
         if self.localized_loss_coef > 0 and self.expert_types is None:
             raise ValueError("MoLoRAConfig: localized_loss_coef > 0 needs expert_types (the type of each expert)")
+        self._check_layer_overrides()
         self.torch_dtype  # validates adapter_dtype
+
+    def _check_layer_overrides(self) -> None:
+        if not isinstance(self.layer_overrides, dict):
+            raise ValueError(f"MoLoRAConfig: layer_overrides must map patterns to dicts; got {self.layer_overrides!r}")
+        self.layer_overrides = {str(k): dict(v) for k, v in self.layer_overrides.items()}
+        for pattern, values in self.layer_overrides.items():
+            where = f"MoLoRAConfig: layer_overrides[{pattern!r}]"
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{where}: invalid regex: {exc}") from None
+            unknown = sorted(set(values) - set(LAYER_FIELDS))
+            if unknown:
+                raise ValueError(f"{where}: unknown settings {unknown}; allowed: {list(LAYER_FIELDS)}")
+            n = values.get("num_experts", self.num_experts)
+            if not isinstance(n, int) or not 1 <= n <= self.num_experts:
+                raise ValueError(f"{where}: num_experts must be an int in [1, num_experts={self.num_experts}]; got {n!r}")
+            k = values.get("top_k")
+            if k is not None and not (isinstance(k, int) and 1 <= k <= n):
+                raise ValueError(f"{where}: top_k must be in [1, {n}] (the layer's experts); got {k!r}")
+            r = values.get("rank", self.rank)
+            if not isinstance(r, int) or r < 1:
+                raise ValueError(f"{where}: rank must be a positive int; got {r!r}")
+            if self.shared_a and "rank" in values:
+                raise ValueError(f"{where}: a shared-A (HydraLoRA) model has one rank; drop 'rank'")
+
+    def layer_settings(self, module_name: str) -> dict[str, Any]:
+        """``num_experts``, ``top_k``, ``rank`` and ``alpha`` of the layer at ``module_name``:
+        the config's values, updated by the first matching :attr:`layer_overrides` pattern."""
+        settings = {"num_experts": self.num_experts, "top_k": self.top_k, "rank": self.rank, "alpha": self.alpha}
+        for pattern, values in self.layer_overrides.items():
+            if pattern_matches(pattern, module_name):
+                settings.update(values)
+                if "num_experts" in values and "top_k" not in values and settings["top_k"] is not None:
+                    settings["top_k"] = min(settings["top_k"], values["num_experts"])
+                break
+        return settings
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -153,6 +153,12 @@ class RoutedLoRALinear(nn.Module):
         gates, indices = self._broadcast(decision, x, x2.shape[0])
         A, B = self.bank.stacked()
         xd = self.dropout(x2).to(B.dtype)
+        if result.dtype == B.dtype and result.is_contiguous():
+            # the delta is added into the base output in place: no [T, d_out] temporary (for a
+            # [batch, seq, d_out] output the grouped torch form adds into the view out of place)
+            out = result if result.dim() == 2 else result.view(-1, self.bank.d_out)
+            routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
+            return result
         delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling)
         return result + delta.reshape(*result.shape[:-1], self.bank.d_out).to(result.dtype)
 

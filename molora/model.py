@@ -20,13 +20,18 @@ from molora.routers.losses import model_aux_loss
 from .bank import ExpertBank
 
 
-def router_kwargs(config: MoLoRAConfig) -> dict[str, Any]:
-    """The router's constructor kwargs: ``router_kwargs`` plus ``top_k`` where the router takes it."""
+def router_kwargs(config: MoLoRAConfig, module_name: str | None = None) -> dict[str, Any]:
+    """The router's constructor kwargs: ``router_kwargs`` plus ``top_k`` where the router takes it
+    (the layer's own ``top_k`` when ``module_name`` has a :attr:`~MoLoRAConfig.layer_overrides` entry)."""
     kwargs = dict(config.router_kwargs)
-    if config.top_k is not None:
+    top_k = config.top_k if module_name is None else config.layer_settings(module_name)["top_k"]
+    if top_k is not None:
         if "top_k" not in inspect.signature(router_class(config.router).__init__).parameters:
             raise MoLoRAError(f"MoLoRAConfig: router {config.router!r} takes no top_k; use router='topk'")
-        kwargs.setdefault("top_k", config.top_k)
+        if module_name is not None and top_k != config.top_k:
+            kwargs["top_k"] = top_k
+        else:
+            kwargs.setdefault("top_k", top_k)
     return kwargs
 
 
@@ -327,19 +332,21 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     ``config.num_experts`` fresh experts; the base is frozen. Nothing is changed on error."""
     targets = find_targets(model, config)
     names = config.names()
-    kwargs = router_kwargs(config)
     first = next(iter(targets.values()))
     shared = build_shared_router(config, names, base_features(first)[0], first.weight.device)
     layers: dict[str, RoutedLoRALinear] = {}
     for name, module in targets.items():
         d_in, d_out, _ = base_features(module)
         device = module.weight.device
-        bank = ExpertBank(d_in, d_out, shared_a=config.shared_a, shared_rank=config.rank, init=config.init, dtype=config.torch_dtype, device=device)
-        for _ in range(config.num_experts):
-            bank.add_expert(config.rank, config.alpha, use_rslora=config.use_rslora, init=config.init)
+        settings = config.layer_settings(name)  # MoLA: experts, top_k, rank may differ per layer
+        n, rank = settings["num_experts"], settings["rank"]
+        bank = ExpertBank(d_in, d_out, shared_a=config.shared_a, shared_rank=rank, init=config.init, dtype=config.torch_dtype, device=device)
+        for _ in range(n):
+            bank.add_expert(rank, settings["alpha"], use_rslora=config.use_rslora, init=config.init)
         router = None
         if shared is None:
-            router = build_router(config.router, num_experts=config.num_experts, d_in=d_in, **kwargs)
+            router = build_router(config.router, num_experts=n, d_in=d_in, **router_kwargs(config, name))
             router = router.to(device=device, dtype=config.torch_dtype)
-        layers[name] = RoutedLoRALinear(module, bank, router, dropout=config.dropout, name=name)
+        layers[name] = RoutedLoRALinear(module, bank, router, dropout=config.dropout, name=name,
+                                        expert_ids=range(n), num_global_experts=len(names))
     return MoLoRAModel(model, config, layers, expert_names=names, shared_router=shared)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from molora.bank import lora_scaling
+from molora.config import pattern_matches
 from molora.errors import AdapterError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -61,7 +62,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key that matches the end of
     the module path as a regular expression (``(.*\\.)?(key)$``)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_matches(key, module):
             return value
     return default
 

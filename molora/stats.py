@@ -123,3 +123,66 @@ def plot_routing_heatmap(stats: dict[str, Any], path: str | Path, value: str = "
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class RoutingTally:
+    """Routing statistics accumulated over many forwards (a data set, or the steps between two
+    training logs), in :func:`routing_stats`' format.
+
+    Call :meth:`update` after each forward. Per layer, expert counts and gate mass add up over
+    forwards (``count_e = sum_n w_n [e chosen for n]``; gate mass weights each forward's
+    ``gate_share`` by its tokens, exact when every token's gates sum to the same value, as with
+    softmax or renormalised top-k), so ``token_fraction``, ``gate_share`` and ``load_cv`` describe
+    all tokens seen, not the last batch.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._layers: dict[str, dict[str, Any]] = {}
+        self._experts: list[str] = []
+        self.forwards = 0
+
+    def update(self, model: MoLoRAModel) -> None:
+        """Add the last forward's decisions of every routed layer of ``model``."""
+        self._experts = list(model.expert_names)
+        self.forwards += 1
+        for name, layer in model.routed_layers().items():
+            if layer.last_decision is None:
+                continue
+            s = decision_stats(layer.last_decision, layer.last_mask, layer.bank.num_experts)
+            acc = self._layers.setdefault(name, {
+                "experts": [model.expert_names[g] for g in layer.expert_ids], "tokens": 0.0, "dropped": None,
+                "counts": torch.zeros(layer.bank.num_experts, dtype=torch.float64),
+                "mass": torch.zeros(layer.bank.num_experts, dtype=torch.float64),
+            })
+            acc["counts"] += torch.tensor(s["token_fraction"], dtype=torch.float64) * s["tokens"]
+            acc["mass"] += torch.tensor(s["gate_share"], dtype=torch.float64) * s["tokens"]
+            acc["tokens"] += s["tokens"]
+            if s["dropped_tokens"] is not None:
+                acc["dropped"] = (acc["dropped"] or 0) + s["dropped_tokens"]
+
+    def result(self) -> dict[str, Any]:
+        """``{"experts", "layers": {name: {token_fraction, gate_share, load_cv, tokens, ...}}, "mean_load_cv", ...}``."""
+        layers = {}
+        for name, acc in self._layers.items():
+            total = max(acc["tokens"], 1e-12)
+            mass = acc["mass"]
+            layers[name] = {
+                "experts": acc["experts"],
+                "tokens": acc["tokens"],
+                "token_fraction": (acc["counts"] / total).tolist(),
+                "gate_share": (mass / mass.sum().clamp_min(1e-12)).tolist(),
+                "load_cv": coefficient_of_variation(acc["counts"]),
+                "dropped_tokens": acc["dropped"],
+            }
+        cvs = [s["load_cv"] for s in layers.values()]
+        dropped = [s["dropped_tokens"] for s in layers.values() if s["dropped_tokens"] is not None]
+        return {
+            "experts": list(self._experts),
+            "layers": layers,
+            "mean_load_cv": sum(cvs) / len(cvs) if cvs else None,
+            "dropped_tokens": sum(dropped) if dropped else None,
+            "forwards": self.forwards,
+        }

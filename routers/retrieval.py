@@ -147,7 +147,16 @@ class RetrievalRouter(Router):
     def similarities(self, query: Tensor) -> Tensor:
         """``cos(q_b, key_e)`` for all pairs: ``[B, key_dim] -> [B, E]`` (one matmul)."""
         q = F.normalize(query.to(self.keys.dtype), dim=-1)
-        return q @ F.normalize(self.keys, dim=-1).T
+        return q @ self._unit_keys().T
+
+    def _unit_keys(self) -> Tensor:
+        """``keys / ||keys||``, cached until the keys change: with thousands of experts,
+        normalising every key on every forward costs more than the matmul itself."""
+        stamp = (self.keys.data_ptr(), self.keys._version, self.keys.dtype)
+        if getattr(self, "_unit_stamp", None) != stamp:
+            self._unit = F.normalize(self.keys, dim=-1)
+            self._unit_stamp = stamp
+        return self._unit
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         query = check_width(self.name, self.source, query_vectors(self.name, x, signals, self.source), self.key_dim)

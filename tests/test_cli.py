@@ -15,13 +15,16 @@ from molora.cli import build_parser, main
 from helpers import make_peft_adapter, model_inputs, peft_output, tiny_bert
 
 
-def test_every_subcommand_has_help():
+def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"demo", "compose", "export-peft"} <= set(commands)
-    for name in commands:
-        out = subprocess.run([sys.executable, "-m", "molora.cli", name, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "usage: molora" in out.stdout, name
+    assert {"demo", "compose", "export-peft", "bench", "stats", "train-router"} <= set(commands)
+    for name in commands:  # in-process: one interpreter start for all commands
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0 and f"usage: molora {name}" in capsys.readouterr().out, name
+    out = subprocess.run([sys.executable, "-m", "molora.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(name in out.stdout for name in commands)
 
 
 def test_compose_then_export(tmp_path, capsys):
@@ -59,3 +62,153 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert main(["export-peft", "--base", str(tmp_path / "nothere"), "--checkpoint", str(tmp_path / "nope"),
                  "--weight", "a=1", "--out", str(tmp_path / "m")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- bench, stats, train-router
+def save_tiny_tokenizer(path):
+    """A whitespace word-level tokenizer over the 101 ids of the tiny test models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 101)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(str(path))
+
+
+def write_rows(path, n=6, seed=0, **extra):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(f"w{rng.randrange(2, 101)}" for _ in range(rng.randrange(3, 9)))
+            f.write(json.dumps({"text": text, **{k: v[i] for k, v in extra.items()}}) + "\n")
+    return path
+
+
+def routed_checkpoint(base, path, targets, router="topk", **kw):
+    torch.manual_seed(5)
+    cfg = molora.MoLoRAConfig(target_modules=targets, num_experts=4, rank=2, router=router, **kw)
+    model = molora.get_molora_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for layer in model.routed_layers().values():
+            for b in layer.bank.B:
+                b.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def test_stats_over_a_data_file_equals_one_forward(tmp_path, capsys):
+    import json
+
+    from molora.stats import routing_stats
+
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    model = routed_checkpoint(base, tmp_path / "ckpt", ["query", "value"], top_k=2)
+    data = write_rows(tmp_path / "data.jsonl", n=5)
+    assert main(["stats", "--base", str(tmp_path / "base"), "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data),
+                 "--out", str(tmp_path / "st"), "--batch-size", "2", "--no-progress"]) == 0
+    got = json.loads((tmp_path / "st" / "routing_stats.json").read_text())
+    assert (tmp_path / "st" / "routing_heatmap.png").stat().st_size > 1000
+    assert "mean load CV" in capsys.readouterr().out
+    # Reference: one forward over all rows (padding masked), molora.stats.routing_stats.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    ref = routing_stats(model)
+    assert got["layers"].keys() == ref["layers"].keys()
+    for name, s in ref["layers"].items():
+        assert got["layers"][name]["tokens"] == s["tokens"] == int(enc["attention_mask"].sum())
+        for key in ("token_fraction", "gate_share", "load_cv"):
+            assert got["layers"][name][key] == pytest.approx(s[key], abs=1e-5), (name, key)
+
+
+def lm_loss(model, tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss)
+
+
+def test_train_router_trains_only_the_router(tmp_path, capsys):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_gpt2
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    before = routed_checkpoint(base, tmp_path / "ckpt", ["c_attn", "c_fc"], router="soft")
+    data = write_rows(tmp_path / "shots.jsonl", n=8, seed=1)
+    argv = ["train-router", "--base", str(tmp_path / "base"), "--model-class", "causal-lm", "--checkpoint",
+            str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "trained"), "--steps", "8",
+            "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0", "--no-progress"]
+    assert main(argv) == 0
+    assert "trained the router" in capsys.readouterr().out
+    after = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "trained")
+    a, b = before.adapter_state_dict(), after.adapter_state_dict()
+    assert a.keys() == b.keys()
+    router_keys = [k for k in a if ".router." in k]
+    assert router_keys and all(torch.equal(a[k], b[k]) for k in a if k not in router_keys), "experts must stay frozen"
+    assert any(not torch.equal(a[k], b[k]) for k in router_keys), "the router must train"
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    assert lm_loss(after, tok, texts) < lm_loss(before, tok, texts)
+
+
+def test_bench_runs_a_script_by_name(tmp_path, capsys):
+    (tmp_path / "echo.py").write_text("import sys, pathlib\npathlib.Path(sys.argv[-1]).write_text(' '.join(sys.argv[1:]))\n")
+    out = tmp_path / "args.txt"
+    assert main(["bench", "--dir", str(tmp_path), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["echo"]
+    assert main(["bench", "--dir", str(tmp_path), "echo", "--keys", "10", str(out)]) == 0
+    assert out.read_text() == f"--keys 10 {out}"
+    assert main(["bench", "--dir", str(tmp_path), "nope"]) == 2
+    assert "unknown benchmark 'nope'; available: echo" in capsys.readouterr().err
+    assert main(["bench", "--dir", str(tmp_path / "missing"), "--list"]) == 2
+    assert main(["bench", "--list"]) == 0 and "balance" in capsys.readouterr().out.split()
+
+
+def test_stats_and_train_router_bad_input_exit_2(tmp_path, capsys):
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    routed_checkpoint(base, tmp_path / "ckpt", ["query"], router="task")
+    data = write_rows(tmp_path / "d.jsonl", n=2)
+    common = ["--base", str(tmp_path / "base"), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(["stats", *common, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "w3"}\n{"text": \n')
+    assert main(["stats", *common, "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+    (tmp_path / "notext.jsonl").write_text('{"txt": "w3"}\n')
+    assert main(["stats", *common, "--data", str(tmp_path / "notext.jsonl")]) == 2
+    assert 'string "text"' in capsys.readouterr().err
+    # A checkpoint made for another base model.
+    from helpers import tiny_gpt2
+
+    routed_checkpoint(tiny_gpt2(), tmp_path / "gpt_ckpt", ["c_attn"])
+    assert main(["stats", "--base", str(tmp_path / "base"), "--checkpoint", str(tmp_path / "gpt_ckpt"), "--data", str(data),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "has no module" in capsys.readouterr().err
+    assert main(["train-router", *common, "--data", str(data)]) == 2
+    assert "needs a loss" in capsys.readouterr().err
+    assert main(["train-router", *common, "--data", str(data), "--model-class", "seq-cls"]) == 2
+    assert 'integer "label"' in capsys.readouterr().err
+    gpt = tiny_gpt2()
+    gpt.save_pretrained(tmp_path / "gbase")
+    save_tiny_tokenizer(tmp_path / "gbase")
+    routed_checkpoint(gpt, tmp_path / "task_ckpt", ["c_attn"], router="task")
+    assert main(["train-router", "--base", str(tmp_path / "gbase"), "--model-class", "causal-lm", "--checkpoint",
+                 str(tmp_path / "task_ckpt"), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no trainable parameters" in capsys.readouterr().err

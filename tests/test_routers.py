@@ -164,6 +164,22 @@ def test_retrieval_thousand_keys_returns_the_right_experts():
     assert (d.gates[:, 0] >= d.gates[:, 1]).all()
 
 
+def test_retrieval_key_changes_reach_the_routing():
+    """The normalised keys are cached: refitting, set_keys and loading a state dict must all be seen."""
+    r = RetrievalRouter(2, 2, top_k=1, key_dim=2)
+    r.set_keys(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    signals = RoutingSignals(embeddings=torch.tensor([[1.0, 0.1]]))
+    assert r(torch.zeros(1, 2), signals).indices.tolist() == [[0]]
+    r.fit_keys(1, torch.tensor([[1.0, 0.2]]))  # expert 1 now sits closer to the query
+    assert r(torch.zeros(1, 2), signals).indices.tolist() == [[1]]
+    r.set_keys(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    assert r(torch.zeros(1, 2), signals).indices.tolist() == [[0]]
+    other = RetrievalRouter(2, 2, top_k=1, key_dim=2)
+    other.set_keys(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    r.load_state_dict(other.state_dict())
+    assert r(torch.zeros(1, 2), signals).indices.tolist() == [[1]]
+
+
 def test_retrieval_unfitted_and_capture_and_hidden_source():
     r = RetrievalRouter(3, 2, top_k=1, key_dim=2)
     r.fit_keys(0, torch.tensor([[1.0, 0.0]]))

@@ -1,0 +1,248 @@
+"""Benchmark of the routed LoRA layer's kernels against the frozen base linear.
+
+For each shape (d_in = d_out = d, T tokens, E experts of rank r, top-k routing) it times, in
+one run and interleaved round-robin (so background load hits every variant alike), the median
+of forward and of forward+backward for:
+
+* ``base``: the frozen base linear alone (``x`` requires grad, ``W`` does not: LoRA training);
+* ``routed[<backend>]``: base + router (linear, softmax, top-k, renormalise) + ``routed_lora``
+  through each available backend (``reference``, ``torch``; ``triton`` on CUDA only);
+* ``naive-loop``: every expert on every token, masked by its gate (HydraLoRA / LoRAMoE style);
+* ``index_add-loop``: per expert ``where(idx == e)``, gather, LoRA, ``index_add_`` (MoE-PEFT).
+
+Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<device>.json``.
+
+    python benchmarks/kernels.py            # default: the CPU target shapes + a few more
+    python benchmarks/kernels.py --full     # the issue's whole grid (slow on a CPU)
+    python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
+    python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
+    python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from molora.kernels import available_backends, routed_lora
+from molora.kernels.dense import routed_lora_dense
+from molora.kernels.grouped import routed_lora_grouped
+
+TARGETS = [(1024, 4096, 8, 8, 2), (1024, 4096, 64, 8, 2)]
+DEFAULT = TARGETS + [(1024, 4096, 4, 8, 1), (1024, 4096, 64, 16, 1), (1024, 512, 64, 8, 2)]
+FULL = list(itertools.product([1024, 4096], [512, 4096], [4, 8, 64], [8, 16], [1, 2]))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    return device.type
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Problem:
+    """One shape's tensors: frozen base linear, trainable router and experts."""
+
+    def __init__(self, d: int, T: int, E: int, r: int, k: int, device, dtype, seed: int = 0) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        mk = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+        self.base = torch.nn.Linear(d, d).to(device=device, dtype=dtype).requires_grad_(False)
+        self.x = mk(T, d).requires_grad_()
+        self.Wr = mk(E, d, std=d**-0.5).requires_grad_()
+        self.A = mk(E, r, d, std=d**-0.5).requires_grad_()
+        self.B = mk(E, d, r, std=0.1).requires_grad_()
+        self.dy = mk(T, d)
+        self.k, self.E, self.s = k, E, 2.0
+
+    def route(self):
+        probs = torch.softmax(self.x @ self.Wr.T, dim=-1)
+        gates, idx = probs.topk(self.k, dim=-1)
+        return gates / gates.sum(-1, keepdim=True), idx
+
+    def base_only(self):
+        return self.base(self.x)
+
+    def routed(self, backend: str):
+        gates, idx = self.route()
+        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does for 2-D inputs
+        return routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend, out=y)
+
+    def form(self, fn):
+        gates, idx = self.route()
+        return fn(self.x, self.A, self.B, gates, idx, self.s, None, self.base(self.x))
+
+    def naive_loop(self):
+        """Every expert on every token, weighted by its (mostly zero) gate."""
+        gates, idx = self.route()
+        y = self.base(self.x)
+        for e in range(self.E):
+            g_e = (gates * (idx == e)).sum(-1, keepdim=True)
+            y = y + g_e * self.s * ((self.x @ self.A[e].T) @ self.B[e].T)
+        return y
+
+    def index_add_loop(self):
+        """Per expert: the tokens that chose it, their LoRA, index_add_ back."""
+        gates, idx = self.route()
+        y = self.base(self.x)
+        delta = torch.zeros_like(y)
+        for e in range(self.E):
+            tok, slot = torch.where(idx == e)
+            if tok.numel() == 0:
+                continue
+            out = (self.x[tok] @ self.A[e].T) @ self.B[e].T
+            delta = delta.index_add(0, tok, out * (gates[tok, slot, None] * self.s))
+        return y + delta
+
+
+def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[str, float]:
+    """Median seconds per variant, interleaved round-robin after one warm-up each."""
+    def run(fn, p):
+        y = fn()
+        if backward:
+            y.backward(p.dy)
+        return y
+
+    times = {name: [] for name in variants}
+    for _ in range(repeats + 1):
+        for name, (fn, p) in variants.items():
+            for t in (p.x, p.Wr, p.A, p.B):
+                t.grad = None
+            sync(device)
+            t0 = time.perf_counter()
+            run(fn, p)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v[1:]) for name, v in times.items()}
+
+
+def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict:
+    d, T, E, r, k = shape
+    p = Problem(d, T, E, r, k, device, dtype)
+    variants = {"base": (p.base_only, p)}
+    for b in backends:
+        variants[f"routed[{b}]"] = ((lambda b=b: p.routed(b)), p)
+    variants["naive-loop"] = (p.naive_loop, p)
+    variants["index_add-loop"] = (p.index_add_loop, p)
+    out = {"d": d, "T": T, "E": E, "r": r, "k": k}
+    for mode, bw in (("fwd", False), ("fwd+bwd", True)):
+        ctx = torch.enable_grad() if bw else torch.no_grad()
+        with ctx:
+            t = time_variants(variants, device, repeats, bw)
+        out[mode] = {name: {"ms": 1e3 * v, "ratio": v / t["base"]} for name, v in t.items()}
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    names = list(rows[0]["fwd"])
+    head = f"{'d':>5} {'T':>5} {'E':>3} {'r':>3} {'k':>2} {'mode':>8} {'base ms':>8}  " + "  ".join(f"{n:>16}" for n in names[1:])
+    print(head)
+    for row in rows:
+        for mode in ("fwd", "fwd+bwd"):
+            m = row[mode]
+            cells = "  ".join(f"{m[n]['ratio']:>15.2f}x" for n in names[1:])
+            print(f"{row['d']:>5} {row['T']:>5} {row['E']:>3} {row['r']:>3} {row['k']:>2} {mode:>8} {m['base']['ms']:>8.1f}  {cells}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README table: fwd+bwd (and fwd) ratios to the base linear."""
+    names = list(rows[0]["fwd"])[1:]
+    lines = ["| d | T | E | r | k | base fwd+bwd ms | " + " | ".join(names) + " |",
+             "|---" * (6 + len(names)) + "|"]
+    for row in rows:
+        fb, f = row["fwd+bwd"], row["fwd"]
+        cells = " | ".join(f"{fb[n]['ratio']:.2f}x ({f[n]['ratio']:.2f}x)" for n in names)
+        lines.append(f"| {row['d']} | {row['T']} | {row['E']} | {row['r']} | {row['k']} | {fb['base']['ms']:.0f} | {cells} |")
+    return "\n".join(lines)
+
+
+def switch_point(device, dtype, repeats: int) -> list[dict]:
+    """Grouped / dense time ratio of the torch forms, forward + backward, d=1024, T=4096."""
+    rows = []
+    for r, k in [(8, 1), (8, 2), (16, 1), (16, 2)]:
+        line = []
+        for E in [2, 4, 8, 16, 32, 64]:
+            if E <= k:
+                continue
+            p = Problem(1024, 4096, E, r, k, device, dtype)
+            v = {"dense": ((lambda: p.form(routed_lora_dense)), p), "grouped": ((lambda: p.form(routed_lora_grouped)), p)}
+            with torch.enable_grad():
+                t = time_variants(v, device, repeats, True)
+            rows.append({"E": E, "r": r, "k": k, "dense_ms": 1e3 * t["dense"], "grouped_ms": 1e3 * t["grouped"],
+                         "ratio": t["grouped"] / t["dense"]})
+            line.append(f"E={E} {t['grouped'] / t['dense']:.2f}")
+        print(f"k={k} r={r:<2}: " + "  ".join(line), flush=True)
+    return rows
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for item in text.split(","):
+        parts = tuple(int(v) for v in item.lower().split("x"))
+        if len(parts) != 5:
+            raise SystemExit(f"benchmarks/kernels.py: a shape is d x T x E x r x k; got {item!r}")
+        shapes.append(parts)
+    return shapes
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; ``--markdown PATH`` only reprints a results JSON as a table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the issue's whole grid")
+    ap.add_argument("--shapes", help="comma-separated d x T x E x r x k (the targets are always added)")
+    ap.add_argument("--switch", action="store_true", help="measure the torch dense/grouped switch point")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="print the markdown table of a results JSON and exit")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())["rows"]))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "command": " ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])])}
+    results_dir = Path(__file__).resolve().parent / "results"
+    results_dir.mkdir(exist_ok=True)
+    if args.switch:
+        rows = switch_point(device, dtype, args.repeats)
+        path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}.json")
+        path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        print(f"wrote {path}")
+        return 0
+    shapes = FULL if args.full else (parse_shapes(args.shapes) if args.shapes else DEFAULT)
+    shapes = list(dict.fromkeys(TARGETS + shapes))
+    backends = [b for b in available_backends() if b != "triton" or device.type == "cuda"]
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(shape, device, dtype, args.repeats, backends))
+        print_table(rows[-1:])
+        sys.stdout.flush()
+    print("\nratios to the base linear (median of %d, interleaved):" % args.repeats)
+    print_table(rows)
+    print("\nfwd+bwd (fwd) ratios, markdown:\n" + markdown_table(rows))
+    path = Path(args.out or results_dir / f"kernels-{meta['device']}.json")
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
