@@ -16,6 +16,7 @@ from molora.errors import AdapterError, CheckpointError, MoLoRAError, RoutingErr
 from molora.layer import RoutedLoRALinear
 from molora.model import MoLoRAModel, get_molora_model
 from molora.peft_io import load_peft_adapter
+from molora.train_router import train_router
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,5 @@ __all__ = [
     "get_molora_model",
     "load_peft_adapter",
     "routing",
+    "train_router",
 ]

@@ -389,13 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molora", description="Mixtures of LoRA experts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    demo = sub.add_parser("demo", help="train experts on generated tasks, compose and route them (offline, CPU)",
+    demo = sub.add_parser("demo", help="train experts on generated tasks, compose and route them, few-shot and continual (offline, CPU)",
                           description="Train LoRA experts on the shipped all-MiniLM-L6-v2 with tasks molora "
-                          "generates itself, compose them into one routed model and compare routing strategies.")
+                          "generates itself, compose them into one routed model and compare routing strategies, weigh them "
+                          "for a new task from a few shots, then add a task continually.")
     demo.add_argument("--out", default="molora-demo-out", help="output folder (adapters, results.json)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--experts", type=int, default=3, help="number of tasks/experts (2-6)")
-    demo.add_argument("--epochs", type=float, default=5, help="training epochs per expert")
+    demo.add_argument("--experts", type=int, default=3, help="number of tasks/experts (2-4; two more tasks follow)")
+    demo.add_argument("--epochs", type=float, default=4, help="training epochs per expert")
     demo.add_argument("--shots", type=int, default=16, help="examples per task for the router")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)

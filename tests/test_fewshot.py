@@ -1,0 +1,300 @@
+"""Few-shot composition: router training, LoRAHub CMA-ES, X-LoRA-style gates, top-1 retrieval.
+
+References are independent of molora's routing: base weights patched by hand with the
+hand-computed deltas (read straight from the PEFT safetensors files), PEFT's own outputs, and
+closed-form gates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import molora
+from molora.errors import MoLoRAError
+from molora.expert_retrieval import retrieve_expert, route_to_expert
+from molora.train_router import router_parameters
+from molora.lorahub import LORAHUB_EXPERT, cma_minimize, lorahub
+from molora.xlora_style import XLoRAStyleClassifier, attach_xlora_style
+
+from helpers import make_peft_adapter, model_inputs, peft_output, tiny_bert
+
+pytest.importorskip("peft")
+pytest.importorskip("cma")
+
+TARGETS = ["query", "value"]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = tiny_bert()
+    dirs = {n: make_peft_adapter(base, tmp_path / n, seed=s, r=4, alpha=8, target_modules=TARGETS)
+            for n, s in (("a", 1), ("b", 2), ("c", 3))}
+    return base, dirs
+
+
+def _inputs(n: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 101, (n, 6), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _targets(base, dirs, inputs, expert: str) -> torch.Tensor:
+    """Mean-pooled outputs of the model with one adapter (PEFT), the regression target."""
+    return peft_output(base, dirs[expert], inputs).mean(1)
+
+
+def _regression_loss(inputs, targets):
+    def loss_fn(model, batch):
+        idx = torch.tensor(batch)
+        out = model(input_ids=inputs["input_ids"][idx], attention_mask=inputs["attention_mask"][idx]).last_hidden_state
+        return F.mse_loss(out.mean(1), targets[idx]) * 100
+    return loss_fn
+
+
+def _hand_delta_model(base, deltas: dict[str, torch.Tensor]):
+    """A copy of ``base`` with W += delta for each module path: the independent reference."""
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for path, d in deltas.items():
+            ref.get_submodule(path).weight += d
+    return ref
+
+
+def _factors(dirs, name):
+    st = load_file(str(dirs[name] / "adapter_model.safetensors"))
+    out = {}
+    for key, value in st.items():
+        path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        out.setdefault(path, {})["A" if ".lora_A." in key else "B"] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- train_router
+@pytest.mark.parametrize("router", ["per_layer", "shared", "weights"])
+@pytest.mark.parametrize("n", [5, 64])
+def test_router_training_learns_the_right_expert(setup, router, n):
+    base, dirs = setup
+    inputs = _inputs(n)
+    targets = _targets(base, dirs, inputs, "b")
+    model = molora.compose(copy.deepcopy(base), dirs)
+    loss_fn = _regression_loss(inputs, targets)
+    with torch.no_grad():
+        before = float(loss_fn(model, list(range(n))))
+    res = molora.train_router(model, list(range(n)), loss_fn=loss_fn, router=router, steps=40, lr=0.05, patience=40, seed=0)
+    with torch.no_grad():
+        after = float(loss_fn(model, list(range(n))))
+    assert res.num_val == max(1, round(0.25 * n)) and res.num_train == n - res.num_val
+    assert after < 0.7 * before, (before, after)
+    # Experts stayed frozen and exactly as loaded.
+    assert all(not p.requires_grad for layer in model.routed_layers().values() for p in layer.bank.parameters())
+    if router == "weights":
+        w = model.shared_router.weights().detach()
+        assert int(w.argmax()) == 1 and float(w[1]) > 0.5
+
+
+def test_router_training_is_deterministic_under_seed(setup):
+    base, dirs = setup
+    inputs = _inputs(16)
+    loss_fn = _regression_loss(inputs, _targets(base, dirs, inputs, "c"))
+
+    def run(seed):
+        model = molora.compose(copy.deepcopy(base), dirs)
+        res = molora.train_router(model, list(range(16)), loss_fn=loss_fn, steps=8, lr=0.05, seed=seed)
+        return res, torch.cat([p.detach().flatten() for p in router_parameters(model)])
+
+    (r1, p1), (r2, p2), (r3, _) = run(3), run(3), run(4)
+    assert r1.train_losses == r2.train_losses and r1.val_losses == r2.val_losses
+    assert torch.equal(p1, p2)
+    assert r1.train_losses != r3.train_losses  # another seed: another split
+
+
+def test_early_stopping_restores_the_best_router(setup):
+    """Training pushes theta_0 up; the held-out loss is theta_0^2, so step 0 stays best."""
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+
+    def loss_fn(m, batch):
+        theta = m.shared_router.theta
+        return -theta[0] if torch.is_grad_enabled() else theta[0] ** 2
+
+    res = molora.train_router(model, list(range(12)), loss_fn=loss_fn, router="weights", steps=100, patience=3, lr=0.1)
+    assert res.stopped_early and res.steps == 3 and res.best_step == 0
+    assert [s for s, _ in res.val_losses] == [0, 1, 2, 3]
+    assert torch.equal(model.shared_router.theta.detach(), torch.zeros(3))
+
+
+def test_train_router_rejects_bad_input(setup):
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+    with pytest.raises(ValueError, match="loss_fn"):
+        molora.train_router(model, [1, 2, 3])
+    with pytest.raises(ValueError, match="router must be one of"):
+        molora.train_router(model, [1], loss_fn=lambda m, b: torch.zeros(()), router="nope")
+    with pytest.raises(ValueError, match="no examples"):
+        molora.train_router(model, [], loss_fn=lambda m, b: torch.zeros(()))
+
+
+# ---------------------------------------------------------------------------------------------- CMA-ES
+@pytest.mark.parametrize("budget", [40, 23])
+def test_cma_respects_bounds_and_budget_and_improves(budget):
+    seen = []
+
+    def f(x):
+        seen.append(x.copy())
+        return float(((x - np.array([2.0, -0.5, 0.3])) ** 2).sum())  # optimum outside the box in x_0
+
+    best, fbest, history = cma_minimize(f, 3, budget=budget, bounds=(-1.5, 1.5), seed=0)
+    assert len(seen) == len(history) == budget
+    assert all(((-1.5 <= x) & (x <= 1.5)).all() for x in seen)
+    assert fbest == min(history) and fbest < f(np.zeros(3)) - 1.0
+    assert best[0] > 1.0  # pushed toward the bound nearest the optimum
+    best2, _, history2 = cma_minimize(f, 3, budget=budget, bounds=(-1.5, 1.5), seed=0)
+    assert history2 == history and np.array_equal(best, best2)
+
+
+# ---------------------------------------------------------------------------------------------- LoRAHub
+def test_lorahub_elementwise_equals_hand_computed_ab_mix_and_exports(setup, tmp_path):
+    base, dirs = setup
+    inputs = _inputs(6)
+    targets = _targets(base, dirs, inputs, "a")
+    model = molora.compose(copy.deepcopy(base), dirs)
+    res = lorahub(model, _regression_loss(inputs, targets), list(range(6)), budget=12, seed=1)
+    assert res.evaluations == 12 and res.mode == "elementwise" and LORAHUB_EXPERT in model.expert_names
+    w = res.weights
+    assert all(-1.5 <= v <= 1.5 for v in w.values())
+    f = {n: _factors(dirs, n) for n in dirs}
+    s = 8 / 4
+    deltas = {}
+    for path in f["a"]:
+        A = sum(w[n] * f[n][path]["A"] for n in dirs)
+        B = sum(w[n] * f[n][path]["B"] for n in dirs)
+        deltas[path] = s * B @ A
+    x = model_inputs("bert")
+    with torch.no_grad():
+        expect = _hand_delta_model(base, deltas)(**x).last_hidden_state
+        got = model(**x).last_hidden_state
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    # Not the output mixture: the cross terms matter.
+    lin = {p: sum(w[n] * s * f[n][p]["B"] @ f[n][p]["A"] for n in dirs) for p in f["a"]}
+    with torch.no_grad():
+        assert not torch.allclose(_hand_delta_model(base, lin)(**x).last_hidden_state, expect, atol=1e-4)
+    model.export_peft(tmp_path / "mix", res.export_weights)
+    torch.testing.assert_close(peft_output(base, tmp_path / "mix", x), got, atol=1e-5, rtol=1e-5)
+    # The objective at the best point: loss + 0.05 * mean |w|.
+    assert res.objective == pytest.approx(res.loss + 0.05 * np.mean(np.abs(list(w.values()))))
+
+
+def test_lorahub_output_mixture_equals_weighted_sum_of_deltas_and_exports(setup, tmp_path):
+    base, dirs = setup
+    inputs = _inputs(6)
+    targets = _targets(base, dirs, inputs, "c")
+    model = molora.compose(copy.deepcopy(base), dirs)
+    loss_fn = _regression_loss(inputs, targets)
+    with torch.no_grad():
+        route_to_expert(model, "a")
+        wrong = float(loss_fn(model, list(range(6))))
+    res = lorahub(model, loss_fn, list(range(6)), mode="output", budget=30, seed=0)
+    assert res.evaluations == 30 and res.loss < wrong
+    w = res.weights
+    f = {n: _factors(dirs, n) for n in dirs}
+    deltas = {p: sum(w[n] * 2.0 * f[n][p]["B"] @ f[n][p]["A"] for n in dirs) for p in f["a"]}
+    x = model_inputs("bert")
+    with torch.no_grad():
+        expect = _hand_delta_model(base, deltas)(**x).last_hidden_state
+        got = model(**x).last_hidden_state
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    model.export_peft(tmp_path / "mix", res.export_weights)
+    torch.testing.assert_close(peft_output(base, tmp_path / "mix", x), got, atol=1e-5, rtol=1e-5)
+
+
+def test_lorahub_elementwise_needs_equal_ranks(tmp_path):
+    base = tiny_bert()
+    dirs = {"a": make_peft_adapter(base, tmp_path / "a", seed=1, r=4, target_modules=TARGETS),
+            "b": make_peft_adapter(base, tmp_path / "b", seed=2, r=2, target_modules=TARGETS)}
+    model = molora.compose(copy.deepcopy(base), dirs)
+    with pytest.raises(MoLoRAError, match="one rank"):
+        lorahub(model, lambda m, b: torch.zeros(()), [0], budget=2)
+    assert model.expert_names == ["a", "b"]  # nothing half-applied
+
+
+# ---------------------------------------------------------------------------------------------- X-LoRA style
+def test_xlora_style_gates_one_classifier_call_one_forward(setup):
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+    clf = attach_xlora_style(model, hidden=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.normal_(0, 0.5)
+    calls = {"clf": 0, "embeddings": 0}
+    clf.register_forward_hook(lambda *a: calls.__setitem__("clf", calls["clf"] + 1))
+    model.base_model.embeddings.register_forward_hook(lambda *a: calls.__setitem__("embeddings", calls["embeddings"] + 1))
+    x = model_inputs("bert")
+    with torch.no_grad():
+        emb = base.embeddings(input_ids=x["input_ids"])  # the first routed layer's input
+        model(**x)
+    assert calls == {"clf": 1, "embeddings": 1}  # one classifier call and no second forward
+    lin1, lin2 = clf.net[0], clf.net[2]
+    z = (F.gelu(emb.reshape(-1, 32) @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias).view(-1, 4, 3)
+    layers = list(model.routed_layers().values())
+    assert len(layers) == 4
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(layer.last_decision.gates, torch.softmax(z[:, i], -1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(layers[0].last_decision.gates, layers[1].last_decision.gates)  # per-layer gates
+
+
+def test_xlora_style_trains_with_train_router(setup):
+    base, dirs = setup
+    inputs = _inputs(16)
+    model = molora.compose(copy.deepcopy(base), dirs)
+    attach_xlora_style(model, hidden=16)
+    loss_fn = _regression_loss(inputs, _targets(base, dirs, inputs, "a"))
+    with torch.no_grad():
+        before = float(loss_fn(model, list(range(16))))
+    molora.train_router(model, list(range(16)), loss_fn=loss_fn, router="existing", steps=40, lr=0.02, patience=40)
+    with torch.no_grad():
+        assert float(loss_fn(model, list(range(16)))) < 0.7 * before
+
+
+# ---------------------------------------------------------------------------------------------- retrieval top-1
+def test_retrieve_expert_by_hand():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    shots = torch.tensor([[0.1, 3.0], [0.0, 1.0], [0.2, 0.5]])
+    q = F.normalize(F.normalize(shots, dim=-1).mean(0), dim=0)
+    expect = torch.tensor([q[0], q[1], (q[0] + q[1]) / 2**0.5])
+    best, sims = retrieve_expert(keys, shots)
+    assert best == 1
+    torch.testing.assert_close(sims, expect)
+    router = molora.routers.RetrievalRouter(3, 2, key_dim=2)
+    router.set_keys(keys)
+    assert retrieve_expert(router, shots)[0] == 1
+    with pytest.raises(ValueError, match="keys must be"):
+        retrieve_expert(keys, torch.zeros(2, 5))
+
+
+def test_route_to_expert_equals_peft(setup):
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+    route_to_expert(model, "b")
+    x = model_inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).last_hidden_state, peft_output(base, dirs["b"], x), atol=1e-5, rtol=1e-5)
+
+
+def test_xlora_classifier_rejects_bad_width():
+    clf = XLoRAStyleClassifier(8, 2, 3, hidden=0)
+    with pytest.raises(ValueError, match="input must be"):
+        clf(torch.zeros(4, 5))
+
+
+def test_demo_rejects_too_many_experts():
+    from molora.demo import run_demo
+
+    with pytest.raises(ValueError, match="num_experts must be in"):
+        run_demo(num_experts=5, progress=False)
