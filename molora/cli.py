@@ -268,70 +268,20 @@ def router_loss(model, tok, model_class: str, max_length: int):
     return loss_fn
 
 
-def router_parameters(model) -> list:
-    """The trainable parameters of the model's routers (per-layer and shared), each once."""
-    modules = [layer.router for layer in model.routed_layers().values() if layer.router is not None]
-    if model.shared_router is not None:
-        modules.append(model.shared_router)
-    return list({id(p): p for m in modules for p in m.parameters() if p.is_floating_point()}.values())
-
-
-def fit_router(model, rows: list[dict], loss_fn, *, steps: int, lr: float, batch_size: int, seed: int,
-               progress: bool) -> list[float]:
-    """Minimal few-shot router training: AdamW on the router parameters only (experts and base
-    frozen), ``steps`` steps over shuffled batches of ``rows``; returns the loss of each step.
-
-    Stands in for :func:`molora.train_router.train_router` (router="existing", which adds early
-    stopping on held-out shots) where that module is not installed; the CLI prefers it. Like it,
-    the model stays in eval mode (no dropout noise on a handful of shots).
-    """
-    import random
-
-    import torch
-    from tqdm.auto import tqdm
-
-    params = router_parameters(model)
-    if not params:
-        raise CLIError(f"the checkpoint's router {model.config.router!r} has no trainable parameters "
-                       "(compose with a learned router, e.g. --router soft)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr)
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses = []
-    model.eval()
-    for _ in tqdm(range(steps), desc="router", unit="step", disable=not progress):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
-        batch, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def _train_router(args: argparse.Namespace) -> int:
     rows = read_text_rows(args.data, need_label=args.model_class == "seq-cls")
     model = load_checkpoint_model(args)
     tok = load_tokenizer(args.tokenizer or args.base)
     loss_fn = router_loss(model, tok, args.model_class, args.max_length)
-    try:
-        from molora.train_router import train_router  # the few-shot module, where installed
-    except ImportError:
-        train_router = None
-    if train_router is not None and router_parameters(model):
-        result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
-                              batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-                              progress=not args.no_progress)
-        losses = result.train_losses
-    else:
-        losses = fit_router(model, rows, loss_fn, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                            seed=args.seed, progress=not args.no_progress)
+    from molora.train_router import router_parameters, train_router
+
+    if not router_parameters(model):
+        raise CLIError(f"the checkpoint's router {model.config.router!r} has no trainable parameters "
+                       "(compose with a learned router, e.g. --router soft)")
+    result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+                          progress=not args.no_progress)
+    losses = result.train_losses
     model.save_pretrained(args.out)
     print(f"trained the router on {len(rows)} rows for {len(losses)} steps: loss {losses[0]:.4f} -> "
           f"{losses[-1]:.4f}; checkpoint -> {args.out}")
@@ -378,8 +328,7 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--max-length", type=int, default=128)
     tr.add_argument("--val-fraction", type=float, default=0.25,
-                    help="shots held out for early stopping by molora.train_router (the minimal fallback "
-                    "loop, used where that module is not installed, trains on all rows)")
+                    help="share of the rows held out for early stopping (molora.train_router); 0 trains on all rows")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
     tr.set_defaults(func=_train_router)
