@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from molora.errors import CheckpointError
 from molora.model import MoLoRAModel
-from molora.persistence import CONFIG_NAME, _load_tensors, read_checkpoint
+from molora.persistence import CONFIG_NAME, adapter_modules, load_adapter_tensors, read_checkpoint
 from molora.stats import RoutingTally
 
 try:
@@ -74,10 +74,7 @@ def load_molora_weights(model: MoLoRAModel, directory: str | os.PathLike) -> Non
     meta, tensors = read_checkpoint(directory)
     if meta["expert_names"] != model.expert_names:
         raise CheckpointError(f"{directory}: experts {meta['expert_names']} differ from the model's {model.expert_names}")
-    modules: dict[str, nn.Module] = dict(model.routed_layers())
-    if model.shared_router is not None:
-        modules["shared_router"] = model.shared_router
-    _load_tensors(modules, tensors)
+    load_adapter_tensors(adapter_modules(model.routed_layers(), model.shared_router), tensors)
 
 
 class MoLoRATrainerMixin:

@@ -277,15 +277,9 @@ class MoLoRAModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Only molora's tensors: experts and routers, keyed ``<module path>.<param>``."""
-        state: dict[str, Tensor] = {}
-        for name, layer in self.routed_layers().items():
-            for key, value in layer.state_dict().items():
-                if not key.startswith("base_layer."):
-                    state[f"{name}.{key}"] = value
-        if self.shared_router is not None:
-            for key, value in self.shared_router.state_dict().items():
-                state[f"shared_router.{key}"] = value
-        return state
+        from molora.persistence import adapter_modules, adapter_tensors
+
+        return adapter_tensors(adapter_modules(self.routed_layers(), self.shared_router))
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically; no pickle)."""

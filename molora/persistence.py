@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -165,20 +166,33 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> MoLo
         shared = build_router(sr["name"], num_experts=len(names), d_in=sr["d_in"], **sr["config"])
         device = next(iter(layers.values())).bank.B[0].device if layers else None
         shared = shared.to(device=device, dtype=config.torch_dtype)
-    modules: dict[str, nn.Module] = {name: layer for name, layer in layers.items()}
-    if shared is not None:
-        modules["shared_router"] = shared
-    _load_tensors(modules, tensors)
+    load_adapter_tensors(adapter_modules(layers, shared), tensors)
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
 
 
-def _load_tensors(modules: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
+def adapter_modules(layers: Mapping[str, RoutedLoRALinear], shared_router: nn.Module | None) -> dict[str, nn.Module]:
+    """Where a checkpoint's tensors live: each routed layer under its module path, and the
+    model's shared router (if any) under ``shared_router``."""
+    modules: dict[str, nn.Module] = dict(layers)
+    if shared_router is not None:
+        modules["shared_router"] = shared_router
+    return modules
+
+
+def adapter_tensors(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """molora's tensors of ``modules`` (experts and routers, never the frozen base layers),
+    keyed ``<prefix>.<state-dict key>``; detached views of the live tensors."""
+    return {
+        f"{prefix}.{key}": value
+        for prefix, module in modules.items()
+        for key, value in module.state_dict().items()
+        if not key.startswith("base_layer.")
+    }
+
+
+def load_adapter_tensors(modules: Mapping[str, nn.Module], tensors: dict[str, Tensor]) -> None:
     """Copy ``tensors`` into the modules' parameters and buffers, after checking every key and shape."""
-    targets: dict[str, Tensor] = {}
-    for prefix, module in modules.items():
-        for key, value in module.state_dict().items():  # detached views of the live tensors
-            if not key.startswith("base_layer."):
-                targets[f"{prefix}.{key}"] = value
+    targets = adapter_tensors(modules)
     missing = sorted(set(targets) - set(tensors))
     unexpected = sorted(set(tensors) - set(targets))
     if missing or unexpected:
