@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", action="store_true", help="keep the other orders already in --out (same config only)")
     for f in dataclasses.fields(RunConfig):
-        if f.type in ("int", "float", "int | None") and f.name != "seed":
-            p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type == "float" else int, default=None)
+        if f.type in ("int", "float", "int | None", "str") and f.name != "seed":
+            kind = {"float": float, "str": str}.get(f.type, int)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)

@@ -67,6 +67,8 @@ class RunConfig:
     l1: float = 0.5                 # O-LoRA's orthogonality weight (paper: 0.5)
     l2: float = 0.0
     key_examples: int = 64          # retrieval: inputs per task that make its key
+    metric: str = "mahalanobis"     # retrieval: key score (cosine, or LDA under the pooled covariance)
+    shrinkage: float = 0.3          # retrieval: of that covariance towards a scaled identity
     top_k: int = 1
     seed: int = 0
 
@@ -110,7 +112,7 @@ def make_manager(strategy: str, base: torch.nn.Module, cfg: RunConfig, cache: Fr
         embed_fn = cache.query_embeddings if cache is not None else None
         key_dim = cache.embeddings.shape[1] if cache is not None else 384
         return RetrievalExpertsManager(base, top_k=cfg.top_k, key_examples=cfg.key_examples, embed_fn=embed_fn,
-                                       key_dim=key_dim, **common)
+                                       key_dim=key_dim, metric=cfg.metric, shrinkage=cfg.shrinkage, **common)
     raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
 
 

@@ -184,6 +184,35 @@ def test_retrieval_needs_examples_and_checks_their_shape():
     assert m.current is None and m._model is None
 
 
+def test_retrieval_mahalanobis_pools_task_covariances_across_a_resume(tmp_path):
+    """The LDA router's covariance is the pooled within-task covariance of all key examples
+    (float64 reference), also when the run is saved after task 2 and resumed for task 3."""
+    def run(stop_after=None):
+        m = RetrievalExpertsManager(tiny_bert(), target_modules=["query"], rank=2, key_dim=8, metric="mahalanobis",
+                                    key_examples=6)
+        for t, name in enumerate(["a", "b", "c"]):
+            if t == stop_after:
+                m.save(tmp_path / "ckpt")
+                m = load_manager(tiny_bert(), tmp_path / "ckpt")
+            m.begin_task(name, examples=_emb(t, n=6 + t))  # only the first 6 make the key
+            _randomize(m.model, t, seed=t)
+            m.end_task()
+        return m
+
+    whole, resumed = run(), run(stop_after=2)
+    xs = [torch.nn.functional.normalize(_emb(t, n=6 + t)[:6].double(), dim=-1) for t in range(3)]
+    pooled = sum((x - x.mean(0)).T @ (x - x.mean(0)) for x in xs) / 18
+    for m in (whole, resumed):
+        router = m.model.shared_router
+        assert router.metric == "mahalanobis" and int(router.cov_count) == 18
+        torch.testing.assert_close(router.covariance.double(), pooled, atol=1e-6, rtol=1e-5)
+    q = torch.randn(9, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(whole.model.shared_router.similarities(q), resumed.model.shared_router.similarities(q))
+    assert whole.identify(embeddings=_emb(1, n=2)) == ["b", "b"]
+    with pytest.raises(ContinualError, match="metric"):
+        RetrievalExpertsManager(tiny_bert(), target_modules=["query"], key_dim=8, metric="l2")
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors change nothing
 # ---------------------------------------------------------------------------------------------
