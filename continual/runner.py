@@ -60,13 +60,13 @@ class RunConfig:
     dropout: float = 0.0
     epochs: float = 2.0
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 2e-3
     max_length: int = 64
-    train_limit: int | None = 150
-    test_limit: int | None = 100
+    train_limit: int | None = 500
+    test_limit: int | None = 200
     l1: float = 0.5                 # O-LoRA's orthogonality weight (paper: 0.5)
     l2: float = 0.0
-    key_examples: int = 64          # retrieval: inputs per task that make its key
+    key_examples: int = 256         # retrieval: inputs per task that make its key
     metric: str = "mahalanobis"     # retrieval: key score (cosine, or LDA under the pooled covariance)
     shrinkage: float = 0.3          # retrieval: of that covariance towards a scaled identity
     top_k: int = 1
