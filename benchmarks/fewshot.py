@@ -15,7 +15,10 @@
    trained on the same shots) and ``oracle`` (the target's own expert). Accuracy on up to
    ``--test-limit`` test examples of the target; mean +- std over seeds, then averaged over targets.
 3. Time one forward pass (batch 32, full encoder) of the composed model under each routing against
-   PEFT with the same adapters (X-LoRA from ``peft`` if it loads them, else PEFT's mixed-batch forward).
+   PEFT's X-LoRA over the same adapter folders (loaded by ``benchmarks/peft_xlora.py``, which works
+   around X-LoRA's key-prefix and adapter-name quirks for a bare ``BertModel``; if X-LoRA still does
+   not load, PEFT's mixed-batch forward, and the JSON says why). ``--timing-only`` redoes just this
+   step on the cached experts and updates ``timing`` in ``--out``.
 
 Cached frozen computation: the experts adapt only the top layers, so the hidden states entering the
 first adapted layer are computed once per text by the frozen bottom layers and every method runs
@@ -54,6 +57,7 @@ from molora.textcls import DEFAULT_TAU, LabelPrototypes, embed, format_input, lo
 from molora.xlora_style import attach_xlora_style  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
            "xlora_style", "fresh_lora", "oracle"]
@@ -249,14 +253,11 @@ def timing(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dict:
     attach_xlora_style(variants["molora xlora_style"], hidden=args.xlora_hidden)
     note, method = None, None
     try:
-        from peft import XLoraConfig, get_peft_model
+        from peft_xlora import load_peft_xlora
 
-        xb = copy.deepcopy(base)
-        xb.config.use_cache = False
-        cfg = XLoraConfig(task_type="FEATURE_EXTRACTION", hidden_size=xb.config.hidden_size,
-                          adapters={n: str(d) for n, d in adapters.items()}, xlora_depth=2, layerwise_scalings=True)
-        variants["peft"] = get_peft_model(xb, cfg).eval()
-        method = "peft X-LoRA (XLoraConfig, layerwise scalings, depth 2)"
+        variants["peft"] = load_peft_xlora(base, adapters, task_type="FEATURE_EXTRACTION", xlora_depth=2,
+                                           xlora_size=args.xlora_hidden, layerwise_scalings=True)
+        method = f"peft X-LoRA (XLoraConfig, layerwise scalings, depth 2, width {args.xlora_hidden}; two passes)"
         peft_call = lambda m: m(**enc)  # noqa: E731
     except Exception as exc:  # noqa: BLE001 - any failure to load: fall back and say why
         note = f"peft X-LoRA did not load these adapters: {type(exc).__name__}: {str(exc)[:160]}"
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--timing-rounds", type=int, default=10)
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the forward timing (experts from the cache, trained if missing); updates 'timing' in --out")
     p.add_argument("--out", default=str(ROOT / "results" / "fewshot.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge partial runs (e.g. one per k, run in parallel) into --out")
     args = p.parse_args(argv)
@@ -340,13 +343,18 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         torch.testing.assert_close(enc.embed(base, H, M), full, atol=1e-4, rtol=1e-4)
 
+    config_tag = f"L{args.top_layers}-len{args.max_length}-pool{args.train_pool}-ep{args.expert_epochs}-lr{args.expert_lr}"
+    cache = ROOT / "cache" / "fewshot" / config_tag
+    timing_texts = [format_input(tasks[0].instruction, t) for t, _ in tasks[0].test]
+    if args.timing_only and all((cache / t.name / "adapter_model.safetensors").is_file() for t in tasks):
+        return timing_only(base, tok, {t.name: cache / t.name for t in tasks}, timing_texts, args)
+
     datas = {}
     for t in tqdm(tasks, desc="cache frozen layers"):
         datas[t.name] = TaskData(t, enc, protos, args.train_pool, seed=0)
-
-    config_tag = f"L{args.top_layers}-len{args.max_length}-pool{args.train_pool}-ep{args.expert_epochs}-lr{args.expert_lr}"
-    cache = ROOT / "cache" / "fewshot" / config_tag
     dirs = expert_dirs(base, datas, enc, cache, args)
+    if args.timing_only:
+        return timing_only(base, tok, dirs, timing_texts, args)
     # Retrieval keys: mean frozen embedding of 32 inputs of each expert's task (LoraRetriever-style).
     keys = {n: F.normalize(d.shot_embeddings(list(range(32))), dim=-1).mean(0) for n, d in datas.items()}
 
@@ -387,13 +395,26 @@ def main(argv: list[str] | None = None) -> dict:
                      for k, by_method in per_task.items()},
     }
     if not args.no_timing:
-        out["timing"] = timing(base, tok, dirs, [format_input(tasks[0].instruction, t) for t, _ in tasks[0].test], args)
+        out["timing"] = timing(base, tok, dirs, timing_texts, args)
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(out, shots_list, methods)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path} ({out['seconds']} s)")
+    return out
+
+
+def timing_only(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dict:
+    """Redo the forward timing alone and store it as ``timing`` in ``args.out`` (other keys kept)."""
+    path = Path(args.out)
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    out["timing"] = timing(base, tok, dirs, texts, args)
+    out["timing"]["threads"] = torch.get_num_threads()
+    print_timing(out["timing"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote timing into {path}")
     return out
 
 
@@ -426,14 +447,17 @@ def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
     for m in methods:
         print(m.ljust(width) + "".join(f"{100 * res[str(k)][m]['mean']:9.1f} +- {100 * res[str(k)][m]['std']:3.1f}"
                                        for k in shots_list))
-    t = out.get("timing")
-    if t:
-        print(f"\nforward, batch {t['batch']} x {t['seq']} tokens, {t['experts']} experts: base {t['base_ms']:.1f} ms; "
-              + ", ".join(f"molora {k} {v:.1f} ms" for k, v in t["molora_ms_by_method"].items())
-              + f"; {t['peft_method']} {t['peft_ms']:.1f} ms")
-        print("ratio PEFT / molora: " + ", ".join(f"{k} {v:.2f}x" for k, v in t["ratio_peft_over_molora"].items()))
-        if t.get("note"):
-            print(t["note"])
+    if out.get("timing"):
+        print_timing(out["timing"])
+
+
+def print_timing(t: dict) -> None:
+    print(f"\nforward, batch {t['batch']} x {t['seq']} tokens, {t['experts']} experts: base {t['base_ms']:.1f} ms; "
+          + ", ".join(f"molora {k} {v:.1f} ms" for k, v in t["molora_ms_by_method"].items())
+          + f"; {t['peft_method']} {t['peft_ms']:.1f} ms")
+    print("ratio PEFT / molora: " + ", ".join(f"{k} {v:.2f}x" for k, v in t["ratio_peft_over_molora"].items()))
+    if t.get("note"):
+        print(t["note"])
 
 
 if __name__ == "__main__":
