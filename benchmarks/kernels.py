@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-from molora.kernels import available_backends, routed_lora
-from molora.kernels.dense import routed_lora_dense
-from molora.kernels.grouped import routed_lora_grouped
+from molora.kernels import available_backends, routed_lora_with_router, shared_input_linear
+from molora.kernels.torch_backend import routed_lora_torch_with_router
 
 TARGETS = [(1024, 4096, 8, 8, 2), (1024, 4096, 64, 8, 2)]
 DEFAULT = TARGETS + [(1024, 4096, 4, 8, 1), (1024, 4096, 64, 16, 1), (1024, 512, 64, 8, 2)]
@@ -65,22 +64,30 @@ class Problem:
         self.dy = mk(T, d)
         self.k, self.E, self.s = k, E, 2.0
 
-    def route(self):
-        probs = torch.softmax(self.x @ self.Wr.T, dim=-1)
+    def route_logits(self, logits):
+        """The top-k router's softmax, top-k and renormalisation (molora.routers.TopKRouter)."""
+        probs = torch.softmax(logits, dim=-1)
         gates, idx = probs.topk(self.k, dim=-1)
         return gates / gates.sum(-1, keepdim=True), idx
+
+    def route(self):
+        # the router projection as molora's routers compute it (one GEMM each way, fast dx)
+        return self.route_logits(shared_input_linear(self.x, self.Wr))
 
     def base_only(self):
         return self.base(self.x)
 
     def routed(self, backend: str):
-        gates, idx = self.route()
-        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does for 2-D inputs
-        return routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend, out=y)
+        # as RoutedLoRALinear does: the router's logits share the GEMMs over x with the LoRA
+        # shrink where the backend can, and the delta is accumulated into the base output
+        y = self.base(self.x)
+        return routed_lora_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k,
+                                       scaling=self.s, backend=backend, out=y)
 
-    def form(self, fn):
-        gates, idx = self.route()
-        return fn(self.x, self.A, self.B, gates, idx, self.s, None, self.base(self.x))
+    def form(self, grouped: bool):
+        y = self.base(self.x)
+        return routed_lora_torch_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k, self.s,
+                                             None, y, grouped=grouped)
 
     def naive_loop(self):
         """Every expert on every token, weighted by its (mostly zero) gate."""
@@ -175,7 +182,7 @@ def switch_point(device, dtype, repeats: int) -> list[dict]:
             if E <= k:
                 continue
             p = Problem(1024, 4096, E, r, k, device, dtype)
-            v = {"dense": ((lambda: p.form(routed_lora_dense)), p), "grouped": ((lambda: p.form(routed_lora_grouped)), p)}
+            v = {"dense": ((lambda: p.form(False)), p), "grouped": ((lambda: p.form(True)), p)}
             with torch.enable_grad():
                 t = time_variants(v, device, repeats, True)
             rows.append({"E": E, "r": r, "k": k, "dense_ms": 1e3 * t["dense"], "grouped_ms": 1e3 * t["grouped"],

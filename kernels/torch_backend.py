@@ -26,10 +26,13 @@ neighbours are 0.86 and 0.69); below, only E=2 k=1 r=16 favours it, by 12%. Henc
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor
 
-from .dense import routed_lora_dense
+from .dense import dense_gate_expand, dense_shrink_weight, routed_lora_dense
 from .grouped import routed_lora_grouped
+from .linear import shared_input_linear
 
 GROUPED_MIN_EXPERTS_PER_SLOT = 4
 
@@ -59,3 +62,33 @@ def routed_lora_torch(
     k = None if indices is None else indices.shape[1]
     fn = routed_lora_grouped if use_grouped(E, r, k) else routed_lora_dense
     return fn(x, A, B, gates, indices, scaling, rank_mask, out)
+
+
+def routed_lora_torch_with_router(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    router_weight: Tensor,
+    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    top_k: int | None,
+    scaling: float | Tensor = 1.0,
+    rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
+    grouped: bool | None = None,
+) -> Tensor:
+    """Router logits ``x W_r^T`` and the routed LoRA delta, sharing the GEMMs over ``x``.
+
+    In the dense form the shrink ``x A_cat^T`` and the logits are one GEMM (and so are their
+    weight gradients and their ``dx``: :mod:`.linear`); in the grouped form the logits are a
+    separate :func:`shared_input_linear`. ``route(logits) -> (gates, indices)`` is the router's
+    softmax / top-k; ``top_k`` (its k, ``None`` for dense gates) picks the form before the
+    logits exist (``grouped`` forces it)."""
+    E, _, r = B.shape
+    if grouped is None:
+        grouped = use_grouped(E, r, top_k)
+    if grouped:
+        gates, indices = route(shared_input_linear(x, router_weight))
+        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
+    h, logits = shared_input_linear(x, dense_shrink_weight(A), router_weight)
+    gates, indices = route(logits)
+    return dense_gate_expand(h, B, gates, indices, scaling, rank_mask, out)
