@@ -227,10 +227,12 @@ def main(argv=None) -> int:
     meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])])}
     results_dir = Path(__file__).resolve().parent / "results"
+    # CPU results of more than one thread get their own file: kernels-cpu-threads2.json
+    suffix = f"-threads{meta['threads']}" if device.type == "cpu" and meta["threads"] != 1 else ""
     results_dir.mkdir(exist_ok=True)
     if args.switch:
         rows = switch_point(device, dtype, args.repeats)
-        path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}.json")
+        path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}{suffix}.json")
         path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print(f"wrote {path}")
         return 0
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
     print("\nratios to the base linear (median of %d, interleaved):" % args.repeats)
     print_table(rows)
     print("\nfwd+bwd (fwd) ratios, markdown:\n" + markdown_table(rows))
-    path = Path(args.out or results_dir / f"kernels-{meta['device']}.json")
+    path = Path(args.out or results_dir / f"kernels-{meta['device']}{suffix}.json")
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print(f"wrote {path}")
     return 0

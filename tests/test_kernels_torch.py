@@ -159,3 +159,22 @@ def test_grouped_segments_split_into_chunks(monkeypatch, shared, routing):
     monkeypatch.setattr(grouped, "CHUNK_ROWS", 3)
     case = make_case(T=23, E=4, r=4, k=2, shared=shared, routing=routing, mixed_ranks=True)
     assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+
+
+def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
+    """The per-expert loop runs with one intra-op thread (its ops are too small to split) and
+    the caller's thread count is restored, the result unchanged."""
+    import molora.kernels.grouped as grouped
+
+    seen = []
+    real = grouped._segments
+    monkeypatch.setattr(grouped, "_segments", lambda plan: (seen.append(torch.get_num_threads()), real(plan))[1])
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = make_case(E=5, r=3, k=2, routing="dropped", mixed_ranks=True)
+        assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+        assert torch.get_num_threads() == 2
+        assert seen and set(seen) == {1}  # forward and backward loops
+    finally:
+        torch.set_num_threads(n)
