@@ -100,10 +100,20 @@ def test_routing_plan_is_a_stable_sort():
 
 
 def test_switch_rule():
-    assert not use_grouped(64, 8, None)  # dense gates always take the dense form
-    assert not use_grouped(7, 8, 2)  # E < 4 k
-    assert use_grouped(8, 8, 2)
-    assert use_grouped(4, 16, 1)
+    """grouped iff E r > 32 k threads (kernels/torch_backend.py)."""
+    assert not use_grouped(64, 8, None, threads=1)  # dense gates always take the dense form
+    assert not use_grouped(8, 8, 2, threads=1)  # E r = 64 = 32 k: dense (the E=8 target shape)
+    assert use_grouped(16, 8, 2, threads=1)
+    assert use_grouped(8, 8, 1, threads=1) and not use_grouped(4, 8, 1, threads=1)
+    assert use_grouped(8, 16, 2, threads=1)
+    assert not use_grouped(16, 8, 2, threads=2) and use_grouped(32, 8, 2, threads=2)  # dense GEMMs use both threads
+    assert use_grouped(64, 8, 2, threads=2)  # the E=64 target shape stays grouped
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert use_grouped(16, 8, 2) and not use_grouped(8, 8, 2)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_default_backend_and_env_override(monkeypatch):
