@@ -30,12 +30,20 @@ base linear in a second A/B run timed by the thread's CPU time, which background
 less). Hence
 ``GROUPED_MIN_COLUMNS_PER_SLOT = 32``.
 
-The ``threads`` factor is the cost model's, not a measurement: with ``n`` threads the dense
-form's GEMMs run ~``n`` times faster and the grouped loop does not, so the crossing moves to
-``n`` times more columns. On this shared 2-core machine two-thread timings were dominated by
-contention with the other jobs (the grouped form before its loop was pinned to one thread:
-34x the base linear at E = 64, against 1.75x pinned), so the two-thread crossing could not be
-measured cleanly; re-measure with ``python benchmarks/kernels.py --switch`` on an idle machine.
+The ``threads`` factor: with ``n`` threads the dense form's GEMMs run ~``n`` times faster and the
+grouped loop does not, so the crossing moves to ``n`` times more columns. Measured with two
+threads (``python benchmarks/kernels.py --switch --repeats 3``, same shapes, one other job on
+the 2 cores; ``benchmarks/results/kernels-switch-cpu-threads2.json``)::
+
+    k=1 r=8 : E=2 1.20  E=4 1.17  E=8 1.05  E=16 0.96  E=32 0.79  E=64 0.54
+    k=2 r=8 : E=4 1.30  E=8 1.20  E=16 1.00  E=32 0.91  E=64 0.69
+    k=1 r=16: E=2 1.16  E=4 1.11  E=8 0.87  E=16 0.75  E=32 0.62  E=64 0.39
+    k=2 r=16: E=4 1.09  E=8 1.13  E=16 0.91  E=32 0.68  E=64 0.46
+
+Grouped wins from ``E r > 64 k`` on in every row (k=2 r=8 E=16, ``E r = 64 k``: a tie), as the
+rule says for two threads. While the other core is busy with other work, two-thread timings
+are dominated by contention (the grouped form before its loop was pinned to one thread: 34x
+the base linear at E = 64, against 1.75x pinned).
 """
 
 from __future__ import annotations

@@ -144,15 +144,18 @@ class RoutedLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged_weights is not None or self.bank.num_experts == 0:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         x2 = x.reshape(-1, self.bank.d_in)
+        # the base layer (nn.Linear or Conv1D: row-wise) runs on the flattened rows, so its
+        # [T, d_out] output is no view and the delta is added into it in place: no [T, d_out]
+        # temporary, and no copy of the whole gradient that an in-place add into a view of a
+        # [batch, seq, d_out] output costs autograd
+        result = self.base_layer(x2, *args, **kwargs)
+        shape = (*x.shape[:-1], self.bank.d_out)
         A, B = self.bank.stacked()
-        # the delta is added into the base output in place: no [T, d_out] temporary (for a
-        # [batch, seq, d_out] output the grouped torch form adds into the view out of place)
         in_place = result.dtype == B.dtype and result.is_contiguous()
-        out = (result if result.dim() == 2 else result.view(-1, self.bank.d_out)) if in_place else None
+        out = result if in_place else None
         router_weight = self._fusable_router_weight(B.dtype)
         if router_weight is not None:
             # the router scores the same rows the experts read (no dropout): its logits share the
@@ -176,8 +179,8 @@ class RoutedLoRALinear(nn.Module):
             xd = self.dropout(x2).to(B.dtype)
             delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
         if in_place:
-            return result
-        return result + delta.reshape(*result.shape[:-1], self.bank.d_out).to(result.dtype)
+            return result.view(shape)
+        return (result + delta.to(result.dtype)).view(shape)
 
     def _fusable_router_weight(self, dtype: torch.dtype) -> Tensor | None:
         """The own router's projection when its logits can share the GEMMs over x with the LoRA
