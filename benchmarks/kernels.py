@@ -17,6 +17,7 @@ Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<dev
     python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
     python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
     python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
+    python benchmarks/kernels.py --threads 1 --clock cpu   # the thread's CPU time, not wall time
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ import torch
 
 from molora.kernels import available_backends, routed_lora_with_router, shared_input_linear
 from molora.kernels.torch_backend import routed_lora_torch_with_router
+
+#: The timer: wall clock, or (``--clock cpu``, one thread only) the CPU time of the calling
+#: thread, which leaves out the time other jobs on a shared machine held the core.
+CLOCK = time.perf_counter
 
 TARGETS = [(1024, 4096, 8, 8, 2), (1024, 4096, 64, 8, 2)]
 DEFAULT = TARGETS + [(1024, 4096, 4, 8, 1), (1024, 4096, 64, 16, 1), (1024, 512, 64, 8, 2)]
@@ -126,10 +131,10 @@ def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[
             for t in (p.x, p.Wr, p.A, p.B):
                 t.grad = None
             sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             run(fn, p)
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(CLOCK() - t0)
     return {name: statistics.median(v[1:]) for name, v in times.items()}
 
 
@@ -213,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall clock (default), or the thread's CPU time (needs --threads 1): steadier on a shared machine")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="print the markdown table of a results JSON and exit")
     args = ap.parse_args(argv)
@@ -221,14 +228,20 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise SystemExit("benchmarks/kernels.py: --clock cpu times one thread; add --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "clock": args.clock,
             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])])}
     results_dir = Path(__file__).resolve().parent / "results"
     # CPU results of more than one thread get their own file: kernels-cpu-threads2.json
     suffix = f"-threads{meta['threads']}" if device.type == "cpu" and meta["threads"] != 1 else ""
+    suffix += "-cpuclock" if args.clock == "cpu" else ""
     results_dir.mkdir(exist_ok=True)
     if args.switch:
         rows = switch_point(device, dtype, args.repeats)
