@@ -17,6 +17,7 @@ Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<dev
     python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
     python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
     python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
+    python benchmarks/kernels.py --threads 1 --clock cpu   # the thread's CPU time, not wall time
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from pathlib import Path
 
 import torch
 
-from molora.kernels import available_backends, routed_lora
-from molora.kernels.dense import routed_lora_dense
-from molora.kernels.grouped import routed_lora_grouped
+from molora.kernels import available_backends, routed_lora_with_router, shared_input_linear
+from molora.kernels.torch_backend import routed_lora_torch_with_router
+
+#: The timer: wall clock, or (``--clock cpu``, one thread only) the CPU time of the calling
+#: thread, which leaves out the time other jobs on a shared machine held the core.
+CLOCK = time.perf_counter
 
 TARGETS = [(1024, 4096, 8, 8, 2), (1024, 4096, 64, 8, 2)]
 DEFAULT = TARGETS + [(1024, 4096, 4, 8, 1), (1024, 4096, 64, 16, 1), (1024, 512, 64, 8, 2)]
@@ -65,22 +69,30 @@ class Problem:
         self.dy = mk(T, d)
         self.k, self.E, self.s = k, E, 2.0
 
-    def route(self):
-        probs = torch.softmax(self.x @ self.Wr.T, dim=-1)
+    def route_logits(self, logits):
+        """The top-k router's softmax, top-k and renormalisation (molora.routers.TopKRouter)."""
+        probs = torch.softmax(logits, dim=-1)
         gates, idx = probs.topk(self.k, dim=-1)
         return gates / gates.sum(-1, keepdim=True), idx
+
+    def route(self):
+        # the router projection as molora's routers compute it (one GEMM each way, fast dx)
+        return self.route_logits(shared_input_linear(self.x, self.Wr))
 
     def base_only(self):
         return self.base(self.x)
 
     def routed(self, backend: str):
-        gates, idx = self.route()
-        y = self.base(self.x)  # the delta is accumulated into the base output, as RoutedLoRALinear does for 2-D inputs
-        return routed_lora(self.x, self.A, self.B, gates, idx, scaling=self.s, backend=backend, out=y)
+        # as RoutedLoRALinear does: the router's logits share the GEMMs over x with the LoRA
+        # shrink where the backend can, and the delta is accumulated into the base output
+        y = self.base(self.x)
+        return routed_lora_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k,
+                                       scaling=self.s, backend=backend, out=y)
 
-    def form(self, fn):
-        gates, idx = self.route()
-        return fn(self.x, self.A, self.B, gates, idx, self.s, None, self.base(self.x))
+    def form(self, grouped: bool):
+        y = self.base(self.x)
+        return routed_lora_torch_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k, self.s,
+                                             None, y, grouped=grouped)
 
     def naive_loop(self):
         """Every expert on every token, weighted by its (mostly zero) gate."""
@@ -119,10 +131,10 @@ def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[
             for t in (p.x, p.Wr, p.A, p.B):
                 t.grad = None
             sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             run(fn, p)
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(CLOCK() - t0)
     return {name: statistics.median(v[1:]) for name, v in times.items()}
 
 
@@ -175,7 +187,7 @@ def switch_point(device, dtype, repeats: int) -> list[dict]:
             if E <= k:
                 continue
             p = Problem(1024, 4096, E, r, k, device, dtype)
-            v = {"dense": ((lambda: p.form(routed_lora_dense)), p), "grouped": ((lambda: p.form(routed_lora_grouped)), p)}
+            v = {"dense": ((lambda: p.form(False)), p), "grouped": ((lambda: p.form(True)), p)}
             with torch.enable_grad():
                 t = time_variants(v, device, repeats, True)
             rows.append({"E": E, "r": r, "k": k, "dense_ms": 1e3 * t["dense"], "grouped_ms": 1e3 * t["grouped"],
@@ -206,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall clock (default), or the thread's CPU time (needs --threads 1): steadier on a shared machine")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="print the markdown table of a results JSON and exit")
     args = ap.parse_args(argv)
@@ -214,16 +228,24 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise SystemExit("benchmarks/kernels.py: --clock cpu times one thread; add --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "clock": args.clock,
             "torch": torch.__version__, "command": " ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])])}
     results_dir = Path(__file__).resolve().parent / "results"
+    # CPU results of more than one thread get their own file: kernels-cpu-threads2.json
+    suffix = f"-threads{meta['threads']}" if device.type == "cpu" and meta["threads"] != 1 else ""
+    suffix += "-cpuclock" if args.clock == "cpu" else ""
     results_dir.mkdir(exist_ok=True)
     if args.switch:
         rows = switch_point(device, dtype, args.repeats)
-        path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}.json")
+        path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}{suffix}.json")
         path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print(f"wrote {path}")
         return 0
@@ -238,7 +260,7 @@ def main(argv=None) -> int:
     print("\nratios to the base linear (median of %d, interleaved):" % args.repeats)
     print_table(rows)
     print("\nfwd+bwd (fwd) ratios, markdown:\n" + markdown_table(rows))
-    path = Path(args.out or results_dir / f"kernels-{meta['device']}.json")
+    path = Path(args.out or results_dir / f"kernels-{meta['device']}{suffix}.json")
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print(f"wrote {path}")
     return 0

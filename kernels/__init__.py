@@ -19,12 +19,15 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from typing import Callable
+
 from torch import Tensor
 
 from .dense import routed_lora_dense
 from .grouped import routed_lora_grouped
 from .reference import routed_lora_reference
-from .torch_backend import routed_lora_torch
+from .linear import shared_input_linear
+from .torch_backend import routed_lora_torch, routed_lora_torch_with_router
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -89,6 +92,12 @@ def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor
         raise ValueError(f"routed_lora: rank_mask must be [E={E}, r={r}]; got {list(rank_mask.shape)}")
 
 
+def _check_out(x: Tensor, B: Tensor, out: Tensor | None) -> None:
+    if out is not None and (tuple(out.shape) != (x.shape[0], B.shape[1]) or out.dtype != x.dtype):
+        raise ValueError(f"routed_lora: out must be [T={x.shape[0]}, d_out={B.shape[1]}] of dtype {x.dtype}; "
+                         f"got {list(out.shape)} {out.dtype}")
+
+
 def routed_lora(
     x: Tensor,
     A: Tensor,
@@ -116,15 +125,51 @@ def routed_lora(
     Differentiable in ``x``, ``A``, ``B`` and ``gates`` (and ``out``, as the identity).
     """
     check_inputs(x, A, B, gates, indices, scaling, rank_mask)
-    if out is not None and (tuple(out.shape) != (x.shape[0], B.shape[1]) or out.dtype != x.dtype):
-        raise ValueError(f"routed_lora: out must be [T={x.shape[0]}, d_out={B.shape[1]}] of dtype {x.dtype}; "
-                         f"got {list(out.shape)} {out.dtype}")
+    _check_out(x, B, out)
     name = backend or default_backend(x)
     fn = _backend_fn(name)
     if name == "torch":
         return fn(x, A, B, gates, indices, scaling, rank_mask, out)
     delta = fn(x, A, B, gates, indices, scaling, rank_mask)
     return delta if out is None else out.add_(delta)
+
+
+def routed_lora_with_router(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    router_weight: Tensor,
+    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    top_k: int | None = None,
+    scaling: float | Tensor = 1.0,
+    backend: str | None = None,
+    rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """A linear router and the routed LoRA delta of the same input ``x``:
+    ``gates, indices = route(x W_r^T)``, then :func:`routed_lora` of them.
+
+    ``router_weight`` ``[E_r, d_in]`` is the router's projection (``route`` gets the logits
+    ``[T, E_r]`` and returns ``(gates, indices)`` as :func:`routed_lora` takes them; ``top_k`` is
+    its k, ``None`` for dense gates). Same result as computing the logits, routing and calling
+    :func:`routed_lora`; the torch backend's dense form computes the logits in the same GEMM as
+    the LoRA shrink (see :func:`~molora.kernels.torch_backend.routed_lora_torch_with_router`).
+    Other arguments as in :func:`routed_lora`.
+    """
+    if router_weight.dim() != 2 or router_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"routed_lora_with_router: router_weight must be [E, d_in={x.shape[-1]}]; got {list(router_weight.shape)}")
+    name = backend or default_backend(x)
+    if name != "torch":
+        gates, indices = route(shared_input_linear(x, router_weight))
+        return routed_lora(x, A, B, gates, indices, scaling, name, rank_mask, out)
+    _check_out(x, B, out)
+
+    def checked_route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        gates, indices = route(logits)
+        check_inputs(x, A, B, gates, indices, scaling, rank_mask)
+        return gates, indices
+
+    return routed_lora_torch_with_router(x, A, B, router_weight, checked_route, top_k, scaling, rank_mask, out)
 
 
 __all__ = [
@@ -136,5 +181,7 @@ __all__ = [
     "routed_lora_grouped",
     "routed_lora_reference",
     "routed_lora_torch",
+    "routed_lora_with_router",
+    "shared_input_linear",
     "triton_available",
 ]

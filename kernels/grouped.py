@@ -24,6 +24,8 @@ Hand-written backward (``dY`` gathered once as ``dY_s``)::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -84,6 +86,30 @@ def _segments(plan: RoutingPlan):
         start += n
 
 
+#: Run the per-expert loop on one intra-op thread (see :func:`_one_thread`).
+LOOP_ONE_THREAD = True
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 for the block (restored after).
+
+    The loop's ops are small (a chunk of <= CHUNK_ROWS rows, rank-``r`` GEMMs): splitting each
+    over threads costs more in fork/join than it saves. Measured with two threads on an idle
+    machine (``benchmarks/results/kernels-cpu-threads2.json`` of the previous version, E = 64,
+    d = 1024, T = 4096, k = 2, r = 8): the routed layer's overhead over the base linear was
+    103 ms, against 78 ms with one thread."""
+    n = torch.get_num_threads()
+    if n == 1 or not LOOP_ONE_THREAD:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _GroupedRoutedLoRA(torch.autograd.Function):
     """Per-expert segments processed piece by piece through small chunk buffers.
 
@@ -99,6 +125,16 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask, out):  # noqa: D401
+        with _one_thread():
+            return _GroupedRoutedLoRA._forward(ctx, x, A, B, gates, plan, s, rank_mask, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        with _one_thread():
+            return _GroupedRoutedLoRA._backward(ctx, dy)
+
+    @staticmethod
+    def _forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask, out):
         T = x.shape[0]
         E, d_out, r = B.shape
         shared = A.dim() == 2
@@ -140,7 +176,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def _backward(ctx, dy):
         x, A, B, s, rank_mask, h, hp, coef = ctx.saved_tensors
         order, tokens, counts = ctx.plan
         need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]

@@ -1,47 +1,72 @@
 """The ``torch`` backend: the dense concatenated form or the grouped form, by a measured rule.
 
 Cost model (per token, forward + backward, ``d = d_in + d_out``): the dense form does six GEMMs
-over ``E r`` columns (``~6 E r d`` FLOPs) and moves nothing beyond x, y and their gradients; the
-grouped form does the same GEMMs over only the ``k`` selected experts, but gathers and scatters
-``k`` rows per token several times (x and dY gathered, Y and dX scatter-added, x re-gathered for
-``dA``) and loops over the experts in Python. Rank-``r`` GEMMs are memory-bound on a CPU, so the
-grouped cost hardly depends on ``r``: the switch is a ratio of experts to slots:
+over ``E r`` columns (``~6 E r d`` FLOPs; with a linear router, its logits ride in the same
+GEMMs: :func:`routed_lora_torch_with_router`) and moves nothing beyond x, y and their
+gradients; its GEMMs use every intra-op thread. The grouped form does the GEMMs over only the
+``k`` selected experts, but gathers and scatters ``k`` rows of x, y, dy and dx per token and
+loops over the experts in Python on one thread (:func:`molora.kernels.grouped._one_thread`);
+its rank-``r`` GEMMs are memory-bound, so its cost is ``~ k`` row moves per token, nearly
+independent of ``r``. Both scale with ``d``, so ``d`` drops out, and the switch is::
 
-    grouped  iff  top-k indices are given  and  E >= GROUPED_MIN_EXPERTS_PER_SLOT * k
+    grouped  iff  top-k indices are given  and  E r > GROUPED_MIN_COLUMNS_PER_SLOT * k * threads
 
-Measured with ``python benchmarks/kernels.py --switch --repeats 3 --threads 1`` (CPU fp32,
-one thread, 2 cores shared with 3 other jobs; d = 1024, T = 4096, base linear + router +
-delta, forward + backward; time of the grouped form / time of the dense form, < 1 means
-grouped is faster; ``benchmarks/results/kernels-switch-cpu.json``)::
+with ``threads = torch.get_num_threads()``. Dense gates (every expert selected) stay dense.
 
-    k=1 r=8 : E=2 1.07  E=4 0.96  E=8 0.93  E=16 0.76  E=32 0.70  E=64 0.58
-    k=2 r=8 : E=4 1.10  E=8 0.86  E=16 1.22  E=32 0.69  E=64 0.50
-    k=1 r=16: E=2 0.88  E=4 0.92  E=8 0.87  E=16 0.68  E=32 0.50  E=64 0.35
-    k=2 r=16: E=4 1.08  E=8 0.83  E=16 0.70  E=32 0.53  E=64 0.35
+Measured with ``python benchmarks/kernels.py --switch --repeats 3 --threads 1`` (CPU fp32, one
+thread, the 2 cores shared with 2 other jobs; d = 1024, T = 4096, base linear + router +
+delta, forward + backward; time of the grouped form / time of the dense form with the router
+logits fused, < 1 means grouped is faster; ``benchmarks/results/kernels-switch-cpu.json``)::
 
-The grouped form wins from ``E = 4k`` on in every row (the E=16 k=2 r=8 point is noise: its
-neighbours are 0.86 and 0.69); below, only E=2 k=1 r=16 favours it, by 12%. Hence
-``GROUPED_MIN_EXPERTS_PER_SLOT = 4``. Dense gates (every expert selected) stay dense.
+    k=1 r=8 : E=2 1.02  E=4 1.03  E=8 0.91  E=16 0.85  E=32 0.68  E=64 0.50
+    k=2 r=8 : E=4 1.09  E=8 1.01  E=16 0.91  E=32 0.73  E=64 0.53
+    k=1 r=16: E=2 1.05  E=4 1.03  E=8 0.87  E=16 0.68  E=32 0.49  E=64 0.35
+    k=2 r=16: E=4 0.98  E=8 0.89  E=16 0.73  E=32 0.52  E=64 0.35
+
+The grouped form wins once ``E r > 32 k``: k=1 from E r = 64 on (r=8: E=8; r=16: E=4 loses
+by 3%, within noise), k=2 from E r = 128 on (r=8: E=16; r=16: E=8); at ``E r = 32 k`` and
+below the dense form is as fast or faster (k=2 r=8 E=8: 1.01 here; 1.28x against 1.39x the
+base linear in a second A/B run timed by the thread's CPU time, which background load distorts
+less). Hence
+``GROUPED_MIN_COLUMNS_PER_SLOT = 32``.
+
+The ``threads`` factor: with ``n`` threads the dense form's GEMMs run ~``n`` times faster and the
+grouped loop does not, so the crossing moves to ``n`` times more columns. Measured with two
+threads (``python benchmarks/kernels.py --switch --repeats 3``, same shapes, one other job on
+the 2 cores; ``benchmarks/results/kernels-switch-cpu-threads2.json``)::
+
+    k=1 r=8 : E=2 1.20  E=4 1.17  E=8 1.05  E=16 0.96  E=32 0.79  E=64 0.54
+    k=2 r=8 : E=4 1.30  E=8 1.20  E=16 1.00  E=32 0.91  E=64 0.69
+    k=1 r=16: E=2 1.16  E=4 1.11  E=8 0.87  E=16 0.75  E=32 0.62  E=64 0.39
+    k=2 r=16: E=4 1.09  E=8 1.13  E=16 0.91  E=32 0.68  E=64 0.46
+
+Grouped wins from ``E r > 64 k`` on in every row (k=2 r=8 E=16, ``E r = 64 k``: a tie), as the
+rule says for two threads. While the other core is busy with other work, two-thread timings
+are dominated by contention (the grouped form before its loop was pinned to one thread: 34x
+the base linear at E = 64, against 1.75x pinned).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
-from .dense import routed_lora_dense
+from .dense import dense_gate_expand, dense_shrink_weight, routed_lora_dense
 from .grouped import routed_lora_grouped
+from .linear import shared_input_linear
 
-GROUPED_MIN_EXPERTS_PER_SLOT = 4
+GROUPED_MIN_COLUMNS_PER_SLOT = 32
 
 
-def use_grouped(num_experts: int, rank: int, top_k: int | None) -> bool:
-    """The measured dense/grouped switch (see the module docstring); dense gates stay dense.
-
-    ``rank`` is part of the signature because the cost model has it; the CPU measurements
-    showed no dependence on it between r = 8 and r = 16."""
+def use_grouped(num_experts: int, rank: int, top_k: int | None, threads: int | None = None) -> bool:
+    """The dense/grouped switch ``E r > 32 k threads`` (see the module docstring); dense gates
+    stay dense. ``threads`` defaults to ``torch.get_num_threads()``."""
     if top_k is None:
         return False
-    return num_experts >= GROUPED_MIN_EXPERTS_PER_SLOT * top_k
+    threads = torch.get_num_threads() if threads is None else threads
+    return num_experts * rank > GROUPED_MIN_COLUMNS_PER_SLOT * top_k * threads
 
 
 def routed_lora_torch(
@@ -59,3 +84,33 @@ def routed_lora_torch(
     k = None if indices is None else indices.shape[1]
     fn = routed_lora_grouped if use_grouped(E, r, k) else routed_lora_dense
     return fn(x, A, B, gates, indices, scaling, rank_mask, out)
+
+
+def routed_lora_torch_with_router(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    router_weight: Tensor,
+    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    top_k: int | None,
+    scaling: float | Tensor = 1.0,
+    rank_mask: Tensor | None = None,
+    out: Tensor | None = None,
+    grouped: bool | None = None,
+) -> Tensor:
+    """Router logits ``x W_r^T`` and the routed LoRA delta, sharing the GEMMs over ``x``.
+
+    In the dense form the shrink ``x A_cat^T`` and the logits are one GEMM (and so are their
+    weight gradients and their ``dx``: :mod:`.linear`); in the grouped form the logits are a
+    separate :func:`shared_input_linear`. ``route(logits) -> (gates, indices)`` is the router's
+    softmax / top-k; ``top_k`` (its k, ``None`` for dense gates) picks the form before the
+    logits exist (``grouped`` forces it)."""
+    E, _, r = B.shape
+    if grouped is None:
+        grouped = use_grouped(E, r, top_k)
+    if grouped:
+        gates, indices = route(shared_input_linear(x, router_weight))
+        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
+    h, logits = shared_input_linear(x, dense_shrink_weight(A), router_weight)
+    gates, indices = route(logits)
+    return dense_gate_expand(h, B, gates, indices, scaling, rank_mask, out)

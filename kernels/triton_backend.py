@@ -471,7 +471,7 @@ def triton_path(num_experts: int, rank: int, top_k: int | None, shared_a: bool) 
     """``dense`` while the experts' columns fit the fused kernel's registers and the torch
     backend's measured rule (:func:`use_grouped`) does not favour grouping; else ``grouped``.
     The GPU crossover has not been measured (no GPU in the session that wrote this): the rule
-    reuses the CPU one."""
-    if dense_columns(num_experts, rank, shared_a) <= MAX_DENSE_COLUMNS and not use_grouped(num_experts, rank, top_k):
+    reuses the CPU one at one thread."""
+    if dense_columns(num_experts, rank, shared_a) <= MAX_DENSE_COLUMNS and not use_grouped(num_experts, rank, top_k, threads=1):
         return "dense"
     return "grouped"

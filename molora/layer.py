@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from molora.context import current_scope, current_signals
 from molora.errors import MoLoRAError, RoutingError
-from molora.kernels import routed_lora
+from molora.kernels import routed_lora, routed_lora_with_router
 from molora.routers import Router, RoutingDecision
 
 from .bank import ExpertBank
@@ -144,23 +144,53 @@ class RoutedLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged_weights is not None or self.bank.num_experts == 0:
-            return result
-        decision = self._decide(x)
-        self._record(decision, x)
+            return self.base_layer(x, *args, **kwargs)
         x2 = x.reshape(-1, self.bank.d_in)
-        gates, indices = self._broadcast(decision, x, x2.shape[0])
+        # the base layer (nn.Linear or Conv1D: row-wise) runs on the flattened rows, so its
+        # [T, d_out] output is no view and the delta is added into it in place: no [T, d_out]
+        # temporary, and no copy of the whole gradient that an in-place add into a view of a
+        # [batch, seq, d_out] output costs autograd
+        result = self.base_layer(x2, *args, **kwargs)
+        shape = (*x.shape[:-1], self.bank.d_out)
         A, B = self.bank.stacked()
-        xd = self.dropout(x2).to(B.dtype)
-        if result.dtype == B.dtype and result.is_contiguous():
-            # the delta is added into the base output in place: no [T, d_out] temporary (for a
-            # [batch, seq, d_out] output the grouped torch form adds into the view out of place)
-            out = result if result.dim() == 2 else result.view(-1, self.bank.d_out)
-            routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
-            return result
-        delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling)
-        return result + delta.reshape(*result.shape[:-1], self.bank.d_out).to(result.dtype)
+        in_place = result.dtype == B.dtype and result.is_contiguous()
+        out = result if in_place else None
+        router_weight = self._fusable_router_weight(B.dtype)
+        if router_weight is not None:
+            # the router scores the same rows the experts read (no dropout): its logits share the
+            # GEMMs over x with the LoRA shrink (molora.kernels.routed_lora_with_router)
+            router = self.router
+
+            def route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
+                with router.given_logits(logits):
+                    decision = self._decide(x)
+                self._record(decision, x)
+                gates, indices = self._broadcast(decision, x, x2.shape[0])
+                return gates.to(B.dtype), indices
+
+            top_k = getattr(router, "top_k", None) or getattr(router, "max_k", None)
+            delta = routed_lora_with_router(x2.to(B.dtype), A, B, router_weight, route, top_k,
+                                            scaling=self.bank.scaling, out=out)
+        else:
+            decision = self._decide(x)
+            self._record(decision, x)
+            gates, indices = self._broadcast(decision, x, x2.shape[0])
+            xd = self.dropout(x2).to(B.dtype)
+            delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
+        if in_place:
+            return result.view(shape)
+        return (result + delta.to(result.dtype)).view(shape)
+
+    def _fusable_router_weight(self, dtype: torch.dtype) -> Tensor | None:
+        """The own router's projection when its logits can share the GEMMs over x with the LoRA
+        shrink: a per-layer router scoring the token rows as they are (see
+        ``SoftRouter.fusable_weight``), no LoRA dropout, weights of the experts' dtype."""
+        fusable = getattr(self.router, "fusable_weight", None)
+        if fusable is None or not isinstance(self.dropout, nn.Identity):
+            return None
+        weight = fusable()
+        return weight if weight is not None and weight.dtype == dtype else None
 
     def _record(self, d: RoutingDecision, x: Tensor) -> None:
         """Keep this forward's decision and, for token-level rows of a ``[batch, seq, d]`` input,

@@ -12,12 +12,15 @@ Followed by MoLoRA/MoV (Zadouri et al., 2023,
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from molora.context import RoutingSignals
+from molora.kernels.linear import shared_input_linear
 
 from .base import Router, RoutingDecision, check_choice, check_int, check_positive, check_width
 from .pooling import GRANULARITIES, routing_input
@@ -44,6 +47,7 @@ class SoftRouter(Router):
         self.context_dim = None if context_dim is None else check_int(self.name, "context_dim", context_dim, 1)
         self.proj = nn.Linear(self.input_dim, num_experts, bias=False)
         nn.init.zeros_(self.proj.weight)
+        self._given_logits: Tensor | None = None
 
     @property
     def input_dim(self) -> int:
@@ -58,7 +62,38 @@ class SoftRouter(Router):
         rows, per_example = routing_input(self.name, x, signals, self.granularity)
         if per_example and self.granularity == "context":
             check_width(self.name, "embeddings", rows, self.input_dim)
+        given = getattr(self, "_given_logits", None)
+        if given is not None and not per_example:
+            if tuple(given.shape) != (rows.shape[0], self.num_experts):
+                raise ValueError(f"router {self.name!r}: given logits must be [{rows.shape[0]}, {self.num_experts}]; "
+                                 f"got {list(given.shape)}")
+            return given, False
+        if self._plain_projection():  # one GEMM each way, dx by BLAS (see molora.kernels.linear)
+            return shared_input_linear(rows.to(self.proj.weight.dtype), self.proj.weight), per_example
         return self.proj(rows.to(self.proj.weight.dtype)), per_example
+
+    def _plain_projection(self) -> bool:
+        return type(self.proj) is nn.Linear and self.proj.bias is None
+
+    def fusable_weight(self) -> Tensor | None:
+        """``W_r`` when this call's logits are exactly ``x W_r^T`` of the layer's own token rows
+        (token granularity, a plain bias-free projection), else ``None``. The routed layer then
+        computes them in the same GEMM as the LoRA shrink
+        (:func:`molora.kernels.routed_lora_with_router`) and hands them in with
+        :meth:`given_logits`."""
+        if self.granularity != "token" or not self._plain_projection():
+            return None
+        return self.proj.weight
+
+    @contextlib.contextmanager
+    def given_logits(self, logits: Tensor) -> Iterator[None]:
+        """Within the block, :meth:`logits` returns ``logits`` (``[tokens, E]``, computed by the
+        caller as ``x W_r^T`` with ``W_r = fusable_weight()``) instead of projecting ``x``."""
+        self._given_logits = logits
+        try:
+            yield
+        finally:
+            self._given_logits = None
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         logits, per_example = self.logits(x, signals)

@@ -69,6 +69,13 @@ class TopKRouter(SoftRouter):
             "jitter": self.jitter,
         }
 
+    def fusable_weight(self) -> Tensor | None:
+        """As :meth:`SoftRouter.fusable_weight`; ``None`` while input jitter is active (the
+        logits are then of ``x * u``, not of ``x``)."""
+        if self.training and self.jitter > 0:
+            return None
+        return super().fusable_weight()
+
     def train_logits(self, x: Tensor, signals: RoutingSignals) -> tuple[Tensor, bool]:
         """Router logits with the training-time jitter and noise applied (clean in eval mode)."""
         if self.training and self.jitter > 0:

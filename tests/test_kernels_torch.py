@@ -100,10 +100,20 @@ def test_routing_plan_is_a_stable_sort():
 
 
 def test_switch_rule():
-    assert not use_grouped(64, 8, None)  # dense gates always take the dense form
-    assert not use_grouped(7, 8, 2)  # E < 4 k
-    assert use_grouped(8, 8, 2)
-    assert use_grouped(4, 16, 1)
+    """grouped iff E r > 32 k threads (kernels/torch_backend.py)."""
+    assert not use_grouped(64, 8, None, threads=1)  # dense gates always take the dense form
+    assert not use_grouped(8, 8, 2, threads=1)  # E r = 64 = 32 k: dense (the E=8 target shape)
+    assert use_grouped(16, 8, 2, threads=1)
+    assert use_grouped(8, 8, 1, threads=1) and not use_grouped(4, 8, 1, threads=1)
+    assert use_grouped(8, 16, 2, threads=1)
+    assert not use_grouped(16, 8, 2, threads=2) and use_grouped(32, 8, 2, threads=2)  # dense GEMMs use both threads
+    assert use_grouped(64, 8, 2, threads=2)  # the E=64 target shape stays grouped
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert use_grouped(16, 8, 2) and not use_grouped(8, 8, 2)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_default_backend_and_env_override(monkeypatch):
@@ -159,3 +169,22 @@ def test_grouped_segments_split_into_chunks(monkeypatch, shared, routing):
     monkeypatch.setattr(grouped, "CHUNK_ROWS", 3)
     case = make_case(T=23, E=4, r=4, k=2, shared=shared, routing=routing, mixed_ranks=True)
     assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+
+
+def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
+    """The per-expert loop runs with one intra-op thread (its ops are too small to split) and
+    the caller's thread count is restored, the result unchanged."""
+    import molora.kernels.grouped as grouped
+
+    seen = []
+    real = grouped._segments
+    monkeypatch.setattr(grouped, "_segments", lambda plan: (seen.append(torch.get_num_threads()), real(plan))[1])
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = make_case(E=5, r=3, k=2, routing="dropped", mixed_ranks=True)
+        assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+        assert torch.get_num_threads() == 2
+        assert seen and set(seen) == {1}  # forward and backward loops
+    finally:
+        torch.set_num_threads(n)
