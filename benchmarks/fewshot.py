@@ -58,6 +58,8 @@ from molora.xlora_style import attach_xlora_style  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from timing import interleaved_medians  # noqa: E402
+
 DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
            "xlora_style", "fresh_lora", "oracle"]
@@ -270,15 +272,10 @@ def timing(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dict:
         per_example = [names[i % E] for i in range(32)]
         method = "peft mixed-batch forward (adapter_names, one adapter per example)"
         peft_call = lambda m: m(**enc, adapter_names=per_example)  # noqa: E731
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    calls = {label: (lambda m=model, label=label: peft_call(m) if label == "peft" else m(**enc))
+             for label, model in variants.items()}
     with torch.no_grad():
-        for r in range(args.timing_rounds + 1):
-            for label, model in variants.items():
-                t0 = time.perf_counter()
-                peft_call(model) if label == "peft" else model(**enc)
-                if r:  # round 0 warms up
-                    times[label].append(1000 * (time.perf_counter() - t0))
-    ms = {k: statistics.median(v) for k, v in times.items()}
+        ms = {k: 1000 * v for k, v in interleaved_medians(calls, args.timing_rounds).items()}
     molora_ms = {k.removeprefix("molora "): v for k, v in ms.items() if k.startswith("molora ")}
     out = {"batch": 32, "seq": int(enc["input_ids"].shape[1]), "experts": E, "rounds": args.timing_rounds,
            "base_ms": ms["base"], "molora_ms_by_method": molora_ms, "molora_ms": molora_ms["xlora_style"],

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,9 @@ import torch
 
 from molora.kernels import available_backends, routed_lora_with_router, shared_input_linear
 from molora.kernels.torch_backend import routed_lora_torch_with_router
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402
 
 #: The timer: wall clock, or (``--clock cpu``, one thread only) the CPU time of the calling
 #: thread, which leaves out the time other jobs on a shared machine held the core.
@@ -119,23 +121,16 @@ class Problem:
 
 def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[str, float]:
     """Median seconds per variant, interleaved round-robin after one warm-up each."""
-    def run(fn, p):
+    def call(fn, p):
+        for t in (p.x, p.Wr, p.A, p.B):
+            t.grad = None
         y = fn()
         if backward:
             y.backward(p.dy)
         return y
 
-    times = {name: [] for name in variants}
-    for _ in range(repeats + 1):
-        for name, (fn, p) in variants.items():
-            for t in (p.x, p.Wr, p.A, p.B):
-                t.grad = None
-            sync(device)
-            t0 = CLOCK()
-            run(fn, p)
-            sync(device)
-            times[name].append(CLOCK() - t0)
-    return {name: statistics.median(v[1:]) for name, v in times.items()}
+    calls = {name: (lambda fn=fn, p=p: call(fn, p)) for name, (fn, p) in variants.items()}
+    return interleaved_medians(calls, repeats, clock=CLOCK, sync=lambda: sync(device))
 
 
 def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict:

@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from molora.layer import RoutedLoRALinear  # noqa: E402
 from molora.train_router import install_router  # noqa: E402
 from molora.xlora_style import attach_xlora_style  # noqa: E402
 from peft_xlora import load_peft_xlora  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 MOLORA = ["static_mixture", "gradient_router", "xlora_style"]
 
@@ -156,15 +156,9 @@ def check_outputs(variants: dict[str, nn.Module], inputs: dict, n: int) -> dict:
 
 
 def time_variants(variants: dict[str, nn.Module], inputs: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
-        for r in range(rounds + 1):
-            for label, model in variants.items():
-                t0 = time.perf_counter()
-                model(**inputs)
-                if r:  # round 0 warms up
-                    times[label].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+        seconds = interleaved_medians({k: (lambda m=m: m(**inputs)) for k, m in variants.items()}, rounds)
+    return {k: 1000 * v for k, v in seconds.items()}
 
 
 def run(n: int, base: nn.Module, inputs: dict, thread_counts: list[int], args) -> dict:

@@ -209,13 +209,9 @@ class ContinualManager:
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / STATE_NAME
-    if not path.is_file():
-        raise ContinualError(f"no continual-learning state at {directory}: {STATE_NAME} is missing")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContinualError(f"{path} is not valid JSON: {exc}") from None
+    from molora.persistence import read_json
+
+    path, state = read_json(Path(directory), STATE_NAME, "continual-learning state", ContinualError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ContinualError(f"{path} is not a molora continual-learning state")
     if state.get("strategy") not in MANAGERS:

@@ -72,6 +72,18 @@ class _suppress:
         return exc[0] is not None and issubclass(exc[0], OSError)
 
 
+def read_json(folder: Path, name: str, what: str, error: type[MoLoRAError] = CheckpointError) -> tuple[Path, Any]:
+    """``(path, parsed JSON)`` of ``folder / name``; ``error`` naming ``what`` (e.g. "molora
+    checkpoint") if the file is missing, truncated or corrupt."""
+    path = folder / name
+    if not path.is_file():
+        raise error(f"no {what} at {folder}: {name} is missing")
+    try:
+        return path, json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON (truncated or corrupt): {exc}") from None
+
+
 def check_finite(tensors: dict[str, Tensor], where: str, error: type[MoLoRAError] = CheckpointError) -> None:
     """Raise ``error`` naming the first tensor with NaN or inf."""
     for key, t in tensors.items():
@@ -105,13 +117,7 @@ def save_checkpoint(model: MoLoRAModel, directory: str | os.PathLike) -> None:
 def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a checkpoint folder: its JSON and its tensors (CheckpointError if anything is off)."""
     folder = Path(directory)
-    cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(f"no molora checkpoint at {folder}: {CONFIG_NAME} is missing")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON (truncated or corrupt): {exc}") from None
+    cfg_path, meta = read_json(folder, CONFIG_NAME, "molora checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a molora checkpoint config")
     if meta.get("version", 0) > VERSION:
