@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from molora.kernels import available_backends, routed_lora_with_router, shared_input_linear
+from molora.kernels import available_backends, routed_linear, shared_input_linear
 from molora.kernels.torch_backend import routed_lora_torch_with_router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,11 +85,10 @@ class Problem:
         return self.base(self.x)
 
     def routed(self, backend: str):
-        # as RoutedLoRALinear does: the router's logits share the GEMMs over x with the LoRA
-        # shrink where the backend can, and the delta is accumulated into the base output
-        y = self.base(self.x)
-        return routed_lora_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k,
-                                       scaling=self.s, backend=backend, out=y)
+        # as RoutedLoRALinear does: the torch backend computes the base output, the router's
+        # logits and the LoRA shrink in one GEMM over x and adds the delta into the base output
+        return routed_linear(self.x, self.base.weight, self.base.bias, self.A, self.B, self.Wr, self.route_logits,
+                             self.k, scaling=self.s, backend=backend)
 
     def form(self, grouped: bool):
         y = self.base(self.x)

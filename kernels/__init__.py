@@ -21,6 +21,7 @@ import os
 
 from typing import Callable
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import routed_lora_dense
@@ -156,20 +157,67 @@ def routed_lora_with_router(
     the LoRA shrink (see :func:`~molora.kernels.torch_backend.routed_lora_torch_with_router`).
     Other arguments as in :func:`routed_lora`.
     """
+    _check_out(x, B, out)
+    return _with_router("routed_lora_with_router", x, A, B, router_weight, route, top_k, scaling, backend,
+                        rank_mask, out, None)
+
+
+def routed_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    router_weight: Tensor,
+    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    top_k: int | None = None,
+    scaling: float | Tensor = 1.0,
+    backend: str | None = None,
+    rank_mask: Tensor | None = None,
+) -> Tensor:
+    """The whole routed LoRA layer: a frozen base linear, its router and its experts::
+
+        y = x W^T + b + sum_e g_e s_e B_e (m_e * A_e x),   (g, idx) = route(x W_r^T)
+
+    ``weight`` ``[d_out, d_in]`` and ``bias`` ``[d_out]`` (or ``None``) are the base layer's and
+    must be frozen (``requires_grad=False``), as in LoRA training; the other arguments are as in
+    :func:`routed_lora_with_router`. The torch backend computes the base output, the LoRA shrink
+    and the router logits in one GEMM, ``x [W; A_cat; W_r]^T`` (``x [W; W_r]^T`` in the grouped
+    form; :mod:`.linear`), and adds the delta into the base output in place; its backward
+    computes the base's ``dx = dy W`` and accumulates the LoRA and router terms into it. Other
+    backends run ``F.linear`` and then :func:`routed_lora_with_router` into its output.
+    Differentiable in ``x``, ``A``, ``B`` and ``router_weight``.
+    """
+    if weight.dim() != 2 or tuple(weight.shape) != (B.shape[1], x.shape[-1]):
+        raise ValueError(f"routed_linear: the base weight must be [d_out={B.shape[1]}, d_in={x.shape[-1]}]; "
+                         f"got {list(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"routed_linear: the base bias must be [{weight.shape[0]}]; got {list(bias.shape)}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("routed_linear: the base weight and bias must be frozen (requires_grad=False)")
+    return _with_router("routed_linear", x, A, B, router_weight, route, top_k, scaling, backend, rank_mask,
+                        None, (weight, bias))
+
+
+def _with_router(caller, x, A, B, router_weight, route, top_k, scaling, backend, rank_mask, out, base):
+    """:func:`routed_lora_with_router` (``base=None``) or :func:`routed_linear` (``base=(W, b)``)."""
     if router_weight.dim() != 2 or router_weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"routed_lora_with_router: router_weight must be [E, d_in={x.shape[-1]}]; got {list(router_weight.shape)}")
+        raise ValueError(f"{caller}: router_weight must be [E, d_in={x.shape[-1]}]; got {list(router_weight.shape)}")
     name = backend or default_backend(x)
     if name != "torch":
+        if base is not None:
+            out = F.linear(x, *base)
         gates, indices = route(shared_input_linear(x, router_weight))
         return routed_lora(x, A, B, gates, indices, scaling, name, rank_mask, out)
-    _check_out(x, B, out)
 
     def checked_route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
         gates, indices = route(logits)
         check_inputs(x, A, B, gates, indices, scaling, rank_mask)
         return gates, indices
 
-    return routed_lora_torch_with_router(x, A, B, router_weight, checked_route, top_k, scaling, rank_mask, out)
+    base_weight, base_bias = (None, None) if base is None else base
+    return routed_lora_torch_with_router(x, A, B, router_weight, checked_route, top_k, scaling, rank_mask, out,
+                                         base_weight=base_weight, base_bias=base_bias)
 
 
 __all__ = [
@@ -182,6 +230,7 @@ __all__ = [
     "routed_lora_reference",
     "routed_lora_torch",
     "routed_lora_with_router",
+    "routed_linear",
     "shared_input_linear",
     "triton_available",
 ]

@@ -97,6 +97,8 @@ def routed_lora_torch_with_router(
     rank_mask: Tensor | None = None,
     out: Tensor | None = None,
     grouped: bool | None = None,
+    base_weight: Tensor | None = None,
+    base_bias: Tensor | None = None,
 ) -> Tensor:
     """Router logits ``x W_r^T`` and the routed LoRA delta, sharing the GEMMs over ``x``.
 
@@ -104,13 +106,29 @@ def routed_lora_torch_with_router(
     weight gradients and their ``dx``: :mod:`.linear`); in the grouped form the logits are a
     separate :func:`shared_input_linear`. ``route(logits) -> (gates, indices)`` is the router's
     softmax / top-k; ``top_k`` (its k, ``None`` for dense gates) picks the form before the
-    logits exist (``grouped`` forces it)."""
+    logits exist (``grouped`` forces it).
+
+    With ``base_weight`` (the frozen base layer's ``W [d_out, d_in]``) and ``base_bias``, the base
+    output ``x W^T + b`` is computed in that same GEMM too (``x [W; A_cat; W_r]^T``, or
+    ``x [W; W_r]^T`` in the grouped form) and the delta is added into it: the whole layer's
+    output is returned, and ``out`` must be ``None``."""
     E, _, r = B.shape
     if grouped is None:
         grouped = use_grouped(E, r, top_k)
+    base = () if base_weight is None else (base_weight,)
+    if base and out is not None:
+        raise ValueError("routed_lora_torch_with_router: give either out or base_weight, not both")
+    if base_bias is not None and not base:
+        raise ValueError("routed_lora_torch_with_router: base_bias needs base_weight")
     if grouped:
-        gates, indices = route(shared_input_linear(x, router_weight))
+        projections = shared_input_linear(x, *base, router_weight, bias=base_bias)
+        out, logits = projections if base else (out, projections)
+        gates, indices = route(logits)
         return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
-    h, logits = shared_input_linear(x, dense_shrink_weight(A), router_weight)
+    projections = shared_input_linear(x, *base, dense_shrink_weight(A), router_weight, bias=base_bias)
+    if base:
+        out, h, logits = projections
+    else:
+        h, logits = projections
     gates, indices = route(logits)
     return dense_gate_expand(h, B, gates, indices, scaling, rank_mask, out)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from molora.context import current_scope, current_signals
 from molora.errors import MoLoRAError, RoutingError
-from molora.kernels import routed_lora, routed_lora_with_router
+from molora.kernels import routed_linear, routed_lora, routed_lora_with_router
 from molora.routers import Router, RoutingDecision
 
 from .bank import ExpertBank
@@ -147,19 +147,14 @@ class RoutedLoRALinear(nn.Module):
         if self.disabled or self.merged_weights is not None or self.bank.num_experts == 0:
             return self.base_layer(x, *args, **kwargs)
         x2 = x.reshape(-1, self.bank.d_in)
-        # the base layer (nn.Linear or Conv1D: row-wise) runs on the flattened rows, so its
-        # [T, d_out] output is no view and the delta is added into it in place: no [T, d_out]
-        # temporary, and no copy of the whole gradient that an in-place add into a view of a
-        # [batch, seq, d_out] output costs autograd
-        result = self.base_layer(x2, *args, **kwargs)
         shape = (*x.shape[:-1], self.bank.d_out)
         A, B = self.bank.stacked()
-        in_place = result.dtype == B.dtype and result.is_contiguous()
-        out = result if in_place else None
         router_weight = self._fusable_router_weight(B.dtype)
         if router_weight is not None:
             # the router scores the same rows the experts read (no dropout): its logits share the
-            # GEMMs over x with the LoRA shrink (molora.kernels.routed_lora_with_router)
+            # GEMMs over x with the LoRA shrink (molora.kernels.routed_lora_with_router), and
+            # with the frozen base linear's too where that is a plain linear of the same dtype
+            # (molora.kernels.routed_linear)
             router = self.router
 
             def route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -170,6 +165,18 @@ class RoutedLoRALinear(nn.Module):
                 return gates.to(B.dtype), indices
 
             top_k = getattr(router, "top_k", None) or getattr(router, "max_k", None)
+            base = self._fusable_base(x, B.dtype, args, kwargs)
+            if base is not None:
+                y = routed_linear(x2, *base, A, B, router_weight, route, top_k, scaling=self.bank.scaling)
+                return y.view(shape)
+        # the base layer (nn.Linear or Conv1D: row-wise) runs on the flattened rows, so its
+        # [T, d_out] output is no view and the delta is added into it in place: no [T, d_out]
+        # temporary, and no copy of the whole gradient that an in-place add into a view of a
+        # [batch, seq, d_out] output costs autograd
+        result = self.base_layer(x2, *args, **kwargs)
+        in_place = result.dtype == B.dtype and result.is_contiguous()
+        out = result if in_place else None
+        if router_weight is not None:
             delta = routed_lora_with_router(x2.to(B.dtype), A, B, router_weight, route, top_k,
                                             scaling=self.bank.scaling, out=out)
         else:
@@ -181,6 +188,19 @@ class RoutedLoRALinear(nn.Module):
         if in_place:
             return result.view(shape)
         return (result + delta.to(result.dtype)).view(shape)
+
+    def _fusable_base(self, x: Tensor, dtype: torch.dtype, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None] | None:
+        """``(W [d_out, d_in], b)`` of the base layer when its GEMM can also compute the LoRA shrink
+        and the router logits (:func:`molora.kernels.routed_linear`): a plain ``nn.Linear`` or
+        ``Conv1D`` (not a subclass: quantised layers compute differently), frozen, called with
+        no extra arguments, with weights and input of the experts' dtype."""
+        base = self.base_layer
+        if args or kwargs or type(base) not in (nn.Linear, Conv1D) or x.dtype != dtype:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.dtype != dtype or weight.requires_grad or (bias is not None and (bias.requires_grad or bias.dtype != dtype)):
+            return None
+        return (weight.T if self.transposed else weight), bias
 
     def _fusable_router_weight(self, dtype: torch.dtype) -> Tensor | None:
         """The own router's projection when its logits can share the GEMMs over x with the LoRA

@@ -150,32 +150,37 @@ def _layer(router, dropout=0.0, shared_a=False, seed=0):
 @pytest.mark.parametrize("shared_a", [False, True])
 @pytest.mark.parametrize("shape", [(7, 20), (2, 5, 20)])
 def test_layer_fused_router_equals_unfused(monkeypatch, make_router, shared_a, shape):
-    """The layer's fused path (router logits in the shrink's GEMM) gives the same output, logits
-    and gradients (x, router, experts) as routing first and calling routed_lora."""
+    """The layer's fused paths (router logits and LoRA shrink in the base linear's GEMM; router
+    logits in the shrink's GEMM only) give the same output, logits and gradients (x, router,
+    experts) as routing first and calling routed_lora."""
     results = []
     calls = []
     import molora.layer as layer_mod
 
-    real = layer_mod.routed_lora_with_router
-    monkeypatch.setattr(layer_mod, "routed_lora_with_router", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    for fused in (True, False):
+    for fn in ("routed_linear", "routed_lora_with_router"):
+        real = getattr(layer_mod, fn)
+        monkeypatch.setattr(layer_mod, fn, lambda *a, _fn=fn, _real=real, **kw: calls.append(_fn) or _real(*a, **kw))
+    for fusion in ("base", "router", "none"):
         router = make_router()
         torch.manual_seed(1)
         with torch.no_grad():
             router.proj.weight.normal_()
         layer = _layer(router, shared_a=shared_a)
-        if not fused:
+        if fusion != "base":
+            monkeypatch.setattr(layer, "_fusable_base", lambda *a: None)
+        if fusion == "none":
             monkeypatch.setattr(layer, "_fusable_router_weight", lambda dtype: None)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
-        torch.manual_seed(5)  # same router noise in both runs
+        torch.manual_seed(5)  # same router noise in every run
         y = layer(x)
         params = [x, router.proj.weight, *[p for p in layer.bank.parameters() if p.requires_grad]]
         grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum()
                                     + layer.last_decision.logits.pow(2).sum(), params)
         results.append([y.detach(), layer.last_decision.logits.detach(), *grads])
-    assert len(calls) == 1  # only the fused run took the fused path
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert calls == ["routed_linear", "routed_lora_with_router"]  # one fused path per fused run
+    for other in results[:2]:
+        for a, b in zip(other, results[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_fusion_only_when_logits_are_of_x():
@@ -188,3 +193,142 @@ def test_layer_fusion_only_when_logits_are_of_x():
     assert jit.eval()._fusable_router_weight(torch.float32) is not None
     assert _layer(TopKRouter(6, 20, granularity="sequence"))._fusable_router_weight(torch.float32) is None
     assert _layer(TopKRouter(6, 20))._fusable_router_weight(torch.float64) is None  # dtypes differ
+
+
+# --------------------------------------------------------------- the base linear in the same GEMM
+def test_shared_input_linear_frozen_base_with_bias_and_in_place_add():
+    """A frozen first weight with a bias (the base layer) next to trainable maps: outputs and
+    gradients as separate linears; the base gets no gradient; an in-place add into the first
+    output (the routed layer adds its delta there) leaves the other outputs and every gradient
+    intact."""
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(9, 13, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    V1, V2 = (torch.randn(n, 13, generator=g, dtype=torch.float64).requires_grad_() for n in (4, 2))
+    x = torch.randn(11, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    y, z1, z2 = shared_input_linear(x, W, V1, V2, bias=b)
+    torch.testing.assert_close(y, x @ W.T + b)
+    torch.testing.assert_close(z1, x @ V1.T)
+    y.add_(z1.sum(1, keepdim=True))  # in place, as the delta is added into the base output
+    torch.testing.assert_close(z2, x @ V2.T)
+    want_y = x @ W.T + b + (x @ V1.T).sum(1, keepdim=True)
+    torch.testing.assert_close(y, want_y)
+    got = _grads([y, z2], [x, V1, V2])
+    x.grad = V1.grad = V2.grad = None
+    want = _grads([want_y, x @ V2.T], [x, V1, V2])
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
+    assert W.grad is None and b.grad is None
+    with pytest.raises(ValueError, match="bias must be"):
+        shared_input_linear(x, W, V1, bias=b[:3])
+    with pytest.raises(ValueError, match="frozen base"):
+        shared_input_linear(x, W, bias=b.clone().requires_grad_())
+
+
+def _base_run(case, Wb0, bb0, Wr0, dtype, route, grouped, x_grad=True, transposed=False):
+    """y and the gradients (x, A, B, W_r) of the routed layer with its frozen base linear,
+    through the torch backend (``grouped``: the form) or, for ``grouped=None``, the float64
+    reference: base linear, router, reference loop."""
+    x, A, B, _, _, s, mask = case
+    x = x.to(dtype).clone().requires_grad_(x_grad)
+    A, B, Wr = (t.to(dtype).clone().requires_grad_() for t in (A, B, Wr0))
+    # a Conv1D base stores W transposed: the kernel gets the non-contiguous W^T view
+    Wb = Wb0.to(dtype).T.contiguous().T if transposed else Wb0.to(dtype)
+    bb = None if bb0 is None else bb0.to(dtype)
+    mask = None if mask is None else mask.to(dtype)
+    if grouped is None:
+        gates, idx = route(x @ Wr.T)
+        y = torch.nn.functional.linear(x, Wb, bb) + routed_lora(x, A, B, gates, idx, scaling=s, rank_mask=mask,
+                                                                backend="reference")
+    else:
+        y = routed_lora_torch_with_router(x, A, B, Wr, route, 2, s.to(dtype), mask, grouped=grouped,
+                                          base_weight=Wb, base_bias=bb)
+    leaves = [x, A, B, Wr] if x_grad else [A, B, Wr]
+    return [y.detach()] + _grads([y], leaves)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("shared, mixed, k, routing, bias, transposed, precision", [
+    (False, False, 2, "random", True, False, FP32),
+    (True, False, 2, "dropped", False, True, FP32),
+    (False, True, 1, "zero_gates", True, True, FP32),
+    (True, True, None, "random", True, False, FP32),
+    (False, True, 2, "dropped", True, False, FP16),
+])
+def test_base_fused_matches_reference(grouped, shared, mixed, k, routing, bias, transposed, precision):
+    """``x [W; A_cat; W_r]^T`` (dense form) or ``x [W; W_r]^T`` (grouped form) in one GEMM: the
+    layer output and every gradient equal base linear + router + float64 reference loop."""
+    dtype, atol = precision
+    case = make_case(T=37, E=6, r=4, k=2, shared=shared, mixed_ranks=mixed)
+    g = torch.Generator().manual_seed(4)
+    d_in, d_out = case[0].shape[1], case[2].shape[1]
+    Wb = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    bb = torch.randn(d_out, generator=g, dtype=torch.float64) if bias else None
+    Wr = torch.randn(6, d_in, generator=g, dtype=torch.float64) / 4
+    route = _route_fn(k, routing)
+    for x_grad in (True, False):
+        got = _base_run(case, Wb, bb, Wr, dtype, route, grouped, x_grad, transposed)
+        want = _base_run(case, Wb, bb, Wr, torch.float64, route, None, x_grad)
+        names = ["y", "dx", "dA", "dB", "dWr"] if x_grad else ["y", "dA", "dB", "dWr"]
+        for name, a, b in zip(names, got, want):
+            assert a.dtype == dtype, name
+            torch.testing.assert_close(a.double(), b, atol=atol, rtol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_routed_linear_dispatch_and_checks(backend):
+    from molora.kernels import routed_linear
+
+    x, A, B, _, _, s, _ = make_case(E=4, r=2, k=1)
+    W = torch.randn(B.shape[1], x.shape[1], dtype=torch.float64)
+    b = torch.randn(B.shape[1], dtype=torch.float64)
+    Wr = torch.randn(4, x.shape[1], dtype=torch.float64)
+    route = _route_fn(2, "random")
+    y = routed_linear(x, W, b, A, B, Wr, route, 2, scaling=s, backend=backend)
+    torch.testing.assert_close(y, x @ W.T + b + _reference_with_router(x, A, B, Wr, route, s, None, None))
+    with pytest.raises(ValueError, match="must be frozen"):
+        routed_linear(x, W.clone().requires_grad_(), b, A, B, Wr, route, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"base weight must be \[d_out=29, d_in=45\]"):
+        routed_linear(x, W[:, :3], b, A, B, Wr, route, 2, backend=backend)
+    with pytest.raises(ValueError, match="base bias must be"):
+        routed_linear(x, W, b[:3], A, B, Wr, route, 2, backend=backend)
+    with pytest.raises(ValueError, match="routed_linear: router_weight must be"):
+        routed_linear(x, W, b, A, B, Wr[:, :3], route, 2, backend=backend)
+
+
+def test_layer_base_fusion_conditions_and_gpt2_conv1d():
+    """The base GEMM is fused only for a frozen plain nn.Linear / Conv1D called without extra
+    arguments; a GPT-2 Conv1D base (weight stored [d_in, d_out]) gives the unfused result."""
+    from transformers.pytorch_utils import Conv1D
+
+    layer = _layer(TopKRouter(6, 20, top_k=2))
+    x = torch.randn(3, 20)
+    assert layer._fusable_base(x, torch.float32, (), {}) is not None
+    assert layer._fusable_base(x, torch.float32, (1,), {}) is None
+    assert layer._fusable_base(x.double(), torch.float32, (), {}) is None
+    layer.base_layer.weight.requires_grad_(True)
+    assert layer._fusable_base(x, torch.float32, (), {}) is None
+
+    torch.manual_seed(0)
+    conv = Conv1D(12, 20)
+    with torch.no_grad():
+        conv.bias.normal_()
+    outs = []
+    for fused in (True, False):
+        router = TopKRouter(6, 20, top_k=2)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            router.proj.weight.normal_()
+        bank = ExpertBank(20, 12)
+        for e in range(6):
+            bank.add_expert(3, 6.0, B=None)
+        with torch.no_grad():
+            for p in bank.B:
+                p.normal_()
+        layer = RoutedLoRALinear(conv, bank, router, name="c_attn")
+        if not fused:
+            layer._fusable_base = lambda *a: None
+        xx = torch.randn(2, 5, 20, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = layer(xx)
+        outs.append([y.detach(), *torch.autograd.grad(y.pow(2).sum(), [xx, router.proj.weight, *bank.B])])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
