@@ -57,54 +57,75 @@ def _load_cast(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dense_shrink(x_ptr, a_ptr, rows, rmask, D_IN, E, R, SHARED: tl.constexpr, E_P: tl.constexpr,
-                  R_P: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
-    """``H [BT, E_P * R_P]`` fp32 for a token tile (shared A: computed at ``R_P`` and broadcast)."""
-    if SHARED:
-        cr = tl.arange(0, R_P)
-        h = tl.zeros((BT, R_P), dtype=tl.float32)
-        for k0 in range(0, D_IN, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D_IN
-            xt = _load_cast(x_ptr + rows[:, None] * D_IN + ks[None, :], rmask[:, None] & km[None, :], UPCAST)
-            at = _load_cast(a_ptr + cr[:, None] * D_IN + ks[None, :], (cr[:, None] < R) & km[None, :], UPCAST)
-            h += tl.dot(xt, tl.trans(at))
-        h = tl.reshape(tl.broadcast_to(h[:, None, :], (BT, E_P, R_P)), (BT, E_P * R_P))
-    else:
-        col = tl.arange(0, E_P * R_P)
-        ce = col // R_P
-        cr = col % R_P
-        cvalid = (ce < E) & (cr < R)
-        h = tl.zeros((BT, E_P * R_P), dtype=tl.float32)
-        for k0 in range(0, D_IN, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D_IN
-            xt = _load_cast(x_ptr + rows[:, None] * D_IN + ks[None, :], rmask[:, None] & km[None, :], UPCAST)
-            at = _load_cast(a_ptr + (ce * R + cr)[:, None] * D_IN + ks[None, :], cvalid[:, None] & km[None, :], UPCAST)
-            h += tl.dot(xt, tl.trans(at))
-    return h
+def _w_tile(w_ptr, woff, wmask, ks, km, CS, UPCAST: tl.constexpr):
+    """Tile ``W[w, k]`` at ``w_ptr + woff[w] + k CS``: rows of A (``woff = row d_in``, ``CS = 1``) and
+    ``B_e^T`` read in place (``woff = e d_out r + j``, ``CS = r``), so no kernel transposes B."""
+    return _load_cast(w_ptr + woff[:, None] + ks[None, :] * CS, wmask[:, None] & km[None, :], UPCAST)
 
 
 @triton.jit
-def _dense_fwd_kernel(x_ptr, a_ptr, b_ptr, coef_ptr, mask_ptr, y_ptr, T, D_IN, D_OUT, E, R,
-                      SHARED: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+def _shrink(l_ptr, rows, rmask, w_ptr, woff, wmask, CS, K, BR: tl.constexpr, W: tl.constexpr,
+            BK: tl.constexpr, UPCAST: tl.constexpr):
+    """``[BR, W]`` fp32 ``sum_k L[rows, k] W[w, k]`` over the ``K`` columns of row-major ``L``:
+    ``H = X A^T`` and ``U = dY B`` (``d -> r``) of every kernel."""
+    acc = tl.zeros((BR, W), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        lt = _load_cast(l_ptr + rows[:, None] * K + ks[None, :], rmask[:, None] & km[None, :], UPCAST)
+        acc += tl.dot(lt, tl.trans(_w_tile(w_ptr, woff, wmask, ks, km, CS, UPCAST)))
+    return acc
+
+
+@triton.jit
+def _expand(h, w_ptr, woff, wmask, CS, out_ptr, rows, rmask, N, BN: tl.constexpr, UPCAST: tl.constexpr,
+            ATOMIC: tl.constexpr):
+    """``out[rows, n] = sum_w h[:, w] W[w, n]`` over the ``N`` columns of row-major ``out``:
+    ``Y = H' B^T`` and ``dX = dH A`` (``r -> d``). ``ATOMIC``: added into an fp32 ``out``, because
+    the grouped kernels' blocks share tokens; else stored in ``out``'s dtype (one writer per row)."""
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        nm = ns < N
+        wt = _w_tile(w_ptr, woff, wmask, ns, nm, CS, UPCAST)
+        out = tl.dot(h.to(wt.dtype), wt)
+        ptrs = out_ptr + rows[:, None] * N + ns[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, out, rmask[:, None] & nm[None, :])
+        else:
+            tl.store(ptrs, out.to(out_ptr.dtype.element_ty), rmask[:, None] & nm[None, :])
+
+
+@triton.jit
+def _dense_tile(x_ptr, a_ptr, coef_ptr, mask_ptr, T, D_IN, E, R, SHARED: tl.constexpr, E_P: tl.constexpr,
+                R_P: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's token tile for the dense kernels: ``rows``/``rmask``, the expert columns
+    ``col = e R_P + j`` (``ce``, ``cr``, valid ``cvalid``), ``H [BT, E_P R_P]`` fp32, the coefficients
+    ``c`` and the rank mask ``m`` per column. The backward recomputes ``H`` rather than store it."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     col = tl.arange(0, E_P * R_P)
     ce = col // R_P
     cr = col % R_P
     cvalid = (ce < E) & (cr < R)
-    h = _dense_shrink(x_ptr, a_ptr, rows, rmask, D_IN, E, R, SHARED, E_P, R_P, BT, BK, UPCAST)
+    if SHARED:  # H = X A^T at R_P columns, broadcast to the experts' columns: A x once, not per expert
+        rr = tl.arange(0, R_P)
+        h = _shrink(x_ptr, rows, rmask, a_ptr, rr * D_IN, rr < R, 1, D_IN, BT, R_P, BK, UPCAST)
+        h = tl.reshape(tl.broadcast_to(h[:, None, :], (BT, E_P, R_P)), (BT, E_P * R_P))
+    else:
+        h = _shrink(x_ptr, rows, rmask, a_ptr, (ce * R + cr) * D_IN, cvalid, 1, D_IN, BT, E_P * R_P, BK, UPCAST)
     c = tl.load(coef_ptr + rows[:, None] * E + ce[None, :], rmask[:, None] & cvalid[None, :], other=0.0)
     m = tl.load(mask_ptr + ce * R + cr, cvalid, other=0.0)
+    return rows, rmask, col, ce, cr, cvalid, h, c, m
+
+
+@triton.jit
+def _dense_fwd_kernel(x_ptr, a_ptr, b_ptr, coef_ptr, mask_ptr, y_ptr, T, D_IN, D_OUT, E, R,
+                      SHARED: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+    rows, rmask, col, ce, cr, cvalid, h, c, m = _dense_tile(x_ptr, a_ptr, coef_ptr, mask_ptr, T, D_IN, E, R,
+                                                            SHARED, E_P, R_P, BT, BK, UPCAST)
     hp = h * c * m[None, :]
-    for n0 in range(0, D_OUT, BN):
-        ns = n0 + tl.arange(0, BN)
-        nm = ns < D_OUT
-        bt = _load_cast(b_ptr + ce[:, None] * (D_OUT * R) + ns[None, :] * R + cr[:, None], cvalid[:, None] & nm[None, :], UPCAST)
-        out = tl.dot(hp.to(bt.dtype), bt)
-        tl.store(y_ptr + rows[:, None] * D_OUT + ns[None, :], out.to(y_ptr.dtype.element_ty), rmask[:, None] & nm[None, :])
+    _expand(hp, b_ptr, ce * (D_OUT * R) + cr, cvalid, R, y_ptr, rows, rmask, D_OUT, BN, UPCAST, False)
 
 
 @triton.jit
@@ -112,22 +133,9 @@ def _dense_bwd_kernel(x_ptr, a_ptr, b_ptr, coef_ptr, mask_ptr, dy_ptr, dx_ptr, d
                       T, D_IN, D_OUT, E, R, SHARED: tl.constexpr, E_P: tl.constexpr, R_P: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
                       NEED_X: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    rmask = rows < T
-    col = tl.arange(0, E_P * R_P)
-    ce = col // R_P
-    cr = col % R_P
-    cvalid = (ce < E) & (cr < R)
-    h = _dense_shrink(x_ptr, a_ptr, rows, rmask, D_IN, E, R, SHARED, E_P, R_P, BT, BK, UPCAST)
-    c = tl.load(coef_ptr + rows[:, None] * E + ce[None, :], rmask[:, None] & cvalid[None, :], other=0.0)
-    m = tl.load(mask_ptr + ce * R + cr, cvalid, other=0.0)
-    u = tl.zeros((BT, E_P * R_P), dtype=tl.float32)
-    for n0 in range(0, D_OUT, BN):
-        ns = n0 + tl.arange(0, BN)
-        nm = ns < D_OUT
-        dyt = _load_cast(dy_ptr + rows[:, None] * D_OUT + ns[None, :], rmask[:, None] & nm[None, :], UPCAST)
-        bt = _load_cast(b_ptr + ce[:, None] * (D_OUT * R) + ns[None, :] * R + cr[:, None], cvalid[:, None] & nm[None, :], UPCAST)
-        u += tl.dot(dyt, tl.trans(bt))
+    rows, rmask, col, ce, cr, cvalid, h, c, m = _dense_tile(x_ptr, a_ptr, coef_ptr, mask_ptr, T, D_IN, E, R,
+                                                            SHARED, E_P, R_P, BT, BK, UPCAST)
+    u = _shrink(dy_ptr, rows, rmask, b_ptr, ce * (D_OUT * R) + cr, cvalid, R, D_OUT, BT, E_P * R_P, BN, UPCAST)
     hm = h * m[None, :]
     # gate gradient: reduce each expert's R_P columns in registers
     dc = tl.sum(tl.reshape(u * hm, (BT, E_P, R_P)), axis=2)
@@ -141,21 +149,11 @@ def _dense_bwd_kernel(x_ptr, a_ptr, b_ptr, coef_ptr, mask_ptr, dy_ptr, dx_ptr, d
         rr = tl.arange(0, R_P)
         tl.store(dh_ptr + rows[:, None] * R_P + rr[None, :], dhs, rmask[:, None])
         if NEED_X:
-            for k0 in range(0, D_IN, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D_IN
-                at = _load_cast(a_ptr + rr[:, None] * D_IN + ks[None, :], (rr[:, None] < R) & km[None, :], UPCAST)
-                dxt = tl.dot(dhs.to(at.dtype), at)
-                tl.store(dx_ptr + rows[:, None] * D_IN + ks[None, :], dxt.to(dx_ptr.dtype.element_ty), rmask[:, None] & km[None, :])
+            _expand(dhs, a_ptr, rr * D_IN, rr < R, 1, dx_ptr, rows, rmask, D_IN, BK, UPCAST, False)
     else:
         tl.store(dh_ptr + tile, dh, rmask[:, None])
         if NEED_X:
-            for k0 in range(0, D_IN, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D_IN
-                at = _load_cast(a_ptr + (ce * R + cr)[:, None] * D_IN + ks[None, :], cvalid[:, None] & km[None, :], UPCAST)
-                dxt = tl.dot(dh.to(at.dtype), at)
-                tl.store(dx_ptr + rows[:, None] * D_IN + ks[None, :], dxt.to(dx_ptr.dtype.element_ty), rmask[:, None] & km[None, :])
+            _expand(dh, a_ptr, (ce * R + cr) * D_IN, cvalid, 1, dx_ptr, rows, rmask, D_IN, BK, UPCAST, False)
 
 
 @triton.jit
@@ -187,39 +185,40 @@ def _segment_tn_kernel(l_ptr, w_ptr, r_ptr, idx_ptr, off_ptr, out_ptr, M, N, LD_
 
 
 @triton.jit
+def _grouped_block(blk, e, bstart_ptr, off_ptr, tok_ptr, coef_ptr, mask_ptr, R, R_P: tl.constexpr,
+                   BM: tl.constexpr):
+    """Block ``blk`` of expert ``e``'s segment: sorted pair rows ``i`` (valid ``im``: the segment's
+    last block is masked, not padded), their tokens ``tok`` and coefficients ``c``, the rank range
+    ``cr`` (valid ``rm``) and expert e's rank mask ``m``. The kernels test ``e >= 0`` before calling
+    this, so the spare blocks past the last segment load nothing more."""
+    start = tl.load(bstart_ptr + blk)
+    end = tl.load(off_ptr + e + 1)
+    i = start + tl.arange(0, BM)
+    im = i < end
+    tok = tl.load(tok_ptr + i, im, other=0)
+    c = tl.load(coef_ptr + i, im, other=0.0)
+    cr = tl.arange(0, R_P)
+    rm = cr < R
+    m = tl.load(mask_ptr + e * R + cr, rm, other=0.0)
+    return i, im, tok, c, cr, rm, m
+
+
+@triton.jit
 def _grouped_fwd_kernel(x_ptr, a_ptr, b_ptr, hsh_ptr, tok_ptr, coef_ptr, mask_ptr, bexp_ptr, bstart_ptr, off_ptr,
                         h_ptr, y_ptr, D_IN, D_OUT, R, SHARED: tl.constexpr, R_P: tl.constexpr, BM: tl.constexpr,
                         BK: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
     blk = tl.program_id(0)
     e = tl.load(bexp_ptr + blk)
     if e >= 0:
-        start = tl.load(bstart_ptr + blk)
-        end = tl.load(off_ptr + e + 1)
-        i = start + tl.arange(0, BM)
-        im = i < end
-        tok = tl.load(tok_ptr + i, im, other=0)
-        c = tl.load(coef_ptr + i, im, other=0.0)
-        cr = tl.arange(0, R_P)
-        rm = cr < R
+        i, im, tok, c, cr, rm, m = _grouped_block(blk, e, bstart_ptr, off_ptr, tok_ptr, coef_ptr, mask_ptr, R, R_P, BM)
         if SHARED:  # H = X A^T was computed once per token; gather its rows
             h = tl.load(hsh_ptr + tok[:, None] * R_P + cr[None, :], im[:, None], other=0.0)
         else:
-            h = tl.zeros((BM, R_P), dtype=tl.float32)
-            for k0 in range(0, D_IN, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D_IN
-                xt = _load_cast(x_ptr + tok[:, None] * D_IN + ks[None, :], im[:, None] & km[None, :], UPCAST)
-                at = _load_cast(a_ptr + e * R * D_IN + cr[:, None] * D_IN + ks[None, :], rm[:, None] & km[None, :], UPCAST)
-                h += tl.dot(xt, tl.trans(at))
-        h = h * tl.load(mask_ptr + e * R + cr, rm, other=0.0)[None, :]
+            h = _shrink(x_ptr, tok, im, a_ptr, e * R * D_IN + cr * D_IN, rm, 1, D_IN, BM, R_P, BK, UPCAST)
+        h = h * m[None, :]
         tl.store(h_ptr + i[:, None] * R_P + cr[None, :], h, im[:, None])
         hp = h * c[:, None]
-        for n0 in range(0, D_OUT, BN):
-            ns = n0 + tl.arange(0, BN)
-            nm = ns < D_OUT
-            bt = _load_cast(b_ptr + e * D_OUT * R + ns[None, :] * R + cr[:, None], rm[:, None] & nm[None, :], UPCAST)
-            out = tl.dot(hp.to(bt.dtype), bt)
-            tl.atomic_add(y_ptr + tok[:, None] * D_OUT + ns[None, :], out, im[:, None] & nm[None, :])
+        _expand(hp, b_ptr, e * D_OUT * R + cr, rm, R, y_ptr, tok, im, D_OUT, BN, UPCAST, True)
 
 
 @triton.jit
@@ -230,33 +229,15 @@ def _grouped_bwd_kernel(a_ptr, b_ptr, dy_ptr, tok_ptr, coef_ptr, scale_ptr, mask
     blk = tl.program_id(0)
     e = tl.load(bexp_ptr + blk)
     if e >= 0:
-        start = tl.load(bstart_ptr + blk)
-        end = tl.load(off_ptr + e + 1)
-        i = start + tl.arange(0, BM)
-        im = i < end
-        tok = tl.load(tok_ptr + i, im, other=0)
-        c = tl.load(coef_ptr + i, im, other=0.0)
-        cr = tl.arange(0, R_P)
-        rm = cr < R
-        u = tl.zeros((BM, R_P), dtype=tl.float32)
-        for n0 in range(0, D_OUT, BN):
-            ns = n0 + tl.arange(0, BN)
-            nm = ns < D_OUT
-            dyt = _load_cast(dy_ptr + tok[:, None] * D_OUT + ns[None, :], im[:, None] & nm[None, :], UPCAST)
-            bt = _load_cast(b_ptr + e * D_OUT * R + ns[None, :] * R + cr[:, None], rm[:, None] & nm[None, :], UPCAST)
-            u += tl.dot(dyt, tl.trans(bt))
+        i, im, tok, c, cr, rm, m = _grouped_block(blk, e, bstart_ptr, off_ptr, tok_ptr, coef_ptr, mask_ptr, R, R_P, BM)
+        u = _shrink(dy_ptr, tok, im, b_ptr, e * D_OUT * R + cr, rm, R, D_OUT, BM, R_P, BN, UPCAST)
         h = tl.load(h_ptr + i[:, None] * R_P + cr[None, :], im[:, None], other=0.0)
         s = tl.load(scale_ptr + e)
         tl.store(dpair_ptr + i, tl.sum(u * h, axis=1) * s, im)
-        dh = u * c[:, None] * tl.load(mask_ptr + e * R + cr, rm, other=0.0)[None, :]
+        dh = u * c[:, None] * m[None, :]
         tl.store(dh_ptr + i[:, None] * R_P + cr[None, :], dh, im[:, None])
         if NEED_X and not SHARED:
-            for k0 in range(0, D_IN, BK):
-                ks = k0 + tl.arange(0, BK)
-                km = ks < D_IN
-                at = _load_cast(a_ptr + e * R * D_IN + cr[:, None] * D_IN + ks[None, :], rm[:, None] & km[None, :], UPCAST)
-                dxt = tl.dot(dh.to(at.dtype), at)
-                tl.atomic_add(dx_ptr + tok[:, None] * D_IN + ks[None, :], dxt, im[:, None] & km[None, :])
+            _expand(dh, a_ptr, e * R * D_IN + cr * D_IN, rm, 1, dx_ptr, tok, im, D_IN, BK, UPCAST, True)
 
 
 # ---------------------------------------------------------------------------------------- host side
