@@ -6,7 +6,12 @@ of forward and of forward+backward for:
 
 * ``base``: the frozen base linear alone (``x`` requires grad, ``W`` does not: LoRA training);
 * ``routed[<backend>]``: base + router (linear, softmax, top-k, renormalise) + ``routed_lora``
-  through each available backend (``reference``, ``torch``; ``triton`` on CUDA only);
+  through each available backend (``reference``, ``torch``; ``triton`` on CUDA only), as
+  ``molora.kernels.routed_linear`` runs them (the torch backend computes the base output, the
+  router logits and the LoRA shrink in one GEMM);
+* ``layer``: the library's ``RoutedLoRALinear`` around the same base linear, with a
+  ``TopKRouter`` and an ``ExpertBank`` holding the same weights (the default backend, plus the
+  layer's own bookkeeping: stacking the bank, the routing decision it records);
 * ``naive-loop``: every expert on every token, masked by its gate (HydraLoRA / LoRAMoE style);
 * ``index_add-loop``: per expert ``where(idx == e)``, gather, LoRA, ``index_add_`` (MoE-PEFT).
 
@@ -70,6 +75,24 @@ class Problem:
         self.B = mk(E, d, r, std=0.1).requires_grad_()
         self.dy = mk(T, d)
         self.k, self.E, self.s = k, E, 2.0
+        self.layer = self._layer(d, E, r, k)
+
+    def _layer(self, d: int, E: int, r: int, k: int):
+        """RoutedLoRALinear around ``self.base`` with this problem's router and expert weights."""
+        from molora.bank import ExpertBank
+        from molora.layer import RoutedLoRALinear
+        from molora.routers import TopKRouter
+
+        bank = ExpertBank(d, d, dtype=self.x.dtype, device=self.x.device)
+        for e in range(E):  # alpha = s r gives the scaling s of the other variants
+            bank.add_expert(r, self.s * r, A=self.A[e], B=self.B[e])
+        router = TopKRouter(E, d, top_k=k).to(device=self.x.device, dtype=self.x.dtype)
+        with torch.no_grad():
+            router.proj.weight.copy_(self.Wr)
+        return RoutedLoRALinear(self.base, bank, router, name="bench")
+
+    def layer_call(self):
+        return self.layer(self.x)
 
     def route_logits(self, logits):
         """The top-k router's softmax, top-k and renormalisation (molora.routers.TopKRouter)."""
@@ -121,7 +144,7 @@ class Problem:
 def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[str, float]:
     """Median seconds per variant, interleaved round-robin after one warm-up each."""
     def call(fn, p):
-        for t in (p.x, p.Wr, p.A, p.B):
+        for t in (p.x, p.Wr, p.A, p.B, *p.layer.parameters()):
             t.grad = None
         y = fn()
         if backward:
@@ -138,6 +161,7 @@ def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict
     variants = {"base": (p.base_only, p)}
     for b in backends:
         variants[f"routed[{b}]"] = ((lambda b=b: p.routed(b)), p)
+    variants["layer"] = (p.layer_call, p)
     variants["naive-loop"] = (p.naive_loop, p)
     variants["index_add-loop"] = (p.index_add_loop, p)
     out = {"d": d, "T": T, "E": E, "r": r, "k": k}

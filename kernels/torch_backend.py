@@ -2,8 +2,9 @@
 
 Cost model (per token, forward + backward, ``d = d_in + d_out``): the dense form does six GEMMs
 over ``E r`` columns (``~6 E r d`` FLOPs; with a linear router, its logits ride in the same
-GEMMs: :func:`routed_lora_torch_with_router`) and moves nothing beyond x, y and their
-gradients; its GEMMs use every intra-op thread. The grouped form does the GEMMs over only the
+GEMMs, and in the routed layer the shrink and the logits ride in the frozen base linear's GEMM:
+:func:`routed_lora_torch_with_router`) and moves nothing beyond x, y and their gradients; its
+GEMMs use every intra-op thread. The grouped form does the GEMMs over only the
 ``k`` selected experts, but gathers and scatters ``k`` rows of x, y, dy and dx per token and
 loops over the experts in Python on one thread (:func:`molora.kernels.grouped._one_thread`);
 its rank-``r`` GEMMs are memory-bound, so its cost is ``~ k`` row moves per token, nearly
