@@ -155,7 +155,7 @@ def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[
     return interleaved_medians(calls, repeats, clock=CLOCK, sync=lambda: sync(device))
 
 
-def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict:
+def bench_shape(shape, device, dtype, repeats: int, backends: list[str], skip: frozenset[str] = frozenset()) -> dict:
     d, T, E, r, k = shape
     p = Problem(d, T, E, r, k, device, dtype)
     variants = {"base": (p.base_only, p)}
@@ -164,6 +164,7 @@ def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict
     variants["layer"] = (p.layer_call, p)
     variants["naive-loop"] = (p.naive_loop, p)
     variants["index_add-loop"] = (p.index_add_loop, p)
+    variants = {name: v for name, v in variants.items() if name not in skip}
     out = {"d": d, "T": T, "E": E, "r": r, "k": k}
     for mode, bw in (("fwd", False), ("fwd+bwd", True)):
         ctx = torch.enable_grad() if bw else torch.no_grad()
@@ -173,25 +174,34 @@ def bench_shape(shape, device, dtype, repeats: int, backends: list[str]) -> dict
     return out
 
 
+def _variant_names(rows: list[dict]) -> list[str]:
+    """Every timed variant but the base, in order (``--skip`` leaves some out of some rows)."""
+    return [n for n in dict.fromkeys(n for row in rows for n in row["fwd"]) if n != "base"]
+
+
+def _ratio(cell: dict | None, width: int = 0) -> str:
+    return f"{cell['ratio']:.2f}x".rjust(width) if cell else "-".rjust(width)
+
+
 def print_table(rows: list[dict]) -> None:
-    names = list(rows[0]["fwd"])
-    head = f"{'d':>5} {'T':>5} {'E':>3} {'r':>3} {'k':>2} {'mode':>8} {'base ms':>8}  " + "  ".join(f"{n:>16}" for n in names[1:])
+    names = _variant_names(rows)
+    head = f"{'d':>5} {'T':>5} {'E':>3} {'r':>3} {'k':>2} {'mode':>8} {'base ms':>8}  " + "  ".join(f"{n:>16}" for n in names)
     print(head)
     for row in rows:
         for mode in ("fwd", "fwd+bwd"):
             m = row[mode]
-            cells = "  ".join(f"{m[n]['ratio']:>15.2f}x" for n in names[1:])
+            cells = "  ".join(_ratio(m.get(n), 16) for n in names)
             print(f"{row['d']:>5} {row['T']:>5} {row['E']:>3} {row['r']:>3} {row['k']:>2} {mode:>8} {m['base']['ms']:>8.1f}  {cells}")
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The README table: fwd+bwd (and fwd) ratios to the base linear."""
-    names = list(rows[0]["fwd"])[1:]
+    names = _variant_names(rows)
     lines = ["| d | T | E | r | k | base fwd+bwd ms | " + " | ".join(names) + " |",
              "|---" * (6 + len(names)) + "|"]
     for row in rows:
         fb, f = row["fwd+bwd"], row["fwd"]
-        cells = " | ".join(f"{fb[n]['ratio']:.2f}x ({f[n]['ratio']:.2f}x)" for n in names)
+        cells = " | ".join(f"{_ratio(fb.get(n))} ({_ratio(f.get(n))})" if n in fb else "-" for n in names)
         lines.append(f"| {row['d']} | {row['T']} | {row['E']} | {row['r']} | {row['k']} | {fb['base']['ms']:.0f} | {cells} |")
     return "\n".join(lines)
 
@@ -238,6 +248,9 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall clock (default), or the thread's CPU time (needs --threads 1): steadier on a shared machine")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated variants not to time, except at the target shapes (e.g. "
+                         "'routed[reference],naive-loop' for the --full grid on a CPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="print the markdown table of a results JSON and exit")
     args = ap.parse_args(argv)
@@ -271,8 +284,9 @@ def main(argv=None) -> int:
     shapes = list(dict.fromkeys(TARGETS + shapes))
     backends = [b for b in available_backends() if b != "triton" or device.type == "cuda"]
     rows = []
+    skip = frozenset(v for v in args.skip.split(",") if v)
     for shape in shapes:
-        rows.append(bench_shape(shape, device, dtype, args.repeats, backends))
+        rows.append(bench_shape(shape, device, dtype, args.repeats, backends, frozenset() if shape in TARGETS else skip))
         print_table(rows[-1:])
         sys.stdout.flush()
     print("\nratios to the base linear (median of %d, interleaved):" % args.repeats)

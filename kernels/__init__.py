@@ -181,10 +181,12 @@ def routed_linear(
 
     ``weight`` ``[d_out, d_in]`` and ``bias`` ``[d_out]`` (or ``None``) are the base layer's and
     must be frozen (``requires_grad=False``), as in LoRA training; the other arguments are as in
-    :func:`routed_lora_with_router`. The torch backend computes the base output, the LoRA shrink
-    and the router logits in one GEMM, ``x [W; A_cat; W_r]^T`` (``x [W; W_r]^T`` in the grouped
-    form; :mod:`.linear`), and adds the delta into the base output in place; its backward
-    computes the base's ``dx = dy W`` and accumulates the LoRA and router terms into it. Other
+    :func:`routed_lora_with_router`. The torch backend's dense form computes the base output,
+    the LoRA shrink and the router logits in one GEMM, ``x [W; A_cat; W_r]^T`` (:mod:`.linear`),
+    and adds the delta into the base output in place; its backward computes the base's
+    ``dx = dy W`` and accumulates the LoRA and router terms into it. The output is then a column
+    block of that GEMM's output: its rows are contiguous but padded (``stride(0) > d_out``), so
+    ``view`` works on its leading dimensions, not across a row. The grouped form and the other
     backends run ``F.linear`` and then :func:`routed_lora_with_router` into its output.
     Differentiable in ``x``, ``A``, ``B`` and ``router_weight``.
     """
