@@ -114,9 +114,9 @@ class Problem:
                              self.k, scaling=self.s, backend=backend)
 
     def form(self, grouped: bool):
-        y = self.base(self.x)
+        # the whole layer as routed_linear runs it, in the given form
         return routed_lora_torch_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k, self.s,
-                                             None, y, grouped=grouped)
+                                             grouped=grouped, base_weight=self.base.weight, base_bias=self.base.bias)
 
     def naive_loop(self):
         """Every expert on every token, weighted by its (mostly zero) gate."""
