@@ -186,8 +186,10 @@ def routed_linear(
     and adds the delta into the base output in place; its backward computes the base's
     ``dx = dy W`` and accumulates the LoRA and router terms into it. The output is then a column
     block of that GEMM's output: its rows are contiguous but padded (``stride(0) > d_out``), so
-    ``view`` works on its leading dimensions, not across a row. The grouped form and the other
-    backends run ``F.linear`` and then :func:`routed_lora_with_router` into its output.
+    ``view`` works on its leading dimensions, not across a row. The grouped form computes the
+    base output and the router logits in one GEMM (``x [W; W_r]^T``) and scatter-adds the delta
+    into a contiguous copy of the base output. Other backends run ``F.linear`` and then
+    :func:`routed_lora_with_router` into its output.
     Differentiable in ``x``, ``A``, ``B`` and ``router_weight``.
     """
     if weight.dim() != 2 or tuple(weight.shape) != (B.shape[1], x.shape[-1]):

@@ -54,7 +54,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .dense import dense_gate_expand, dense_shrink_weight, routed_lora_dense
@@ -115,7 +114,9 @@ def routed_lora_torch_with_router(
     With ``base_weight`` (the frozen base layer's ``W [d_out, d_in]``) and ``base_bias``, the
     whole layer's output is returned (``out`` must be ``None``): in the dense form the base output
     ``x W^T + b`` is computed in that same GEMM too (``x [W; A_cat; W_r]^T``) and the delta added
-    into it; the grouped form runs the base linear on its own (see the comment there)."""
+    into it; in the grouped form the base output and the logits share one GEMM
+    (``x [W; W_r]^T``) and the delta is added into a contiguous copy of the base output (see the
+    comment there)."""
     E, _, r = B.shape
     if grouped is None:
         grouped = use_grouped(E, r, top_k)
@@ -125,13 +126,18 @@ def routed_lora_torch_with_router(
     if base_bias is not None and not base:
         raise ValueError("routed_lora_torch_with_router: base_bias needs base_weight")
     if grouped:
-        if base:
-            # the grouped form scatter-adds rows into the base output: into a contiguous one, as
-            # index_add_ into the rows of a wider GEMM output (x [W; W_r]^T) ran 2.5x slower
-            # (E = 64, d = 1024, T = 4096: 21 ms vs 8 ms a step), more than the fusion saves
-            out = F.linear(x, base_weight, base_bias)
-        gates, indices = route(shared_input_linear(x, router_weight))
-        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
+        if not base:
+            gates, indices = route(shared_input_linear(x, router_weight))
+            return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
+        # the router logits ride in the base GEMM (x [W; W_r]^T; the router's own N = E GEMM and
+        # its dx pass were ~10 ms a step at E = 64), but the grouped form scatter-adds rows into
+        # the base output, and index_add_ into the rows of the wider GEMM output ran 2.5x slower
+        # (21 ms vs 8 ms a step) than into a contiguous one: so the base output is copied out
+        # first (~4 ms). Measured, E = 64, d = 1024, T = 4096, one thread: 1.37-1.45x -> 1.32-1.39x
+        # the base linear over three A/B runs; two threads 1.69x -> 1.54x.
+        wide, logits = shared_input_linear(x, base_weight, router_weight, bias=base_bias)
+        gates, indices = route(logits)
+        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, wide.contiguous())
     projections = shared_input_linear(x, *base, dense_shrink_weight(A), router_weight, bias=base_bias)
     if base:
         out, h, logits = projections
