@@ -17,25 +17,25 @@ with ``threads = torch.get_num_threads()``. Dense gates (every expert selected) 
 Measured with ``python benchmarks/kernels.py --switch --repeats 5 --threads 1 --clock cpu``
 (CPU fp32, one thread, timed by the thread's CPU time; d = 1024, T = 4096, the whole layer as
 :func:`molora.kernels.routed_linear` runs it: the dense form with the base output, the LoRA
-shrink and the router logits in one GEMM, the grouped form with the base linear and the router
-on their own; forward + backward; time of the grouped form / time of the dense form, < 1 means
-grouped is faster; ``benchmarks/results/kernels-switch-cpu-cpuclock.json``)::
+shrink and the router logits in one GEMM, the grouped form with the base output and the router
+logits in one GEMM; forward + backward; time of the grouped form / time of the dense form, < 1
+means grouped is faster; ``benchmarks/results/kernels-switch-cpu-cpuclock.json``)::
 
-    k=1 r=8 : E=2 1.13  E=4 1.04  E=8 0.97  E=16 0.83  E=32 0.68  E=64 0.50
-    k=2 r=8 : E=4 1.14  E=8 1.07  E=16 0.96  E=32 0.74  E=64 0.55
-    k=1 r=16: E=2 1.08  E=4 0.96  E=8 0.84  E=16 0.68  E=32 0.50  E=64 0.32
-    k=2 r=16: E=4 1.09  E=8 0.96  E=16 0.74  E=32 0.55  E=64 0.36
+    k=1 r=8 : E=2 1.05  E=4 1.02  E=8 0.99  E=16 0.83  E=32 0.67  E=64 0.49
+    k=2 r=8 : E=4 1.12  E=8 1.06  E=16 0.96  E=32 0.75  E=64 0.54
+    k=1 r=16: E=2 1.05  E=4 0.98  E=8 0.82  E=16 0.67  E=32 0.50  E=64 0.32
+    k=2 r=16: E=4 1.07  E=8 0.95  E=16 0.75  E=32 0.55  E=64 0.36
 
-The grouped form wins once ``E r > 32 k``: k=1 from E r = 64 on (r=8: E=8; r=16: E=4), k=2
-from E r = 128 on (r=8: E=16; r=16: E=8); at ``E r = 32 k`` and below the dense form is faster
-(k=2 r=8 E=8: 1.07). The same rule held before the base linear joined the dense form's GEMM
+The grouped form wins once ``E r > 32 k``: k=1 from E r = 64 on (r=8: E=8, a tie; r=16: E=4),
+k=2 from E r = 128 on (r=8: E=16; r=16: E=8); at ``E r = 32 k`` and below the dense form is
+faster (k=2 r=8 E=8: 1.06). The same rule held before the base linear joined both forms' GEMMs
 (``benchmarks/results/kernels-switch-cpu.json``: k=2 r=8 E=8 1.01, E=16 0.91). Hence
 ``GROUPED_MIN_COLUMNS_PER_SLOT = 32``.
 
 The ``threads`` factor: with ``n`` threads the dense form's GEMMs run ~``n`` times faster and the
 grouped loop does not, so the crossing moves to ``n`` times more columns. Measured with two
 threads (``python benchmarks/kernels.py --switch --repeats 3``, same shapes, one other job on
-the 2 cores; before the base linear joined the dense form's GEMM;
+the 2 cores; before the base linear joined the forms' GEMMs;
 ``benchmarks/results/kernels-switch-cpu-threads2.json``)::
 
     k=1 r=8 : E=2 1.20  E=4 1.17  E=8 1.05  E=16 0.96  E=32 0.79  E=64 0.54
