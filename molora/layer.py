@@ -193,9 +193,12 @@ class RoutedLoRALinear(nn.Module):
         """``(W [d_out, d_in], b)`` of the base layer when its GEMM can also compute the LoRA shrink
         and the router logits (:func:`molora.kernels.routed_linear`): a plain ``nn.Linear`` or
         ``Conv1D`` (not a subclass: quantised layers compute differently), frozen, called with
-        no extra arguments, with weights and input of the experts' dtype."""
+        no extra arguments, with weights and input of the experts' dtype, and no autocast (whose
+        base linear would compute, and return, the autocast dtype)."""
         base = self.base_layer
         if args or kwargs or type(base) not in (nn.Linear, Conv1D) or x.dtype != dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
             return None
         weight, bias = base.weight, base.bias
         if weight.dtype != dtype or weight.requires_grad or (bias is not None and (bias.requires_grad or bias.dtype != dtype)):

@@ -305,6 +305,9 @@ def test_layer_base_fusion_conditions_and_gpt2_conv1d():
     assert layer._fusable_base(x, torch.float32, (), {}) is not None
     assert layer._fusable_base(x, torch.float32, (1,), {}) is None
     assert layer._fusable_base(x.double(), torch.float32, (), {}) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the output keeps the autocast dtype
+        assert layer._fusable_base(x, torch.float32, (), {}) is None
+        assert layer(x).dtype == layer.base_layer(x).dtype == torch.bfloat16
     layer.base_layer.weight.requires_grad_(True)
     assert layer._fusable_base(x, torch.float32, (), {}) is None
 
