@@ -120,28 +120,26 @@ def routed_lora_torch_with_router(
     E, _, r = B.shape
     if grouped is None:
         grouped = use_grouped(E, r, top_k)
-    base = () if base_weight is None else (base_weight,)
-    if base and out is not None:
-        raise ValueError("routed_lora_torch_with_router: give either out or base_weight, not both")
-    if base_bias is not None and not base:
-        raise ValueError("routed_lora_torch_with_router: base_bias needs base_weight")
-    if grouped:
-        if not base:
+    if base_weight is None:
+        if base_bias is not None:
+            raise ValueError("routed_lora_torch_with_router: base_bias needs base_weight")
+        if grouped:
             gates, indices = route(shared_input_linear(x, router_weight))
             return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
-        # the router logits ride in the base GEMM (x [W; W_r]^T; the router's own N = E GEMM and
-        # its dx pass were ~10 ms a step at E = 64), but the grouped form scatter-adds rows into
-        # the base output, and index_add_ into the rows of the wider GEMM output ran 2.5x slower
-        # (21 ms vs 8 ms a step) than into a contiguous one: so the base output is copied out
-        # first (~4 ms). Measured, E = 64, d = 1024, T = 4096, one thread: 1.37-1.45x -> 1.32-1.39x
-        # the base linear over three A/B runs; two threads 1.69x -> 1.54x.
-        wide, logits = shared_input_linear(x, base_weight, router_weight, bias=base_bias)
-        gates, indices = route(logits)
-        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, wide.contiguous())
-    projections = shared_input_linear(x, *base, dense_shrink_weight(A), router_weight, bias=base_bias)
-    if base:
-        out, h, logits = projections
+        h, logits = shared_input_linear(x, dense_shrink_weight(A), router_weight)
     else:
-        h, logits = projections
+        if out is not None:
+            raise ValueError("routed_lora_torch_with_router: give either out or base_weight, not both")
+        if grouped:
+            # the router logits ride in the base GEMM (x [W; W_r]^T; the router's own N = E GEMM
+            # and its dx pass were ~10 ms a step at E = 64), but the grouped form scatter-adds rows
+            # into the base output, and index_add_ into the rows of the wider GEMM output ran 2.5x
+            # slower (21 ms vs 8 ms a step) than into a contiguous one: so the base output is
+            # copied out first (~4 ms). Measured, E = 64, d = 1024, T = 4096, one thread:
+            # 1.37-1.45x -> 1.32-1.39x the base linear over three A/B runs; two threads 1.69x -> 1.54x.
+            wide, logits = shared_input_linear(x, base_weight, router_weight, bias=base_bias)
+            gates, indices = route(logits)
+            return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, wide.contiguous())
+        out, h, logits = shared_input_linear(x, base_weight, dense_shrink_weight(A), router_weight, bias=base_bias)
     gates, indices = route(logits)
     return dense_gate_expand(h, B, gates, indices, scaling, rank_mask, out)
