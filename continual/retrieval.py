@@ -30,6 +30,7 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor
 
+from molora.checks import finite_number, finite_tensor, positive_int
 from molora.routers import RetrievalRouter, StaticRouter
 from molora.routers.retrieval import METRICS, key_statistics
 
@@ -66,14 +67,14 @@ class RetrievalExpertsManager(ContinualManager):
                  temperature: float = 1.0, key_examples: int = 32, key_dim: int = 384,
                  embed_fn: EmbedFn | None = None, metric: str = "cosine", shrinkage: float = 0.3,
                  **kwargs: Any) -> None:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ContinualError(f"{type(self).__name__}: top_k must be an int >= 1; got {top_k!r}")
-        if not isinstance(key_examples, int) or key_examples < 1:
-            raise ContinualError(f"{type(self).__name__}: key_examples must be an int >= 1; got {key_examples!r}")
+        where = type(self).__name__
+        top_k = positive_int(top_k, where, "top_k", error=ContinualError)
+        key_examples = positive_int(key_examples, where, "key_examples", error=ContinualError)
+        key_dim = positive_int(key_dim, where, "key_dim", error=ContinualError)
+        temperature = finite_number(temperature, where, "temperature", low=0.0, low_open=True, error=ContinualError)
         if metric not in METRICS:
             raise ContinualError(f"{type(self).__name__}: metric must be one of {METRICS}; got {metric!r}")
-        if not isinstance(shrinkage, (int, float)) or not 0 < shrinkage <= 1:
-            raise ContinualError(f"{type(self).__name__}: shrinkage must be in (0, 1]; got {shrinkage!r}")
+        shrinkage = finite_number(shrinkage, where, "shrinkage", low=0.0, high=1.0, low_open=True, error=ContinualError)
         super().__init__(base_model, **kwargs)
         self.metric, self.shrinkage = metric, float(shrinkage)
         self.shared_a, self.top_k, self.temperature = bool(shared_a), top_k, float(temperature)
@@ -95,7 +96,9 @@ class RetrievalExpertsManager(ContinualManager):
     def _embed(self, texts: Sequence[str] | None, embeddings: Tensor | None) -> Tensor:
         if (texts is None) == (embeddings is None):
             raise ContinualError(f"{type(self).__name__}: give texts or embeddings (exactly one)")
-        emb = self.embed_fn(list(texts)) if embeddings is None else torch.as_tensor(embeddings)
+        source = "embed_fn(texts)" if embeddings is None else "embeddings"
+        emb = self.embed_fn(list(texts)) if embeddings is None else embeddings
+        emb = finite_tensor(emb, type(self).__name__, f"query {source}", error=ContinualError)
         if emb.dim() != 2 or emb.shape[1] != self.key_dim or emb.shape[0] == 0:
             raise ContinualError(f"{type(self).__name__}: query embeddings must be [n >= 1, key_dim={self.key_dim}]; "
                                  f"got shape {tuple(emb.shape)}")
@@ -180,6 +183,7 @@ class RetrievalExpertsManager(ContinualManager):
         if self._model is None:
             return
         router = self._retrieval = self.model.shared_router
+        # The router checked its keys as they were loaded (RetrievalRouter._load_from_state_dict).
         self.keys = [router.keys[i].detach().clone() for i in range(router.num_experts)]
         if self.metric == "mahalanobis":
             self._count = int(router.cov_count)

@@ -19,18 +19,59 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+class _UsageError(CLIError):
+    """A bad command line (unknown flag, missing or malformed argument), raised by the parser."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (``molora <cmd>: error: ...``)
+    and exit status 2 from :func:`main`, instead of the usage block and ``SystemExit``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
 def load_base(path: str, model_class: str):
     """The base model from a Hugging Face name or folder (offline unless HF_HUB_OFFLINE=0)."""
     import transformers
 
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise CLIError(f"base model {path!r} is not a folder (and the hub is offline: HF_HUB_OFFLINE=1)")
-    return getattr(transformers, MODEL_CLASSES[model_class]).from_pretrained(path)
+    from transformers.utils import logging as hf_logging
+
+    # Progress bars only on a terminal: a log or a pipe keeps one line per error.
+    quiet = not sys.stderr.isatty() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        return getattr(transformers, MODEL_CLASSES[model_class]).from_pretrained(path)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _finite(value: float, what: str) -> float:
+    from molora.checks import finite_number
+
+    try:
+        return finite_number(value, what, "value")
+    except ValueError:
+        raise CLIError(f"{what}: must be a finite number; got {value!r}") from None
 
 
 def parse_pairs(items: list[str], what: str, convert: Callable[[str], object] = str) -> dict[str, object]:
-    """``["a=1", "b=2"]`` -> ``{"a": convert("1"), ...}``; a bare path names itself after its folder."""
+    """``["a=1", "b=2"]`` -> ``{"a": convert("1"), ...}``; a bare path names itself after its folder.
+
+    Every name must be non-empty and given once (a repeated name, also two adapter folders with
+    the same last component, is an error: nothing is silently dropped); a value ``convert``
+    refuses, or a NaN/inf float, is an error naming the item.
+    """
     pairs: dict[str, object] = {}
+    sources: dict[str, str] = {}
     for item in items:
         if "=" in item:
             key, value = item.split("=", 1)
@@ -38,11 +79,58 @@ def parse_pairs(items: list[str], what: str, convert: Callable[[str], object] = 
             key, value = os.path.basename(os.path.normpath(item)), item
         else:
             raise CLIError(f"{what} {item!r} must look like NAME=VALUE")
+        key = key.strip()
+        if not key or key in (".", ".."):
+            raise CLIError(f"{what} {item!r}: the name is empty (write NAME=VALUE)")
+        if not value:
+            raise CLIError(f"{what} {item!r}: the value is empty (write NAME=VALUE)")
+        if key in pairs:
+            raise CLIError(f"{what} name {key!r} is given twice ({sources[key]!r} and {item!r}); names must be distinct"
+                           + (" (name the folders: --adapter NAME=FOLDER)" if what == "adapter" else ""))
         try:
-            pairs[key] = convert(value)
+            converted = convert(value)
         except ValueError:
             raise CLIError(f"{what} {item!r}: {value!r} is not a valid value") from None
+        if isinstance(converted, float):
+            converted = _finite(converted, f"{what} {item!r}")
+        pairs[key], sources[key] = converted, item
     return pairs
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+        if value < low or (low_open and value == low) or (high is not None and (value > high or (high_open and value == high))):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}; got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = _int_at_least(1), _int_at_least(0)
+POSITIVE_FLOAT = _float_in(0.0, low_open=True)
+NONNEGATIVE_FLOAT = _float_in(0.0)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -61,6 +149,15 @@ def _compose(args: argparse.Namespace) -> int:
         if not os.path.isdir(path):
             raise CLIError(f"adapter {name!r}: folder {path} does not exist")
     router_kwargs = parse_pairs(args.router_arg or [], "router argument", _number_or_str)
+    bad = [k for k in router_kwargs if not k.isidentifier()]
+    if bad:
+        raise CLIError(f"router argument names must be identifiers (KEY=VALUE); got {bad}")
+    # Everything that can be checked without the base model is, before the (slow) load.
+    from molora.routers import router_class
+
+    router_class(args.router)
+    for name, path in adapters.items():
+        molora.load_peft_adapter(path, name)
     model = molora.compose(load_base(args.base, args.model_class), adapters, router=args.router, top_k=args.top_k, **router_kwargs)
     model.save_pretrained(args.out)
     print(f"composed {len(adapters)} adapters into {len(model.routed_layers())} routed layers -> {args.out}")
@@ -70,8 +167,8 @@ def _compose(args: argparse.Namespace) -> int:
 def _export_peft(args: argparse.Namespace) -> int:
     import molora
 
+    weights = parse_pairs(args.weight, "weight", float)  # checked before the (slow) model load
     model = molora.MoLoRAModel.from_pretrained(load_base(args.base, args.model_class), args.checkpoint)
-    weights = parse_pairs(args.weight, "weight", float)
     model.export_peft(args.out, weights)
     print(f"exported the mixture {weights} as a PEFT LoRA adapter -> {args.out}")
     return 0
@@ -89,7 +186,7 @@ def _continual(args: argparse.Namespace) -> int:
     if bad or not strategies:
         raise CLIError(f"unknown strategy {bad or args.strategy!r}; choose from {', '.join(STRATEGIES)}")
     for name in ("epochs", "lr"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:  # also NaN
             raise CLIError(f"--{name} must be > 0; got {getattr(args, name)}")
     cfg = RunConfig(frozen_layers=args.frozen_layers, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                     max_length=args.max_length, train_limit=args.train_limit, test_limit=args.test_limit,
@@ -113,9 +210,12 @@ def _continual(args: argparse.Namespace) -> int:
 def _number_or_str(value: str) -> object:
     for cast in (int, float):
         try:
-            return cast(value)
+            number = cast(value)
         except ValueError:
-            pass
+            continue
+        if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise CLIError(f"router argument value {value!r} is not a finite number")
+        return number
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
@@ -309,8 +409,8 @@ def add_integration_commands(sub) -> None:
     stats.add_argument("--out", required=True, help="folder for routing_stats.json and routing_heatmap.png")
     stats.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
     stats.add_argument("--value", choices=["token_fraction", "gate_share"], default="gate_share", help="heatmap value")
-    stats.add_argument("--batch-size", type=int, default=16)
-    stats.add_argument("--max-length", type=int, default=128)
+    stats.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    stats.add_argument("--max-length", type=POSITIVE_INT, default=128)
     stats.add_argument("--no-progress", action="store_true", help="hide progress bars")
     stats.set_defaults(func=_stats)
 
@@ -323,11 +423,11 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--data", required=True, help='JSON-lines file of shots: {"text": ...} (+ "label" for seq-cls)')
     tr.add_argument("--out", required=True, help="checkpoint folder to write")
     tr.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
-    tr.add_argument("--steps", type=int, default=50)
-    tr.add_argument("--lr", type=float, default=5e-3)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--max-length", type=int, default=128)
-    tr.add_argument("--val-fraction", type=float, default=0.25,
+    tr.add_argument("--steps", type=POSITIVE_INT, default=50)
+    tr.add_argument("--lr", type=POSITIVE_FLOAT, default=5e-3)
+    tr.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    tr.add_argument("--max-length", type=POSITIVE_INT, default=128)
+    tr.add_argument("--val-fraction", type=_float_in(0.0, 1.0, high_open=True), default=0.25,
                     help="share of the rows held out for early stopping (molora.train_router); 0 trains on all rows")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -335,7 +435,7 @@ def add_integration_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molora", description="Mixtures of LoRA experts.")
+    parser = _Parser(prog="molora", description="Mixtures of LoRA experts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     demo = sub.add_parser("demo", help="train experts on generated tasks, compose and route them, few-shot and continual (offline, CPU)",
@@ -344,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "for a new task from a few shots, then add a task continually.")
     demo.add_argument("--out", default="molora-demo-out", help="output folder (adapters, results.json)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--experts", type=int, default=3, help="number of tasks/experts (2-4; two more tasks follow)")
-    demo.add_argument("--epochs", type=float, default=4, help="training epochs per expert")
-    demo.add_argument("--shots", type=int, default=16, help="examples per task for the router")
+    demo.add_argument("--experts", type=POSITIVE_INT, default=3, help="number of tasks/experts (2-4; two more tasks follow)")
+    demo.add_argument("--epochs", type=POSITIVE_FLOAT, default=4, help="training epochs per expert")
+    demo.add_argument("--shots", type=POSITIVE_INT, default=16, help="examples per task for the router")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
 
@@ -355,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(comp)
     comp.add_argument("--adapter", action="append", required=True, metavar="NAME=FOLDER", help="a PEFT adapter (repeat)")
     comp.add_argument("--router", default="task", help="router name (default: task)")
-    comp.add_argument("--top-k", type=int, default=None, help="experts per token (router topk)")
+    comp.add_argument("--top-k", type=POSITIVE_INT, default=None, help="experts per token (router topk)")
     comp.add_argument("--router-arg", action="append", metavar="KEY=VALUE", help="extra router argument (repeat)")
     comp.add_argument("--out", required=True, help="checkpoint folder to write")
     comp.set_defaults(func=_compose)
@@ -380,15 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--order", required=True, help="comma-separated task names in training order, or a named order "
                     "(standard4-1, standard4-2, standard4-3, long)")
     cl.add_argument("--strategy", default="olora", help="seqlora, inclora, olora, retrieval, multitask (comma-separated)")
-    cl.add_argument("--epochs", type=float, default=RC.epochs, help="epochs per task")
-    cl.add_argument("--lr", type=float, default=RC.lr)
-    cl.add_argument("--batch-size", type=int, default=RC.batch_size)
-    cl.add_argument("--max-length", type=int, default=RC.max_length, help="tokens per input (instruction + text)")
-    cl.add_argument("--train-limit", type=int, default=RC.train_limit, help="training examples per task")
-    cl.add_argument("--test-limit", type=int, default=RC.test_limit, help="test examples per task")
-    cl.add_argument("--frozen-layers", type=int, default=RC.frozen_layers, help="bottom encoder layers without LoRA (cached)")
-    cl.add_argument("--rank", type=int, default=RC.rank)
-    cl.add_argument("--l1", type=float, default=RC.l1, help="O-LoRA orthogonality weight")
+    cl.add_argument("--epochs", type=POSITIVE_FLOAT, default=RC.epochs, help="epochs per task")
+    cl.add_argument("--lr", type=POSITIVE_FLOAT, default=RC.lr)
+    cl.add_argument("--batch-size", type=POSITIVE_INT, default=RC.batch_size)
+    cl.add_argument("--max-length", type=POSITIVE_INT, default=RC.max_length, help="tokens per input (instruction + text)")
+    cl.add_argument("--train-limit", type=POSITIVE_INT, default=RC.train_limit, help="training examples per task")
+    cl.add_argument("--test-limit", type=POSITIVE_INT, default=RC.test_limit, help="test examples per task")
+    cl.add_argument("--frozen-layers", type=NONNEGATIVE_INT, default=RC.frozen_layers, help="bottom encoder layers without LoRA (cached)")
+    cl.add_argument("--rank", type=POSITIVE_INT, default=RC.rank)
+    cl.add_argument("--l1", type=NONNEGATIVE_FLOAT, default=RC.l1, help="O-LoRA orthogonality weight")
     cl.add_argument("--seed", type=int, default=RC.seed)
     cl.add_argument("--out", default=None, help="write the results as JSON here")
     cl.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -397,15 +497,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a bad input is one line on stderr, ``molora <cmd>: error: ...``, and
+    exit status 2 (never a traceback): a bad command line, a missing file or folder, a malformed
+    adapter or checkpoint, a NaN weight, an unknown expert name."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+    except _UsageError as exc:
+        return _fail(exc.prog, exc)
+    if extra:
+        prog = f"molora {args.command}"
+        return _fail(prog, f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as exc:
-        # molora's own errors are ValueErrors that name the module, shape or value.
-        print(f"molora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (CLIError, ValueError, OSError, ImportError) as exc:
+        # molora's own errors are ValueErrors that name the module, shape, value or file.
+        return _fail(f"molora {args.command}", exc)
+
+
+def _fail(prog: str, exc: BaseException | str) -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the exception held
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from molora.bank import ExpertBank
+from molora.checks import unique_names
 from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
 from molora.layer import RoutedLoRALinear, base_features
@@ -46,14 +47,9 @@ def compose(
         top_k: experts per token for ``router="topk"``.
         trainable_experts: leave the experts trainable (default: frozen; only routers train).
     """
-    if not isinstance(adapters, Mapping):
-        adapters = {os.path.basename(os.path.normpath(str(p))): p for p in adapters}
-    if not adapters:
-        raise MoLoRAError("compose needs at least one adapter")
+    adapters = named_adapters(adapters)
     loaded = [load_peft_adapter(path, name) for name, path in adapters.items()]
     names = [a.name for a in loaded]
-    if len(set(names)) != len(names):
-        raise MoLoRAError(f"adapter names must be distinct; got {names}")
     config = MoLoRAConfig(
         target_modules=sorted({m for a in loaded for m in a.modules}),
         num_experts=len(loaded),
@@ -90,6 +86,58 @@ def compose(
             module, bank, layer_router, dropout=dropout, name=path, expert_ids=expert_ids, num_global_experts=len(loaded)
         )
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+
+
+def adapter_name(path: str | os.PathLike) -> str:
+    """The default name of an adapter folder: its last path component (``"runs/sentiment/"`` ->
+    ``"sentiment"``)."""
+    return os.path.basename(os.path.normpath(os.fspath(path)))
+
+
+def named_adapters(
+    adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike], where: str = "compose"
+) -> dict[str, str | os.PathLike]:
+    """``{name: folder}`` of :func:`compose`'s ``adapters``, checked; nothing is renamed or dropped.
+
+    A mapping keeps its names (non-empty strings); a sequence of folders names each after its
+    last path component. Names must be distinct: two folders with the same last component
+    (``a/lora`` and ``b/lora``), or one folder listed twice, are an AdapterError listing them
+    (pass ``{name: folder}`` to name them). A single path (not a list) is refused too rather
+    than read as a sequence of characters.
+    """
+    if isinstance(adapters, (str, bytes, os.PathLike)):
+        raise AdapterError(f"{where}: adapters must be a list of folders or {{name: folder}}; got one path {adapters!r} "
+                           "(wrap it in a list)")
+    if isinstance(adapters, Mapping):
+        names, paths = list(adapters), list(adapters.values())
+    elif isinstance(adapters, Sequence) or hasattr(adapters, "__iter__"):
+        paths = list(adapters)
+        bad = [p for p in paths if not isinstance(p, (str, os.PathLike))]
+        if bad:
+            raise AdapterError(f"{where}: adapter folders must be paths; got {bad!r}")
+        names = [adapter_name(p) for p in paths]
+    else:
+        raise AdapterError(f"{where}: adapters must be a list of folders or {{name: folder}}; got {adapters!r}")
+    if not paths:
+        raise MoLoRAError(f"{where} needs at least one adapter")
+    bad = [p for p in paths if not isinstance(p, (str, os.PathLike)) or not os.fspath(p)]
+    if bad:
+        raise AdapterError(f"{where}: adapter folders must be non-empty paths; got {bad!r}")
+    if not isinstance(adapters, Mapping):
+        empty = [p for p, n in zip(paths, names) if not n or n in (".", "..", os.sep)]
+        if empty:
+            raise AdapterError(f"{where}: cannot name the adapter folder(s) {empty!r} after their last path component; "
+                               "pass {name: folder}")
+        seen: dict[str, list[str]] = {}
+        for n, p in zip(names, paths):
+            seen.setdefault(n, []).append(os.fspath(p))
+        dups = {n: ps for n, ps in seen.items() if len(ps) > 1}
+        if dups:
+            listed = "; ".join(f"{n!r}: {ps}" for n, ps in dups.items())
+            raise AdapterError(f"{where}: adapters are named after their folder, and these names repeat: {listed}; "
+                               "pass {name: folder} with distinct names")
+    unique_names(names, where, what="adapter names", error=AdapterError)
+    return dict(zip(names, paths))
 
 
 def _check_against_base(base_model: nn.Module, adapters: list[PeftLoraAdapter]) -> dict[str, nn.Module]:

@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from molora.bank import INITS
+from molora.checks import finite_number, finite_tensor, positive_int, unique_names
+from molora.errors import MoLoRAError
 
 LAYER_FIELDS = ("num_experts", "top_k", "rank", "alpha")
 
@@ -74,66 +77,112 @@ class MoLoRAConfig:
     layer_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        where = "MoLoRAConfig"
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"MoLoRAConfig: target_modules must be non-empty names; got {self.target_modules!r}")
+                raise MoLoRAError(f"{where}: target_modules must be non-empty names; got {self.target_modules!r}")
         elif isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
             except re.error as exc:
-                raise ValueError(f"MoLoRAConfig: target_modules regex {self.target_modules!r} is invalid: {exc}") from None
+                raise MoLoRAError(f"{where}: target_modules regex {self.target_modules!r} is invalid: {exc}") from None
         else:
-            raise ValueError(f"MoLoRAConfig: target_modules must be a list of names or a regex; got {self.target_modules!r}")
-        for name in ("num_experts", "rank"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoLoRAConfig: {name} must be a positive int; got {v!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MoLoRAConfig: dropout must be in [0, 1); got {self.dropout!r}")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
-            raise ValueError(f"MoLoRAConfig: top_k must be in [1, num_experts={self.num_experts}]; got {self.top_k!r}")
+            raise MoLoRAError(f"{where}: target_modules must be a list of names or a regex; got {self.target_modules!r}")
+        self.num_experts = positive_int(self.num_experts, where, "num_experts")
+        self.rank = positive_int(self.rank, where, "rank")
+        self.alpha = finite_number(self.alpha, where, "alpha")
+        self.dropout = finite_number(self.dropout, where, "dropout", low=0.0, high=1.0, high_open=True)
+        for name in ("use_rslora", "shared_a"):
+            if not isinstance(getattr(self, name), bool):
+                raise MoLoRAError(f"{where}: {name} must be true or false; got {getattr(self, name)!r}")
+        if self.init not in INITS:
+            raise MoLoRAError(f"{where}: init must be one of {INITS}; got {self.init!r}")
+        if not isinstance(self.router, str) or not self.router:
+            raise MoLoRAError(f"{where}: router must be a router name; got {self.router!r}")
+        if self.top_k is not None:
+            self.top_k = positive_int(self.top_k, where, "top_k")
+            if self.top_k > self.num_experts:
+                raise MoLoRAError(f"{where}: top_k must be in [1, num_experts={self.num_experts}]; got {self.top_k!r}")
+        self._check_router_kwargs()
         if self.expert_names is not None:
-            if len(self.expert_names) != self.num_experts or len(set(self.expert_names)) != self.num_experts:
-                raise ValueError(f"MoLoRAConfig: expert_names must be {self.num_experts} distinct names; got {self.expert_names!r}")
+            self.expert_names = unique_names(self.expert_names, where, what="expert_names")
+            if len(self.expert_names) != self.num_experts:
+                raise MoLoRAError(f"{where}: expert_names must be {self.num_experts} distinct names (one per expert); "
+                                  f"got {len(self.expert_names)}: {self.expert_names!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "entropy_loss_coef", "localized_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MoLoRAConfig: {name} must be >= 0; got {getattr(self, name)!r}")
-        if not 0.0 <= self.localized_alpha <= 1.0:
-            raise ValueError(f"MoLoRAConfig: localized_alpha must be in [0, 1]; got {self.localized_alpha!r}")
+            setattr(self, name, finite_number(getattr(self, name), where, name, low=0.0))
+        self.localized_alpha = finite_number(self.localized_alpha, where, "localized_alpha", low=0.0, high=1.0)
         if self.expert_types is not None:
-            self.expert_types = [int(t) for t in self.expert_types]
+            if isinstance(self.expert_types, (str, bytes)) or not isinstance(self.expert_types, (list, tuple)):
+                raise MoLoRAError(f"{where}: expert_types must be a list of ints; got {self.expert_types!r}")
+            self.expert_types = [positive_int(t, where, f"expert_types[{i}]", low=0) for i, t in enumerate(self.expert_types)]
             if len(self.expert_types) != self.num_experts:
-                raise ValueError(f"MoLoRAConfig: expert_types must give a type for each of the {self.num_experts} experts; got {self.expert_types!r}")
+                raise MoLoRAError(f"{where}: expert_types must give a type for each of the {self.num_experts} experts; got {self.expert_types!r}")
         if self.localized_loss_coef > 0 and self.expert_types is None:
-            raise ValueError("MoLoRAConfig: localized_loss_coef > 0 needs expert_types (the type of each expert)")
+            raise MoLoRAError(f"{where}: localized_loss_coef > 0 needs expert_types (the type of each expert)")
         self._check_layer_overrides()
+        if not isinstance(self.adapter_dtype, str):
+            raise MoLoRAError(f"{where}: adapter_dtype must be a dtype name such as 'float32'; got {self.adapter_dtype!r}")
         self.torch_dtype  # validates adapter_dtype
 
+    def _check_router_kwargs(self) -> None:
+        """``router_kwargs``: a dict keyed by argument name; every number in it (also inside
+        lists and dicts, e.g. a static router's ``weights``) finite. The router checks its own
+        ranges and types when it is built."""
+        if not isinstance(self.router_kwargs, dict):
+            raise MoLoRAError(f"MoLoRAConfig: router_kwargs must be a dict of router arguments; got {self.router_kwargs!r}")
+
+        def visit(value: Any, field: str) -> None:
+            if isinstance(value, bool) or value is None or isinstance(value, str):
+                return
+            if isinstance(value, (int, float)):
+                finite_number(value, "MoLoRAConfig", field)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    visit(v, f"{field}[{k!r}]")
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    visit(v, f"{field}[{i}]")
+            elif isinstance(value, torch.Tensor):
+                finite_tensor(value, "MoLoRAConfig", field)
+
+        for key, value in self.router_kwargs.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise MoLoRAError(f"MoLoRAConfig: router_kwargs keys must be argument names; got {key!r}")
+            visit(value, f"router_kwargs[{key!r}]")
+
     def _check_layer_overrides(self) -> None:
-        if not isinstance(self.layer_overrides, dict):
-            raise ValueError(f"MoLoRAConfig: layer_overrides must map patterns to dicts; got {self.layer_overrides!r}")
-        self.layer_overrides = {str(k): dict(v) for k, v in self.layer_overrides.items()}
+        if not isinstance(self.layer_overrides, dict) or not all(isinstance(v, dict) for v in self.layer_overrides.values()):
+            raise MoLoRAError(f"MoLoRAConfig: layer_overrides must map patterns to dicts; got {self.layer_overrides!r}")
+        bad = [k for k in self.layer_overrides if not isinstance(k, str) or not k]
+        if bad:
+            raise MoLoRAError(f"MoLoRAConfig: layer_overrides patterns must be non-empty strings; got {bad!r}")
+        self.layer_overrides = {k: dict(v) for k, v in self.layer_overrides.items()}
         for pattern, values in self.layer_overrides.items():
             where = f"MoLoRAConfig: layer_overrides[{pattern!r}]"
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"{where}: invalid regex: {exc}") from None
-            unknown = sorted(set(values) - set(LAYER_FIELDS))
+                raise MoLoRAError(f"{where}: invalid regex: {exc}") from None
+            unknown = sorted(map(str, set(values) - set(LAYER_FIELDS)))
             if unknown:
-                raise ValueError(f"{where}: unknown settings {unknown}; allowed: {list(LAYER_FIELDS)}")
+                raise MoLoRAError(f"{where}: unknown settings {unknown}; allowed: {list(LAYER_FIELDS)}")
+            for key in ("num_experts", "rank"):
+                if key in values:
+                    values[key] = positive_int(values[key], where, key)
             n = values.get("num_experts", self.num_experts)
-            if not isinstance(n, int) or not 1 <= n <= self.num_experts:
-                raise ValueError(f"{where}: num_experts must be an int in [1, num_experts={self.num_experts}]; got {n!r}")
+            if n > self.num_experts:
+                raise MoLoRAError(f"{where}: num_experts must be an int in [1, num_experts={self.num_experts}]; got {n!r}")
             k = values.get("top_k")
-            if k is not None and not (isinstance(k, int) and 1 <= k <= n):
-                raise ValueError(f"{where}: top_k must be in [1, {n}] (the layer's experts); got {k!r}")
-            r = values.get("rank", self.rank)
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"{where}: rank must be a positive int; got {r!r}")
+            if k is not None:
+                k = values["top_k"] = positive_int(k, where, "top_k")
+                if k > n:
+                    raise MoLoRAError(f"{where}: top_k must be in [1, {n}] (the layer's experts); got {k!r}")
+            if "alpha" in values:
+                values["alpha"] = finite_number(values["alpha"], where, "alpha")
             if self.shared_a and "rank" in values:
-                raise ValueError(f"{where}: a shared-A (HydraLoRA) model has one rank; drop 'rank'")
+                raise MoLoRAError(f"{where}: a shared-A (HydraLoRA) model has one rank; drop 'rank'")
 
     def layer_settings(self, module_name: str) -> dict[str, Any]:
         """``num_experts``, ``top_k``, ``rank`` and ``alpha`` of the layer at ``module_name``:
@@ -151,7 +200,7 @@ class MoLoRAConfig:
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.adapter_dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"MoLoRAConfig: adapter_dtype {self.adapter_dtype!r} is not a floating torch dtype")
+            raise MoLoRAError(f"MoLoRAConfig: adapter_dtype {self.adapter_dtype!r} is not a floating torch dtype")
         return dtype
 
     def matches(self, module_name: str) -> bool:
@@ -168,8 +217,17 @@ class MoLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoLoRAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config saved by :meth:`to_dict`; MoLoRAError naming the field for an unknown,
+        missing or wrongly typed field (never a TypeError or KeyError)."""
+        if not isinstance(data, dict):
+            raise MoLoRAError(f"MoLoRAConfig: the config must be a JSON object of fields; got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ValueError(f"MoLoRAConfig: unknown fields {unknown}")
+            raise MoLoRAError(f"MoLoRAConfig: unknown fields {unknown}; known fields: {sorted(known)}")
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise MoLoRAError(f"MoLoRAConfig: missing fields {missing}")
         return cls(**data)

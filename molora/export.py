@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save as st_save
 
+from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
 from molora.persistence import atomic_write
 
@@ -31,8 +32,19 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
     so ranks add up (per module through ``rank_pattern``) and the adapter's scaling is 1
     (``lora_alpha = r``). Experts with weight 0 are left out; a module whose experts all have
     weight 0 is not targeted.
+
+    ``weights`` maps expert names to weights (missing = 0) or lists one per expert; a NaN/inf
+    weight, an unknown expert name or a wrong count is a MoLoRAError naming it
+    (:func:`molora.checks.mixture_weights`), and so is an expert whose factors hold NaN/inf:
+    nothing non-finite is ever written.
     """
-    per_layer = model._local_weights(weights)
+    w_all = mixture_weights(weights, model.expert_names, "export_peft")
+    per_layer = model._local_weights(w_all)
+    folder = Path(directory) if isinstance(directory, (str, os.PathLike)) else None
+    if folder is None or not os.fspath(folder):
+        raise MoLoRAError(f"export_peft: directory must be a folder path; got {directory!r}")
+    if folder.exists() and not folder.is_dir():
+        raise MoLoRAError(f"export_peft: {folder} exists and is not a folder")
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False
@@ -46,8 +58,10 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
                 Bs.append(bank.B[e].detach().float().cpu())
         if not As:
             continue
-        state[f"base_model.model.{name}.lora_A.weight"] = torch.cat(As, dim=0).contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = torch.cat(Bs, dim=1).contiguous()
+        for ab, t in (("lora_A", torch.cat(As, dim=0)), ("lora_B", torch.cat(Bs, dim=1))):
+            key = f"base_model.model.{name}.{ab}.weight"
+            # NaN/inf experts (a diverged training run) would write an adapter PEFT loads silently.
+            state[key] = finite_tensor(t.contiguous(), f"export_peft: module {name!r}", f"{ab} (tensor {key!r})")
         ranks[name] = sum(a.shape[0] for a in As)
         transposed |= layer.transposed
     if not state:
@@ -72,7 +86,6 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2).encode())

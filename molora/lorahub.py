@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from molora.checks import finite_number, mixture_weights, positive_int
 from molora.errors import MoLoRAError
 from molora.expert_retrieval import route_to_expert
 from molora.model import MoLoRAModel
@@ -69,6 +70,25 @@ class LoraHubResult:
         return {LORAHUB_EXPERT: 1.0} if self.mode == "elementwise" else dict(self.weights)
 
 
+def _search_settings(dim: int, budget: Any, bounds: Any, x0: Any, sigma0: Any) -> tuple[float, float, int, float, np.ndarray]:
+    """CMA-ES settings checked: finite ``low < high`` bounds, an int budget >= 1, a finite
+    ``sigma0 > 0`` and ``dim`` finite start weights (clipped into the bounds)."""
+    where = "molora.lorahub"
+    if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__len__") or len(bounds) != 2:
+        raise MoLoRAError(f"{where}: bounds must be (low, high); got {bounds!r}")
+    lo, hi = finite_number(bounds[0], where, "bounds[0]"), finite_number(bounds[1], where, "bounds[1]")
+    if not lo < hi:
+        raise MoLoRAError(f"{where}: bounds must be (low, high) with low < high; got {bounds!r}")
+    budget = positive_int(budget, where, "budget")
+    sigma0 = finite_number(sigma0, where, "sigma0", low=0.0, low_open=True)
+    if x0 is None:
+        return lo, hi, budget, sigma0, np.zeros(dim)
+    if isinstance(x0, (str, bytes)) or not hasattr(x0, "__len__") or len(x0) != dim:
+        raise MoLoRAError(f"{where}: x0 must have {dim} entries (one weight per adapter); got {x0!r}")
+    start = np.array([finite_number(v, where, f"x0[{i}]") for i, v in enumerate(x0)], dtype=float)
+    return lo, hi, budget, sigma0, np.clip(start, lo, hi)
+
+
 def cma_minimize(objective: Callable[[np.ndarray], float], dim: int, *, budget: int, bounds: tuple[float, float],
                  x0: Sequence[float] | None = None, sigma0: float = 0.5, seed: int = 0,
                  progress: bool = False) -> tuple[np.ndarray, float, list[float]]:
@@ -82,14 +102,7 @@ def cma_minimize(objective: Callable[[np.ndarray], float], dim: int, *, budget: 
     """
     import cma
 
-    lo, hi = float(bounds[0]), float(bounds[1])
-    if not lo < hi:
-        raise ValueError(f"molora.lorahub: bounds must be (low, high) with low < high; got {bounds!r}")
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"molora.lorahub: budget must be an int >= 1; got {budget!r}")
-    x0 = np.zeros(dim) if x0 is None else np.clip(np.asarray(x0, dtype=float), lo, hi)
-    if x0.shape != (dim,):
-        raise ValueError(f"molora.lorahub: x0 must have {dim} entries; got shape {x0.shape}")
+    lo, hi, budget, sigma0, x0 = _search_settings(dim, budget, bounds, x0, sigma0)
     es = cma.CMAEvolutionStrategy(list(x0), sigma0, {"bounds": [lo, hi], "seed": int(seed) + 1, "verbose": -9,
                                                       "maxfevals": budget})
     history: list[float] = []
@@ -120,7 +133,7 @@ def elementwise_factors(model: MoLoRAModel, weights: Sequence[float] | Tensor) -
     ``weights`` has one entry per model expert (a layer mixes the experts it holds). Raises a
     MoLoRAError for a layer whose experts differ in rank or scaling (no element-wise sum exists).
     """
-    per_layer = model._local_weights(list(map(float, weights)))
+    per_layer = model._local_weights(mixture_weights(weights, model.expert_names, "molora.lorahub"))
     out = {}
     for name, layer in model.routed_layers().items():
         bank = layer.bank
@@ -197,14 +210,15 @@ def lorahub(
         A :class:`LoraHubResult`; the model is left routing the best mixture.
     """
     if mode not in MODES:
-        raise ValueError(f"molora.lorahub: mode must be one of {MODES}; got {mode!r}")
-    if l1 < 0:
-        raise ValueError(f"molora.lorahub: l1 must be >= 0; got {l1!r}")
+        raise MoLoRAError(f"molora.lorahub: mode must be one of {MODES}; got {mode!r}")
+    l1 = finite_number(l1, "molora.lorahub", "l1", low=0.0)
+    batch_size = positive_int(batch_size, "molora.lorahub", "batch_size")
     examples = list(examples)
     if not examples:
-        raise ValueError("molora.lorahub: got no examples")
+        raise MoLoRAError("molora.lorahub: got no examples")
     adapters = [n for n in model.expert_names if n != LORAHUB_EXPERT]
     n = len(adapters)
+    _search_settings(n, budget, bounds, x0, sigma0)  # checked before the model is changed
     first = next(iter(model.routed_layers().values()))
     if mode == "elementwise":
         elementwise_factors(model, [1.0] * model.num_experts)  # validates ranks/scalings before anything changes

@@ -2,10 +2,15 @@
 
 A PEFT LoRA adapter folder holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``,
 ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ...)
-and ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin``) with tensors
+and ``adapter_model.safetensors`` with tensors
 ``base_model.model.<module>.lora_A.weight [r, d_in]`` and ``...lora_B.weight [d_out, r]``.
 The LoRA factors are stored the same way for ``Conv1D`` (``fan_in_fan_out``) modules; only the
 base weight is transposed there.
+
+Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can run code when
+it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
+Every field molora reads from ``adapter_config.json`` and every tensor is checked (types,
+NaN/inf, shapes), with an AdapterError naming the file and the field or tensor.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
 from molora.bank import lora_scaling
+from molora.checks import finite_number, finite_tensor, positive_int
 from molora.config import pattern_matches
 from molora.errors import AdapterError
 
@@ -67,64 +72,125 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _read_tensors(folder: Path, name: str) -> dict[str, Tensor]:
+_BIN_HELP = (
+    "molora reads adapter weights from safetensors only (a pickle file can run code when it is loaded). "
+    "Convert it once, if you trust the file: load the adapter with PEFT and save it again with "
+    "`peft_model.save_pretrained(folder, safe_serialization=True)`, or run "
+    "python -c \"import torch, safetensors.torch as st; "
+    "st.save_file({{k: v.contiguous() for k, v in torch.load('{bin}', map_location='cpu', weights_only=True).items()}}, "
+    "'{st}')\""
+)
+
+
+def _read_tensors(folder: Path, where: str) -> dict[str, Tensor]:
     st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
-    try:
-        if st.is_file():
-            return load_file(str(st))
+    if not st.is_file():
         if binary.is_file():
-            # Legacy pickle files are read without executing code (tensors only).
-            return torch.load(binary, map_location="cpu", weights_only=True)
+            raise AdapterError(f"{where}: {binary} is a pickle file, which molora does not load. "
+                               + _BIN_HELP.format(bin=binary, st=st))
+        raise AdapterError(f"{where}: no adapter_model.safetensors in {folder}")
+    try:
+        tensors = load_file(str(st))
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
-        raise AdapterError(f"adapter {name!r}: cannot read the weights in {folder}: {exc}") from None
-    raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors or adapter_model.bin in {folder}")
+        raise AdapterError(f"{where}: cannot read {st}: {exc}") from None
+    for key, t in tensors.items():
+        finite_tensor(t, f"{where}: {st}", f"tensor {key!r}", error=AdapterError)
+    return tensors
+
+
+def _check_config(config: Any, cfg_path: Path, where: str) -> dict[str, Any]:
+    """The fields of ``adapter_config.json`` molora reads, checked: AdapterError naming the file
+    and the field for a missing field, a wrong type or a non-finite number."""
+    at = f"{where}: {cfg_path}"
+    if not isinstance(config, dict):
+        raise AdapterError(f"{at} must hold a JSON object; got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        what = f"a {peft_type} adapter" if isinstance(peft_type, str) and peft_type else f"not a PEFT adapter (peft_type={peft_type!r})"
+        raise AdapterError(f"{at}: peft_type: {what}; molora composes LoRA adapters only (peft_type 'LORA')")
+    for key in ("r", "target_modules"):
+        if key not in config:
+            raise AdapterError(f"{at}: missing field {key!r}")
+    positive_int(config["r"], at, "r", error=AdapterError)
+    finite_number(config.get("lora_alpha", 8), at, "lora_alpha", error=AdapterError)
+    targets = config["target_modules"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise AdapterError(f"{at}: target_modules must be a list of module names or a regex string; got {targets!r}")
+    for flag in ("use_rslora", *_UNSUPPORTED_FLAGS):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise AdapterError(f"{at}: {flag} must be true or false; got {config[flag]!r}")
+    for key, check in (("rank_pattern", positive_int), ("alpha_pattern", finite_number)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{at}: {key} must be an object {{module pattern: value}}; got {patterns!r}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(f"{at}: {key} pattern {pattern!r} is not a valid regex: {exc}") from None
+            check(value, at, f"{key}[{pattern!r}]", error=AdapterError)
+    mts = config.get("modules_to_save")
+    if mts is not None and not isinstance(mts, list):
+        raise AdapterError(f"{at}: modules_to_save must be a list or null; got {mts!r}")
+    return config
 
 
 def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftLoraAdapter:
-    """Read a PEFT LoRA adapter folder; AdapterError for anything molora cannot use exactly."""
+    """Read a PEFT LoRA adapter folder; AdapterError naming the file and the field for anything
+    molora cannot use exactly (a malformed or non-LoRA config, a pickle-only folder, NaN/inf
+    weights, shapes that disagree with the config)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterError(f"an adapter must be a folder path; got {path!r}")
     folder = Path(path)
-    name = name or folder.name
+    name = folder.name if name is None else name
+    if not isinstance(name, str) or not name.strip():
+        raise AdapterError(f"adapter in {folder}: the name must be a non-empty string; got {name!r}")
+    where = f"adapter {name!r}"
+    if not folder.is_dir():
+        raise AdapterError(f"{where}: folder {folder} does not exist (expected a PEFT adapter folder)")
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
-        raise AdapterError(f"adapter {name!r}: {cfg_path} not found (expected a PEFT adapter folder)")
+        raise AdapterError(f"{where}: {cfg_path} not found (expected a PEFT adapter folder)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter {name!r}: {cfg_path} is not valid JSON: {exc}") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"adapter {name!r} is a {peft_type or 'non-PEFT'} adapter; molora composes LoRA adapters only")
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterError(f"{where}: {cfg_path} is not valid JSON: {exc}") from None
+    config = _check_config(config, cfg_path, where)
     for flag, what in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
-            raise AdapterError(f"adapter {name!r} uses {what} ({flag}=true), which molora does not support")
+            raise AdapterError(f"{where}: {cfg_path}: uses {what} ({flag}=true), which molora does not support")
     if config.get("modules_to_save"):
         raise AdapterError(
-            f"adapter {name!r} also saves full modules {config['modules_to_save']}; molora composes the LoRA factors "
-            "only and would silently drop them"
+            f"{where}: {cfg_path}: also saves full modules {config['modules_to_save']} (modules_to_save); molora "
+            "composes the LoRA factors only and would silently drop them"
         )
-    tensors = _read_tensors(folder, name)
+    tensors = _read_tensors(folder, where)
+    st = folder / "adapter_model.safetensors"
     factors: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"adapter {name!r}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)")
+            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)")
+        if m["ab"] in factors.get(m["module"], {}):
+            raise AdapterError(f"{where}: {st}: module {m['module']!r} has two lora_{m['ab']} tensors (multiple adapters in one file?)")
         factors.setdefault(m["module"], {})[m["ab"]] = value
     modules: dict[str, LoraFactors] = {}
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    r_default, alpha_default = config["r"], config.get("lora_alpha", 8)
     for module, ab in factors.items():
         if set(ab) != {"A", "B"}:
-            raise AdapterError(f"adapter {name!r}: module {module!r} has lora_{''.join(ab)} but not both factors")
+            raise AdapterError(f"{where}: {st}: module {module!r} has lora_{''.join(ab)} but not both factors")
         A, B = ab["A"], ab["B"]
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise AdapterError(f"{where}: {st}: module {module!r} has lora_A {A.dtype} and lora_B {B.dtype}; expected floating tensors")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"adapter {name!r}: module {module!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, not [r, d_in] and [d_out, r]")
+            raise AdapterError(f"{where}: {st}: module {module!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, not [r, d_in] and [d_out, r]")
         rank = pattern_value(config.get("rank_pattern"), module, r_default)
         if A.shape[0] != rank:
-            raise AdapterError(f"adapter {name!r}: module {module!r} has rank {A.shape[0]} but its config says r={rank}")
-        for ab_name, t in (("lora_A", A), ("lora_B", B)):
-            if not torch.isfinite(t).all():
-                raise AdapterError(f"adapter {name!r}: {ab_name} of module {module!r} contains NaN or inf")
+            raise AdapterError(f"{where}: module {module!r} has rank {A.shape[0]} in {st} but {cfg_path} says r={rank}")
         alpha = float(pattern_value(config.get("alpha_pattern"), module, alpha_default))
         modules[module] = LoraFactors(A=A, B=B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
     if not modules:
-        raise AdapterError(f"adapter {name!r} in {folder} holds no LoRA weights")
+        raise AdapterError(f"{where}: {st} holds no LoRA weights")
     return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules)

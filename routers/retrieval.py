@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from molora.checks import finite_number, finite_tensor
 from molora.context import RoutingSignals
-from molora.errors import RoutingError
+from molora.errors import CheckpointError, RoutingError
 
 from .base import (Router, RoutingDecision, check_choice, check_int, check_positive, check_probability, check_top_k,
                    check_width)
@@ -115,7 +116,7 @@ class RetrievalRouter(Router):
         super().__init__(num_experts, d_in)
         # LoraRetriever retrieves k = 3 adapters; fewer when the bank is smaller.
         self.top_k = check_top_k(self.name, min(3, num_experts) if top_k is None else top_k, num_experts)
-        self.temperature = check_positive(self.name, "temperature", temperature)
+        self.temperature = check_positive(self.name, "temperature", finite_number(temperature, f"router {self.name!r}", "temperature"))
         self.source = check_choice(self.name, "source", source, QUERY_SOURCES)
         self.key_dim = d_in if key_dim is None else check_int(self.name, "key_dim", key_dim, 1)
         if self.source == "hidden" and self.key_dim != d_in:
@@ -152,6 +153,7 @@ class RetrievalRouter(Router):
         if emb.dim() == 1:
             emb = emb.unsqueeze(0)
         check_width(self.name, "embeddings", emb, self.key_dim)
+        finite_tensor(emb, f"router {self.name!r}: fit_keys(expert={expert})", "embeddings", error=RoutingError)
         if emb.shape[0] == 0:
             raise ValueError(f"router {self.name!r}: fit_keys(expert={expert}) got no embeddings")
         mu, scatter, n = key_statistics(emb.to(self.keys.device))
@@ -170,7 +172,7 @@ class RetrievalRouter(Router):
         ``covariance [key_dim, key_dim]`` (the pooled within-expert covariance ``C``) and ``count``
         (the number of examples behind it) are required with ``metric="mahalanobis"``.
         """
-        keys = torch.as_tensor(keys)
+        keys = finite_tensor(keys, f"router {self.name!r}: set_keys", "keys", error=RoutingError)
         if tuple(keys.shape) != (self.num_experts, self.key_dim):
             raise ValueError(
                 f"router {self.name!r}: keys must be [{self.num_experts}, {self.key_dim}]; got shape {tuple(keys.shape)}"
@@ -178,11 +180,11 @@ class RetrievalRouter(Router):
         if self.metric == "mahalanobis":
             if covariance is None or count is None:
                 raise ValueError(f"router {self.name!r}: metric='mahalanobis' needs set_keys(keys, covariance=, count=)")
-            covariance = torch.as_tensor(covariance)
+            covariance = finite_tensor(covariance, f"router {self.name!r}: set_keys", "covariance", error=RoutingError)
             if tuple(covariance.shape) != (self.key_dim, self.key_dim):
                 raise ValueError(f"router {self.name!r}: covariance must be [{self.key_dim}, {self.key_dim}]; "
                                  f"got shape {tuple(covariance.shape)}")
-            if not isinstance(count, int) or count < 1:
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise ValueError(f"router {self.name!r}: count must be an int >= 1; got {count!r}")
             self.covariance.copy_(covariance.to(self.covariance))
             self.cov_count.fill_(count)
@@ -190,6 +192,15 @@ class RetrievalRouter(Router):
             raise ValueError(f"router {self.name!r}: covariance is only used with metric='mahalanobis'")
         self.keys.copy_(keys.to(self.keys))
         self.fitted.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
+        # A checkpoint's keys and covariance are checked as they are loaded: NaN/inf there would
+        # make every similarity NaN and the routing silently arbitrary.
+        for name in ("keys", "covariance"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, Tensor):
+                finite_tensor(t, f"router {self.name!r}", f"checkpoint tensor {prefix + name!r}", error=CheckpointError)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fit_keys_from_texts(self, expert: int, texts: Sequence[str], encoder: tuple[Any, Any] | None = None) -> Tensor:
         """:meth:`fit_keys` from texts embedded by the frozen MiniLM (:func:`embed_texts`)."""
@@ -245,6 +256,8 @@ class RetrievalRouter(Router):
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         query = check_width(self.name, self.source, query_vectors(self.name, x, signals, self.source), self.key_dim)
+        if self.source == "embeddings":  # the caller's signal; hidden states are the model's own
+            finite_tensor(query, f"router {self.name!r}", "the routing signal embeddings", error=RoutingError)
         if self._captured is not None:
             self._captured.append(query.detach().float().cpu())
             zeros = torch.zeros(query.shape[0], self.num_experts, device=query.device)

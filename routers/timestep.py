@@ -42,10 +42,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molora.checks import finite_number, finite_tensor
 from molora.context import RoutingSignals
+from molora.errors import RoutingError
 
 from .base import Router, RoutingDecision, check_int, check_positive, check_timesteps, require_signal
 from .pooling import pool_sequence
+
+
+def finite_timesteps(router: str, timesteps: Tensor, num_timesteps: int) -> Tensor:
+    """:func:`check_timesteps`, refusing NaN too (a NaN compares false with both bounds, and its
+    interval index would be an arbitrary integer)."""
+    t = timesteps if isinstance(timesteps, Tensor) else torch.as_tensor(timesteps)
+    finite_tensor(t, f"router {router!r}", "timesteps", error=RoutingError)
+    return check_timesteps(router, t, num_timesteps)
 
 
 def interval_index(t: Tensor, n: int, num_timesteps: int) -> Tensor:
@@ -79,15 +89,21 @@ class TimeStepRouter(Router):
     ) -> None:
         super().__init__(num_experts, d_in)
         self.num_timesteps = check_int(self.name, "num_timesteps", num_timesteps, 1)
+        if intervals is not None and (isinstance(intervals, (str, bytes)) or not isinstance(intervals, Sequence)):
+            raise ValueError(f"router {self.name!r}: intervals must be a list of ints; got {intervals!r}")
         intervals = [num_experts] if intervals is None else list(intervals)
-        for n in intervals:
-            check_int(self.name, "intervals[*]", n, 1)
+        if not intervals:
+            raise ValueError(f"router {self.name!r}: intervals must list at least one granularity")
+        for i, n in enumerate(intervals):
+            check_int(self.name, f"intervals[{i}]", n, 1)
         if sum(intervals) != num_experts:
             raise ValueError(
                 f"router {self.name!r}: intervals {intervals} own {sum(intervals)} experts but num_experts={num_experts}"
             )
         self.intervals = intervals
-        self.gate_context = bool(gate_context)
+        if not isinstance(gate_context, bool):
+            raise ValueError(f"router {self.name!r}: gate_context must be true or false; got {gate_context!r}")
+        self.gate_context = gate_context
         self.register_buffer("_offsets", torch.tensor([0, *intervals[:-1]]).cumsum(0), persistent=False)
         n_ctx = len(intervals) - 1
         # Zero init: the context granularities start with equal gates 1 / n_ctx.
@@ -100,7 +116,7 @@ class TimeStepRouter(Router):
         return {"intervals": self.intervals, "num_timesteps": self.num_timesteps, "gate_context": self.gate_context}
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
-        t = check_timesteps(self.name, require_signal(self.name, signals, "timesteps"), self.num_timesteps)
+        t = finite_timesteps(self.name, require_signal(self.name, signals, "timesteps"), self.num_timesteps)
         t = t.to(self._offsets.device)
         local = torch.stack([interval_index(t, n, self.num_timesteps) for n in self.intervals], dim=-1)
         indices = local + self._offsets
@@ -131,7 +147,7 @@ class TLoRARouter(Router):
         super().__init__(num_experts, d_in)
         self.num_timesteps = check_int(self.name, "num_timesteps", num_timesteps, 1)
         self.min_rank = check_int(self.name, "min_rank", min_rank, 0, num_experts)
-        self.exponent = check_positive(self.name, "exponent", exponent)
+        self.exponent = check_positive(self.name, "exponent", finite_number(exponent, f"router {self.name!r}", "exponent"))
         self.register_buffer("_ranks", torch.arange(num_experts), persistent=False)
 
     @property
@@ -143,7 +159,7 @@ class TLoRARouter(Router):
 
     def rank(self, timesteps: Tensor) -> Tensor:
         """``r(t)`` per example."""
-        t = check_timesteps(self.name, torch.as_tensor(timesteps), self.num_timesteps)
+        t = finite_timesteps(self.name, timesteps, self.num_timesteps)
         return tlora_rank(t, self.num_timesteps, self.max_rank, self.min_rank, self.exponent)
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:

@@ -212,3 +212,109 @@ def test_stats_and_train_router_bad_input_exit_2(tmp_path, capsys):
     assert main(["train-router", "--base", str(tmp_path / "gbase"), "--model-class", "causal-lm", "--checkpoint",
                  str(tmp_path / "task_ckpt"), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "no trainable parameters" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- every bad input: exit 2, one line
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A base model folder, two adapters in folders with the same last component, a malformed
+    adapter, a composed checkpoint (experts a, b) and a data file."""
+    pytest.importorskip("peft")
+    import json
+
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_bert()
+    base.save_pretrained(root / "base")
+    save_tiny_tokenizer(root / "base")
+    a = make_peft_adapter(base, root / "x" / "lora", seed=1, target_modules=["query"])
+    b = make_peft_adapter(base, root / "y" / "lora", seed=2, target_modules=["query"])
+    bad_json = make_peft_adapter(base, root / "badjson", seed=3, target_modules=["query"])
+    (bad_json / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    nan_alpha = make_peft_adapter(base, root / "nanalpha", seed=3, target_modules=["query"])
+    cfg = json.loads((nan_alpha / "adapter_config.json").read_text())
+    (nan_alpha / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": float("nan")}))
+    assert main(["compose", "--base", str(root / "base"), "--adapter", f"a={a}", "--adapter", f"b={b}",
+                 "--router", "soft", "--out", str(root / "ckpt")]) == 0
+    return {"root": root, "base": str(root / "base"), "a": str(a), "b": str(b), "bad_json": str(bad_json),
+            "nan_alpha": str(nan_alpha), "ckpt": str(root / "ckpt"), "data": str(write_rows(root / "d.jsonl", n=2))}
+
+
+def _compose(f, *extra, adapters=None):
+    adapters = [f"a={f['a']}"] if adapters is None else adapters
+    return ["compose", "--base", f["base"], *[x for ad in adapters for x in ("--adapter", ad)], "--out",
+            str(f["root"] / "out"), *extra]
+
+
+def _export(f, *weights, checkpoint=None):
+    return ["export-peft", "--base", f["base"], "--checkpoint", checkpoint or f["ckpt"],
+            *[x for w in weights for x in ("--weight", w)], "--out", str(f["root"] / "mix")]
+
+
+def _checkpoint_cmd(cmd, f, *extra):
+    return [cmd, "--base", f["base"], "--checkpoint", f["ckpt"], "--data", f["data"], "--out", str(f["root"] / "o"),
+            "--no-progress", *extra]
+
+
+BAD_INPUTS = {
+    # compose
+    "compose: missing folder": (lambda f: _compose(f, adapters=[f"a={f['root'] / 'nope'}"]), "compose", "does not exist"),
+    "compose: malformed JSON": (lambda f: _compose(f, adapters=[f"j={f['bad_json']}"]), "compose", "is not valid JSON"),
+    "compose: NaN lora_alpha": (lambda f: _compose(f, adapters=[f"n={f['nan_alpha']}"]), "compose",
+                                "lora_alpha must be a finite number; got nan"),
+    "compose: repeated name": (lambda f: _compose(f, adapters=[f"a={f['a']}", f"a={f['b']}"]), "compose",
+                               "adapter name 'a' is given twice"),
+    "compose: repeated folder name": (lambda f: _compose(f, adapters=[f["a"], f["b"]]), "compose",
+                                      "adapter name 'lora' is given twice"),
+    "compose: empty name": (lambda f: _compose(f, adapters=[f"={f['a']}"]), "compose", "the name is empty"),
+    "compose: --top-k 0": (lambda f: _compose(f, "--top-k", "0"), "compose", "argument --top-k: must be >= 1"),
+    "compose: --top-k abc": (lambda f: _compose(f, "--top-k", "abc"), "compose", "argument --top-k: 'abc' is not an integer"),
+    "compose: NaN router arg": (lambda f: _compose(f, "--router", "soft", "--router-arg", "temperature=nan"), "compose",
+                                "'nan' is not a finite number"),
+    "compose: bad router arg name": (lambda f: _compose(f, "--router-arg", "a-b=1"), "compose", "must be identifiers"),
+    "compose: unknown router": (lambda f: _compose(f, "--router", "nosuch"), "compose", "nosuch"),
+    "compose: unknown flag": (lambda f: _compose(f, "--nope"), "compose", "unrecognized arguments: --nope"),
+    "compose: missing --base": (lambda f: ["compose", "--adapter", f["a"], "--out", "o"], "compose",
+                                "the following arguments are required: --base"),
+    "compose: base not a model": (lambda f: ["compose", "--base", f["a"], "--adapter", f["a"], "--out", "o"], "compose", ""),
+    # export-peft
+    "export: NaN weight": (lambda f: _export(f, "a=nan"), "export-peft", "weight 'a=nan': must be a finite number"),
+    "export: inf weight": (lambda f: _export(f, "a=1", "b=-inf"), "export-peft", "weight 'b=-inf': must be a finite number"),
+    "export: not a number": (lambda f: _export(f, "a=x"), "export-peft", "'x' is not a valid value"),
+    "export: unknown expert": (lambda f: _export(f, "zz=1"), "export-peft", r"unknown experts ['zz']; experts are ['a', 'b']"),
+    "export: no =": (lambda f: _export(f, "a"), "export-peft", "must look like NAME=VALUE"),
+    "export: repeated expert": (lambda f: _export(f, "a=1", "a=2"), "export-peft", "weight name 'a' is given twice"),
+    "export: missing checkpoint": (lambda f: _export(f, "a=1", checkpoint=str(f["root"] / "nope")), "export-peft",
+                                   "no molora checkpoint"),
+    # stats, train-router
+    "stats: --batch-size 0": (lambda f: _checkpoint_cmd("stats", f, "--batch-size", "0"), "stats", "--batch-size: must be >= 1"),
+    "stats: --max-length -3": (lambda f: _checkpoint_cmd("stats", f, "--max-length", "-3"), "stats", "--max-length: must be >= 1"),
+    "stats: bad --value": (lambda f: _checkpoint_cmd("stats", f, "--value", "x"), "stats", "argument --value: invalid choice"),
+    "train-router: --lr nan": (lambda f: _checkpoint_cmd("train-router", f, "--lr", "nan"), "train-router",
+                               "--lr: must be a finite number"),
+    "train-router: --steps 0": (lambda f: _checkpoint_cmd("train-router", f, "--steps", "0"), "train-router", "--steps: must be >= 1"),
+    "train-router: --val-fraction 1.5": (lambda f: _checkpoint_cmd("train-router", f, "--val-fraction", "1.5"), "train-router",
+                                         "--val-fraction: must be in [0, 1)"),
+    # continual, demo, top level
+    "continual: --epochs nan": (lambda f: ["continual", "--data", "d", "--order", "a", "--epochs", "nan"], "continual",
+                                "--epochs: must be a finite number"),
+    "continual: --lr -1": (lambda f: ["continual", "--data", "d", "--order", "a", "--lr", "-1"], "continual", "--lr: must be in (0"),
+    "continual: --l1 inf": (lambda f: ["continual", "--data", "d", "--order", "a", "--l1", "inf"], "continual",
+                            "--l1: must be a finite number"),
+    "demo: --epochs inf": (lambda f: ["demo", "--epochs", "inf"], "demo", "--epochs: must be a finite number"),
+    "demo: --experts 0": (lambda f: ["demo", "--experts", "0"], "demo", "--experts: must be >= 1"),
+    "no command": (lambda f: [], None, "the following arguments are required: command"),
+    "unknown command": (lambda f: ["frobnicate"], None, "invalid choice: 'frobnicate'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_every_bad_input_exits_2_with_one_line(cli_files, capsys, case):
+    argv, command, message = BAD_INPUTS[case]
+    capsys.readouterr()
+    assert main(argv(cli_files)) == 2
+    captured = capsys.readouterr()
+    prefix = f"molora {command}: error: " if command else "molora: error: "
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), captured.err
+    assert message in lines[0] and "Traceback" not in captured.err
+    assert not (cli_files["root"] / "out").exists() and not (cli_files["root"] / "mix").exists()

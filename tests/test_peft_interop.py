@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -149,30 +150,120 @@ def test_non_lora_adapter_is_rejected(bert, tmp_path):
         molora.compose(bert, [tmp_path / "ia3"])
 
 
-def test_nan_weights_are_rejected(bert, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_weights_are_rejected(bert, tmp_path, value):
     from safetensors.torch import load_file, save_file
 
     d = make_peft_adapter(bert, tmp_path / "nan", seed=1, target_modules=["query"])
     f = d / "adapter_model.safetensors"
     state = load_file(str(f))
     key = next(k for k in state if "lora_B" in k)
-    state[key][0, 0] = float("nan")
+    state[key][0, 0] = value
     save_file(state, str(f))
-    with pytest.raises(AdapterError, match="NaN"):
+    with pytest.raises(AdapterError, match=rf"adapter 'nan': {f}: tensor '{key}' contains NaN or inf"):
         molora.compose(bert, [d])
 
 
-def test_bin_adapter_is_read_without_pickle_code(bert, tmp_path):
+def test_bin_only_adapter_is_refused_with_how_to_convert(bert, tmp_path):
+    """No pickle is ever loaded: a folder with only adapter_model.bin gets an AdapterError whose
+    conversion command, run by the user, makes the folder loadable."""
     from safetensors.torch import load_file
 
     d = make_peft_adapter(bert, tmp_path / "bin", seed=4, target_modules=["query"])
     state = load_file(str(d / "adapter_model.safetensors"))
     torch.save(state, d / "adapter_model.bin")
     (d / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"adapter_model\.bin is a pickle file.*safe_serialization=True") as err:
+        molora.load_peft_adapter(d)
+    assert "\n" not in str(err.value)  # one line (the CLI prints it as is)
+    command = re.search(r'python -c "(.*)"', str(err.value))[1]
+    exec(command, {})  # what the user runs on a file they trust
     adapter = molora.load_peft_adapter(d)
     key = next(k for k in state if "lora_A" in k)
     module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
     assert torch.equal(adapter.modules[module].A, state[key])
+
+
+def test_no_torch_load_in_molora():
+    """The pickle path is gone from the library: no torch.load call anywhere in its sources."""
+    import pathlib
+
+    root = pathlib.Path(molora.__file__).resolve().parent
+    calls = [str(p) for p in root.rglob("*.py") if re.search(r"^[^#\n\"']*\btorch\.load\(", p.read_text(), re.M)]
+    assert calls == []
+
+
+def _malformed(path, edit):
+    cfg_path = path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    result = edit(cfg)
+    if isinstance(result, bytes):
+        cfg_path.write_bytes(result)
+    else:
+        cfg_path.write_text(result if isinstance(result, str) else json.dumps(cfg if result is None else result))
+
+
+def _set(**kw):
+    return lambda cfg: cfg.update(kw)
+
+
+def _drop(key):
+    return lambda cfg: cfg.__delitem__(key)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda cfg: '{"peft_type": "LORA", "r": 4,', "not valid JSON"),
+    (lambda cfg: b"\xff\xfe{}", "not valid JSON"),
+    (lambda cfg: [cfg], "must hold a JSON object; got list"),
+    (_drop("r"), "missing field 'r'"),
+    (_drop("target_modules"), "missing field 'target_modules'"),
+    (_drop("peft_type"), "peft_type: not a PEFT adapter"),
+    (_set(peft_type="PREFIX_TUNING"), "peft_type: a PREFIX_TUNING adapter"),
+    (_set(peft_type=["LORA"]), "peft_type: not a PEFT adapter"),
+    (_set(r="4"), "r must be a positive int; got '4'"),
+    (_set(r=4.0), "r must be a positive int; got 4.0"),
+    (_set(r=True), "r must be a positive int; got True"),
+    (_set(r=0), "r must be a positive int; got 0"),
+    (_set(lora_alpha=float("nan")), "lora_alpha must be a finite number; got nan"),
+    (_set(lora_alpha=float("inf")), "lora_alpha must be a finite number; got inf"),
+    (_set(lora_alpha="8"), "lora_alpha must be a number; got '8'"),
+    (_set(target_modules={"query": 1}), "target_modules must be a list of module names or a regex string"),
+    (_set(rank_pattern=["query", 2]), "rank_pattern must be an object"),
+    (_set(rank_pattern={"query": "4"}), r"rank_pattern\['query'\] must be a positive int"),
+    (_set(alpha_pattern={"query": float("nan")}), r"alpha_pattern\['query'\] must be a finite number"),
+    (_set(alpha_pattern={"(query": 4.0}), r"alpha_pattern pattern '\(query' is not a valid regex"),
+    (_set(use_rslora="yes"), "use_rslora must be true or false"),
+    (_set(use_dora=1), "use_dora must be true or false"),
+    (_set(modules_to_save="classifier"), "modules_to_save must be a list or null"),
+])
+def test_malformed_adapter_config_names_the_file_and_field(bert, tmp_path, edit, field):
+    d = make_peft_adapter(bert, tmp_path / "bad", seed=1, target_modules=["query"])
+    _malformed(d, edit)
+    with pytest.raises(AdapterError, match=rf"^adapter 'bad': {re.escape(str(d / 'adapter_config.json'))}.*{field}"):
+        molora.load_peft_adapter(d)
+    with pytest.raises(AdapterError, match=field):
+        molora.compose(bert, [d])
+
+
+def test_malformed_adapter_weights_name_the_file(bert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = make_peft_adapter(bert, tmp_path / "w", seed=1, target_modules=["query"])
+    f = d / "adapter_model.safetensors"
+    state = load_file(str(f))
+    f.write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match=rf"adapter 'w': cannot read {f}"):
+        molora.load_peft_adapter(d)
+    a = next(k for k in state if "lora_A" in k)
+    b = a.replace("lora_A", "lora_B")
+    save_file({**state, a: state[a][:2].contiguous(), b: state[b][:, :2].contiguous()}, str(f))  # rank 2, config: 4
+    with pytest.raises(AdapterError, match=rf"rank 2 in {f} but {d / 'adapter_config.json'} says r=4"):
+        molora.load_peft_adapter(d)
+    f.unlink()
+    with pytest.raises(AdapterError, match=rf"adapter 'w': no adapter_model.safetensors in {d}"):
+        molora.load_peft_adapter(d)
+    with pytest.raises(AdapterError, match=rf"adapter 'gone': folder {tmp_path / 'gone'} does not exist"):
+        molora.load_peft_adapter(tmp_path / "gone")
 
 
 def test_no_matching_module(bert):
