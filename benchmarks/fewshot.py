@@ -115,14 +115,11 @@ class TopEncoder:
         length = int(M.sum(1).max())
         H, M = H[:, :length], M[:, :length]
         ext = (1.0 - M[:, None, None, :].to(H.dtype)) * torch.finfo(H.dtype).min
-        token = context.open_scope(M)  # what MoLoRAModel does around a forward
-        try:
+        with context.forward_scope(attention_mask=M):  # what MoLoRAModel does around a forward
             h = H
             for i in self.layer_ids:
                 h = self.base.encoder.layer[i](h, ext)
                 h = h[0] if isinstance(h, tuple) else h
-        finally:
-            context.close_scope(token)
         return F.normalize(mean_pool(h, M).float(), dim=-1)
 
 

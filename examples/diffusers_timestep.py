@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.steps):
         loss, t = train_step(model, scheduler, opt, latents, text, generator=g)
         losses.append(loss)
-        layer = next(iter(model.routed_layers().values()))
-        experts = [[model.expert_names[i] for i in row] for row in layer.last_decision.indices.tolist()]
+        decision = next(iter(model.last_routing().values())).decision
+        experts = [[model.expert_names[i] for i in row] for row in decision.indices.tolist()]
         print(f"step {step}: loss {loss:.4f}  t={t.tolist()}  experts={experts}")
     return {"losses": losses}
 

@@ -1,6 +1,8 @@
 """Kernels of the routed LoRA op ``delta = sum_e g_e s_e B_e A_e x``.
 
-``routed_lora`` is the one entry point; backends:
+``routed_lora`` is the one entry point of the op; the routed layer runs it as three steps
+(:mod:`.routed_linear`: :func:`project` the base output, LoRA shrink and router logits in one
+GEMM, the router decides, :func:`expand` the delta into the base output). Backends:
 
 * ``reference``: per-expert loop, the ground truth of the tests (:mod:`.reference`);
 * ``torch``: the dense concatenated form, or the sorted/segmented grouped form for many
@@ -19,16 +21,15 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from typing import Callable
-
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from .dense import routed_lora_dense
 from .grouped import routed_lora_grouped
 from .reference import routed_lora_reference
 from .linear import shared_input_linear
-from .torch_backend import routed_lora_torch, routed_lora_torch_with_router
+from .routed_linear import Plan, Projections, expand, plan, project
+from .torch_backend import routed_lora_torch
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -68,8 +69,10 @@ def _backend_fn(name: str):
     raise ValueError(f"routed_lora: unknown backend {name!r}; available: {available_backends()}")
 
 
-def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor | None, scaling, rank_mask) -> None:
-    """Shape checks shared by every backend (ValueError naming the argument and shapes)."""
+def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor | None, scaling, rank_mask,
+                 check_values: bool = True) -> None:
+    """Shape checks shared by every backend (ValueError naming the argument and shapes); with
+    ``check_values`` also the range of ``indices`` (a host sync, skipped while compiling)."""
     if x.dim() != 2:
         raise ValueError(f"routed_lora: x must be [T, d_in]; got shape {tuple(x.shape)}")
     if B.dim() != 3:
@@ -85,7 +88,7 @@ def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor
     else:
         if tuple(indices.shape) != tuple(gates.shape) or gates.dim() != 2 or gates.shape[0] != T:
             raise ValueError(f"routed_lora: gates {list(gates.shape)} and indices {list(indices.shape)} must both be [T={T}, k]")
-        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= E):
+        if check_values and not torch.compiler.is_compiling() and indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= E):
             raise ValueError(f"routed_lora: indices must be in [-1, {E}); got range [{int(indices.min())}, {int(indices.max())}]")
     if isinstance(scaling, Tensor) and tuple(scaling.shape) != (E,):
         raise ValueError(f"routed_lora: scaling must be a float or [E={E}]; got {list(scaling.shape)}")
@@ -135,95 +138,6 @@ def routed_lora(
     return delta if out is None else out.add_(delta)
 
 
-def routed_lora_with_router(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    router_weight: Tensor,
-    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
-    top_k: int | None = None,
-    scaling: float | Tensor = 1.0,
-    backend: str | None = None,
-    rank_mask: Tensor | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """A linear router and the routed LoRA delta of the same input ``x``:
-    ``gates, indices = route(x W_r^T)``, then :func:`routed_lora` of them.
-
-    ``router_weight`` ``[E_r, d_in]`` is the router's projection (``route`` gets the logits
-    ``[T, E_r]`` and returns ``(gates, indices)`` as :func:`routed_lora` takes them; ``top_k`` is
-    its k, ``None`` for dense gates). Same result as computing the logits, routing and calling
-    :func:`routed_lora`; the torch backend's dense form computes the logits in the same GEMM as
-    the LoRA shrink (see :func:`~molora.kernels.torch_backend.routed_lora_torch_with_router`).
-    Other arguments as in :func:`routed_lora`.
-    """
-    _check_out(x, B, out)
-    return _with_router("routed_lora_with_router", x, A, B, router_weight, route, top_k, scaling, backend,
-                        rank_mask, out, None)
-
-
-def routed_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    A: Tensor,
-    B: Tensor,
-    router_weight: Tensor,
-    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
-    top_k: int | None = None,
-    scaling: float | Tensor = 1.0,
-    backend: str | None = None,
-    rank_mask: Tensor | None = None,
-) -> Tensor:
-    """The whole routed LoRA layer: a frozen base linear, its router and its experts::
-
-        y = x W^T + b + sum_e g_e s_e B_e (m_e * A_e x),   (g, idx) = route(x W_r^T)
-
-    ``weight`` ``[d_out, d_in]`` and ``bias`` ``[d_out]`` (or ``None``) are the base layer's and
-    must be frozen (``requires_grad=False``), as in LoRA training; the other arguments are as in
-    :func:`routed_lora_with_router`. The torch backend's dense form computes the base output,
-    the LoRA shrink and the router logits in one GEMM, ``x [W; A_cat; W_r]^T`` (:mod:`.linear`),
-    and adds the delta into the base output in place; its backward computes the base's
-    ``dx = dy W`` and accumulates the LoRA and router terms into it. The output is then a column
-    block of that GEMM's output: its rows are contiguous but padded (``stride(0) > d_out``), so
-    ``view`` works on its leading dimensions, not across a row. The grouped form computes the
-    base output and the router logits in one GEMM (``x [W; W_r]^T``) and scatter-adds the delta
-    into a contiguous copy of the base output. Other backends run ``F.linear`` and then
-    :func:`routed_lora_with_router` into its output.
-    Differentiable in ``x``, ``A``, ``B`` and ``router_weight``.
-    """
-    if weight.dim() != 2 or tuple(weight.shape) != (B.shape[1], x.shape[-1]):
-        raise ValueError(f"routed_linear: the base weight must be [d_out={B.shape[1]}, d_in={x.shape[-1]}]; "
-                         f"got {list(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"routed_linear: the base bias must be [{weight.shape[0]}]; got {list(bias.shape)}")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("routed_linear: the base weight and bias must be frozen (requires_grad=False)")
-    return _with_router("routed_linear", x, A, B, router_weight, route, top_k, scaling, backend, rank_mask,
-                        None, (weight, bias))
-
-
-def _with_router(caller, x, A, B, router_weight, route, top_k, scaling, backend, rank_mask, out, base):
-    """:func:`routed_lora_with_router` (``base=None``) or :func:`routed_linear` (``base=(W, b)``)."""
-    if router_weight.dim() != 2 or router_weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{caller}: router_weight must be [E, d_in={x.shape[-1]}]; got {list(router_weight.shape)}")
-    name = backend or default_backend(x)
-    if name != "torch":
-        if base is not None:
-            out = F.linear(x, *base)
-        gates, indices = route(shared_input_linear(x, router_weight))
-        return routed_lora(x, A, B, gates, indices, scaling, name, rank_mask, out)
-
-    def checked_route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        gates, indices = route(logits)
-        check_inputs(x, A, B, gates, indices, scaling, rank_mask)
-        return gates, indices
-
-    base_weight, base_bias = (None, None) if base is None else base
-    return routed_lora_torch_with_router(x, A, B, router_weight, checked_route, top_k, scaling, rank_mask, out,
-                                         base_weight=base_weight, base_bias=base_bias)
-
-
 __all__ = [
     "available_backends",
     "check_inputs",
@@ -233,8 +147,11 @@ __all__ = [
     "routed_lora_grouped",
     "routed_lora_reference",
     "routed_lora_torch",
-    "routed_lora_with_router",
-    "routed_linear",
+    "expand",
+    "plan",
+    "project",
+    "Plan",
+    "Projections",
     "shared_input_linear",
     "triton_available",
 ]

@@ -11,7 +11,7 @@ Exact for soft gates, top-k gates (zeros elsewhere) and HydraLoRA's shared ``A``
 is computed once and scaled per head). Cheap while ``E*r`` is small next to ``d``. The shrink is
 split from the rest (:func:`dense_shrink_weight`, :func:`dense_gate_expand`) so that the routed
 layer can compute ``H`` and the router logits ``X W_r^T`` in one GEMM
-(:func:`molora.kernels.routed_lora_with_router`). Backward: autograd, with the shrink's
+(:mod:`molora.kernels.routed_linear`). Backward: autograd, with the shrink's
 ``dX = dH A_cat`` and ``dA = dH^T X`` as single GEMMs (:mod:`.linear`); the expand's in-place
 ``addmm_`` gives ``dH' = dY B_cat`` and ``dB_cat^T = H'^T dY``.
 """

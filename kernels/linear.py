@@ -8,7 +8,7 @@ With ``W = [W_1; ...; W_n]`` (rows stacked) and ``G = [dZ_1, ..., dZ_n]`` (colum
 
 instead of ``n`` GEMMs each way and ``n - 1`` extra passes adding the ``dX`` contributions. The
 routed layer uses it for the frozen base linear, the LoRA shrink ``X A_cat^T`` and the router
-logits ``X W_r^T`` together (all three read the same ``X``: :func:`molora.kernels.routed_linear`),
+logits ``X W_r^T`` together (all three read the same ``X``: :mod:`molora.kernels.routed_linear`),
 for the shrink with the logits alone, and for a lone router projection.
 
 A frozen weight (``requires_grad=False``, such as the base layer's) gets no weight gradient and

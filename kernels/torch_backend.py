@@ -3,7 +3,7 @@
 Cost model (per token, forward + backward, ``d = d_in + d_out``): the dense form does six GEMMs
 over ``E r`` columns (``~6 E r d`` FLOPs; with a linear router, its logits ride in the same
 GEMMs, and in the routed layer the shrink and the logits ride in the frozen base linear's GEMM:
-:func:`routed_lora_torch_with_router`) and moves nothing beyond x, y and their gradients; its
+:mod:`.routed_linear`) and moves nothing beyond x, y and their gradients; its
 GEMMs use every intra-op thread. The grouped form does the GEMMs over only the
 ``k`` selected experts, but gathers and scatters ``k`` rows of x, y, dy and dx per token and
 loops over the experts in Python on one thread (:func:`molora.kernels.grouped._one_thread`);
@@ -16,7 +16,7 @@ with ``threads = torch.get_num_threads()``. Dense gates (every expert selected) 
 
 Measured with ``python benchmarks/kernels.py --switch --repeats 5 --threads 1 --clock cpu``
 (CPU fp32, one thread, timed by the thread's CPU time; d = 1024, T = 4096, the whole layer as
-:func:`molora.kernels.routed_linear` runs it: the dense form with the base output, the LoRA
+:mod:`molora.kernels.routed_linear` runs it: the dense form with the base output, the LoRA
 shrink and the router logits in one GEMM, the grouped form with the base output and the router
 logits in one GEMM; forward + backward; time of the grouped form / time of the dense form, < 1
 means grouped is faster; ``benchmarks/results/kernels-switch-cpu-cpuclock.json``)::
@@ -51,14 +51,11 @@ the base linear at E = 64, against 1.75x pinned).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from .dense import dense_gate_expand, dense_shrink_weight, routed_lora_dense
+from .dense import routed_lora_dense
 from .grouped import routed_lora_grouped
-from .linear import shared_input_linear
 
 GROUPED_MIN_COLUMNS_PER_SLOT = 32
 
@@ -87,59 +84,3 @@ def routed_lora_torch(
     k = None if indices is None else indices.shape[1]
     fn = routed_lora_grouped if use_grouped(E, r, k) else routed_lora_dense
     return fn(x, A, B, gates, indices, scaling, rank_mask, out)
-
-
-def routed_lora_torch_with_router(
-    x: Tensor,
-    A: Tensor,
-    B: Tensor,
-    router_weight: Tensor,
-    route: Callable[[Tensor], tuple[Tensor, Tensor | None]],
-    top_k: int | None,
-    scaling: float | Tensor = 1.0,
-    rank_mask: Tensor | None = None,
-    out: Tensor | None = None,
-    grouped: bool | None = None,
-    base_weight: Tensor | None = None,
-    base_bias: Tensor | None = None,
-) -> Tensor:
-    """Router logits ``x W_r^T`` and the routed LoRA delta, sharing the GEMMs over ``x``.
-
-    In the dense form the shrink ``x A_cat^T`` and the logits are one GEMM (and so are their
-    weight gradients and their ``dx``: :mod:`.linear`); in the grouped form the logits are a
-    separate :func:`shared_input_linear`. ``route(logits) -> (gates, indices)`` is the router's
-    softmax / top-k; ``top_k`` (its k, ``None`` for dense gates) picks the form before the
-    logits exist (``grouped`` forces it).
-
-    With ``base_weight`` (the frozen base layer's ``W [d_out, d_in]``) and ``base_bias``, the
-    whole layer's output is returned (``out`` must be ``None``): in the dense form the base output
-    ``x W^T + b`` is computed in that same GEMM too (``x [W; A_cat; W_r]^T``) and the delta added
-    into it; in the grouped form the base output and the logits share one GEMM
-    (``x [W; W_r]^T``) and the delta is added into a contiguous copy of the base output (see the
-    comment there)."""
-    E, _, r = B.shape
-    if grouped is None:
-        grouped = use_grouped(E, r, top_k)
-    if base_weight is None:
-        if base_bias is not None:
-            raise ValueError("routed_lora_torch_with_router: base_bias needs base_weight")
-        if grouped:
-            gates, indices = route(shared_input_linear(x, router_weight))
-            return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out)
-        h, logits = shared_input_linear(x, dense_shrink_weight(A), router_weight)
-    else:
-        if out is not None:
-            raise ValueError("routed_lora_torch_with_router: give either out or base_weight, not both")
-        if grouped:
-            # the router logits ride in the base GEMM (x [W; W_r]^T; the router's own N = E GEMM
-            # and its dx pass were ~10 ms a step at E = 64), but the grouped form scatter-adds rows
-            # into the base output, and index_add_ into the rows of the wider GEMM output ran 2.5x
-            # slower (21 ms vs 8 ms a step) than into a contiguous one: so the base output is
-            # copied out first (~4 ms). Measured, E = 64, d = 1024, T = 4096, one thread:
-            # 1.37-1.45x -> 1.32-1.39x the base linear over three A/B runs; two threads 1.69x -> 1.54x.
-            wide, logits = shared_input_linear(x, base_weight, router_weight, bias=base_bias)
-            gates, indices = route(logits)
-            return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, wide.contiguous())
-        out, h, logits = shared_input_linear(x, base_weight, dense_shrink_weight(A), router_weight, bias=base_bias)
-    gates, indices = route(logits)
-    return dense_gate_expand(h, B, gates, indices, scaling, rank_mask, out)

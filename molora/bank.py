@@ -196,10 +196,13 @@ class ExpertBank(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None = None, device: Any = None) -> ExpertBank:
-        bank = cls(spec["d_in"], spec["d_out"], shared_a=spec["shared_a"], shared_rank=spec["shared_rank"], dtype=dtype, device=device)
+        """A bank of fresh experts (``A`` by ``spec["init"]``, default kaiming; ``B = 0``) of that layout."""
+        init = spec.get("init", "kaiming")
+        bank = cls(spec["d_in"], spec["d_out"], shared_a=spec["shared_a"], shared_rank=spec["shared_rank"], init=init,
+                   dtype=dtype, device=device)
         trainable = spec.get("trainable", [True] * len(spec["ranks"]))
         for r, a, s, t in zip(spec["ranks"], spec["alphas"], spec["rslora"], trainable):
-            bank.add_expert(int(r), float(a), use_rslora=bool(s), trainable=bool(t))
+            bank.add_expert(int(r), float(a), use_rslora=bool(s), init=init, trainable=bool(t))
         return bank
 
     def extra_repr(self) -> str:

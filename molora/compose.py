@@ -12,10 +12,9 @@ from molora.bank import ExpertBank
 from molora.checks import unique_names
 from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
-from molora.layer import RoutedLoRALinear, base_features
+from molora.layer import RoutedLoRALinear, base_features, build_routed_layer
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter
-from molora.routers import build_router
 
 
 def compose(
@@ -78,13 +77,9 @@ def compose(
             if f is not None:
                 bank.add_expert(f.rank, f.alpha, use_rslora=f.use_rslora, A=f.A, B=f.B, trainable=trainable_experts)
                 expert_ids.append(i)
-        layer_router = None
-        if shared is None:
-            layer_router = build_router(router, num_experts=bank.num_experts, d_in=d_in, **kwargs)
-            layer_router = layer_router.to(device=module.weight.device, dtype=config.torch_dtype)
-        layers[path] = RoutedLoRALinear(
-            module, bank, layer_router, dropout=dropout, name=path, expert_ids=expert_ids, num_global_experts=len(loaded)
-        )
+        layer_router = None if shared is not None else {"name": router, "config": kwargs}
+        layers[path] = build_routed_layer(module, name=path, bank=bank, router=layer_router, expert_ids=expert_ids,
+                                          num_global_experts=len(loaded), dropout=dropout, dtype=config.torch_dtype)
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
 
 

@@ -10,9 +10,13 @@ The signals live in a :mod:`contextvars` variable, so concurrent threads and asy
 see their own. Nested ``routing`` blocks override only the fields they name.
 
 A *forward scope* is opened by :class:`~molora.model.MoLoRAModel` around every forward pass of
-the wrapped model (also the inner forwards of ``generate``). It carries the signals of that pass
-and a cache, so that a router shared by many layers (task id, retrieval, timestep) decides once
-per forward and every layer reuses the decision.
+the wrapped model (also the inner forwards of ``generate``). It belongs to that call alone and
+carries its signals, a cache, so that a router shared by many layers (task id, retrieval,
+timestep) decides once per forward and every layer reuses the decision, and the record of what
+each routed layer decided, which balancing losses and routing statistics read afterwards
+(:func:`last_forward`). Scopes, like signals, live in context variables: two threads (or asyncio
+tasks) running forwards of one model at once never see each other's state, and no module keeps
+per-call state.
 """
 
 from __future__ import annotations
@@ -110,39 +114,99 @@ def routing(**signals: Any) -> Iterator[RoutingSignals]:
 
 def current_signals() -> RoutingSignals:
     """The signals in force: those of the running forward scope, else of the innermost ``routing``."""
-    scope = _SCOPE.get()
+    scope = current_scope()
     return scope.signals if scope is not None else _SIGNALS.get()
 
 
-class ForwardScope:
-    """State of one forward pass: its signals and the decisions of shared routers."""
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """What one routed layer decided in one forward: the decision (in the layer's local expert
+    indices, one row per token or per example) and the padding mask ``[batch, seq]`` matching
+    its rows (``None`` when the rows are not the tokens of a ``[batch, seq]`` input)."""
 
-    def __init__(self, signals: RoutingSignals) -> None:
+    decision: Any
+    mask: Tensor | None
+
+
+class ForwardScope:
+    """State of one forward pass, owned by that call alone: its signals, the decisions of shared
+    routers (each decides once per forward) and what every routed layer decided (read by the
+    balancing losses and routing statistics after the forward).
+
+    ``owner`` identifies the model that opened it (see :func:`last_forward`)."""
+
+    def __init__(self, signals: RoutingSignals, owner: object = None) -> None:
         self.signals = signals
-        self._cache: dict[int, Any] = {}
+        self.owner = owner
+        self.records: dict[str, LayerRecord] = {}
+        self._cache: dict[int, tuple[object, Any]] = {}
 
     def cached(self, key: object, compute: Callable[[], Any]) -> Any:
         """Return ``compute()``, computed at most once per forward for ``key``."""
-        k = id(key)
-        if k not in self._cache:
-            self._cache[k] = compute()
-        return self._cache[k]
+        hit = self._cache.get(id(key))
+        if hit is None or hit[0] is not key:
+            hit = (key, compute())  # the key is kept, so its id cannot be reused within the forward
+            self._cache[id(key)] = hit
+        return hit[1]
+
+    def record(self, layer: str, decision: Any, mask: Tensor | None) -> None:
+        self.records[layer] = LayerRecord(decision, mask)
 
 
-_SCOPE: contextvars.ContextVar[ForwardScope | None] = contextvars.ContextVar("molora_forward_scope", default=None)
+# The open forward scopes of this thread / task, innermost last. A tuple, replaced (never
+# mutated) on entry and exit, so that no context token has to travel between a forward's
+# pre-hook and post-hook, and a context copied into another thread or task cannot disturb ours.
+_SCOPES: contextvars.ContextVar[tuple[ForwardScope, ...]] = contextvars.ContextVar("molora_forward_scopes", default=())
+# The last finished forward of every model, by owner, in this thread / task.
+_LAST: contextvars.ContextVar[dict[int, ForwardScope]] = contextvars.ContextVar("molora_last_forward", default={})
 
 
 def current_scope() -> ForwardScope | None:
-    return _SCOPE.get()
+    """The innermost open forward scope of this thread / task, or ``None``."""
+    scopes = _SCOPES.get()
+    return scopes[-1] if scopes else None
 
 
-def open_scope(attention_mask: Tensor | None = None) -> contextvars.Token:
-    """Open a forward scope; the call's ``attention_mask`` is used unless the user set one."""
+def enter_forward(owner: object = None, attention_mask: Tensor | None = None) -> ForwardScope:
+    """Open a forward scope of ``owner`` (the routing signals in force, plus the call's
+    ``attention_mask`` unless the user set one); pair with :func:`exit_forward`."""
     signals = _SIGNALS.get()
     if signals.attention_mask is None and isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
         signals = signals.replace(attention_mask=attention_mask)
-    return _SCOPE.set(ForwardScope(signals))
+    scope = ForwardScope(signals, owner)
+    _SCOPES.set((*_SCOPES.get(), scope))
+    return scope
 
 
-def close_scope(token: contextvars.Token) -> None:
-    _SCOPE.reset(token)
+def exit_forward(owner: object = None) -> ForwardScope | None:
+    """Close the innermost forward scope of ``owner`` and keep it as that owner's last forward
+    (:func:`last_forward`); a no-op when this thread has no open scope of ``owner`` (a forward
+    hook whose pre-hook ran in another context)."""
+    scopes = _SCOPES.get()
+    for i in range(len(scopes) - 1, -1, -1):
+        if scopes[i].owner is owner:
+            scope = scopes[i]
+            _SCOPES.set(scopes[:i] + scopes[i + 1:])
+            if owner is not None:
+                _LAST.set({**_LAST.get(), id(owner): scope})
+            return scope
+    return None
+
+
+def last_forward(owner: object) -> ForwardScope | None:
+    """The last forward scope ``owner`` closed in this thread / task (``None`` before any)."""
+    scope = _LAST.get().get(id(owner))
+    return scope if scope is not None and scope.owner is owner else None
+
+
+@contextlib.contextmanager
+def forward_scope(owner: object = None, attention_mask: Tensor | None = None) -> Iterator[ForwardScope]:
+    """``with forward_scope() as scope: layer(x)``: run routed layers outside a
+    :class:`~molora.model.MoLoRAModel` (which opens one around every forward itself) and read
+    what they decided from ``scope.records``."""
+    scope = enter_forward(owner, attention_mask)
+    try:
+        yield scope
+    finally:
+        scopes = _SCOPES.get()
+        _SCOPES.set(tuple(s for s in scopes if s is not scope))

@@ -2,9 +2,13 @@
 
     y = W x (+ b) + sum_e g_e(x) * s_e * B_e A_e dropout(x)
 
-``g(x)`` comes from the layer's router (or the model's shared router); the sum is computed by
-:func:`molora.kernels.routed_lora`. Wraps ``nn.Linear`` and transformers' GPT-2 ``Conv1D``
-(whose weight is stored transposed, ``[d_in, d_out]``).
+The forward is three steps (:mod:`molora.kernels.routed_linear`): the base output, the LoRA
+shrink and the router logits in one GEMM over ``x`` -> the router decides (a pure function of
+the logits, the input and the call's routing signals) -> the expand adds the routed delta into
+the base output. ``g(x)`` comes from the layer's router or the model's shared router. Wraps
+``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (whose weight is stored transposed,
+``[d_in, d_out]``). Nothing of a call is kept on the layer: what it decided goes to the call's
+forward scope (:mod:`molora.context`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from molora.context import current_scope, current_signals
+from molora import kernels
+from molora.context import ForwardScope, RoutingSignals, current_scope, current_signals
 from molora.errors import MoLoRAError, RoutingError
-from molora.kernels import routed_linear, routed_lora, routed_lora_with_router
 from molora.routers import Router, RoutingDecision
 
 from .bank import ExpertBank
@@ -41,11 +45,12 @@ class RoutedLoRALinear(nn.Module):
     """A frozen base linear layer with a bank of LoRA experts behind a router.
 
     Args:
-        base_layer: ``nn.Linear`` or ``Conv1D``; its parameters are frozen.
+        base_layer: ``nn.Linear`` or ``Conv1D``; frozen by the model that owns the layer
+            (``freeze_base=True`` freezes it here).
         bank: the experts (:class:`~molora.bank.ExpertBank`).
         router: a per-layer router, or ``None`` when the model's shared router decides.
         dropout: LoRA dropout on the adapters' input (one mask shared by all experts).
-        name: the module path, used in error messages.
+        name: the module path, used in error messages and as the key of its routing record.
         expert_ids: for each local expert its index in the model's global expert list (a layer
             may hold only some of the model's experts, e.g. composed adapters that target
             different modules); ``None`` means the identity.
@@ -62,6 +67,7 @@ class RoutedLoRALinear(nn.Module):
         name: str = "",
         expert_ids: Sequence[int] | None = None,
         num_global_experts: int | None = None,
+        freeze_base: bool = True,
     ) -> None:
         super().__init__()
         d_in, d_out, transposed = base_features(base_layer)
@@ -70,18 +76,17 @@ class RoutedLoRALinear(nn.Module):
                 f"module {name!r}: experts are [{bank.d_out} x {bank.d_in}] but the base layer is [{d_out} x {d_in}]"
             )
         self.base_layer = base_layer
-        self.base_layer.requires_grad_(False)
+        if freeze_base:
+            self.base_layer.requires_grad_(False)
         self.bank = bank
         self.router = router
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
         self.transposed = transposed
         self.merged_weights: Tensor | None = None
+        # the base weight as it was before merge(): unmerge() restores it bit-exactly
+        self.register_buffer("_unmerged", None, persistent=False)
         self.disabled = False
-        # The last forward's decision (in local expert indices, one row per token or example)
-        # and the padding mask matching its rows: read by balancing losses and routing stats.
-        self.last_decision: RoutingDecision | None = None
-        self.last_mask: Tensor | None = None
         self._shared_router: list[Router] = []  # a plain list: the model owns the shared router
         ids = list(range(bank.num_experts)) if expert_ids is None else [int(i) for i in expert_ids]
         self.register_buffer("_global_to_local", torch.empty(0, dtype=torch.long), persistent=False)
@@ -103,13 +108,14 @@ class RoutedLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ routing
     def set_shared_router(self, router: Router | None) -> None:
+        """Called by the model that owns the shared router (:meth:`MoLoRAModel.set_router`)."""
         self._shared_router = [] if router is None else [router]
 
-    def _decide(self, x: Tensor) -> RoutingDecision:
-        scope = current_scope()
-        signals = scope.signals if scope is not None else current_signals()
+    def _decide(self, x: Tensor, signals: RoutingSignals, scope: ForwardScope | None,
+                logits: Tensor | None = None) -> RoutingDecision:
+        """The router's decision for this call (a shared router's once per forward scope)."""
         if self.router is not None:
-            return self.router(x, signals)
+            return self.router(x, signals) if logits is None else self.router(x, signals, logits=logits)
         if not self._shared_router:
             raise MoLoRAError(f"module {self.name!r} has no router")
         router = self._shared_router[0]
@@ -136,62 +142,61 @@ class RoutedLoRALinear(nn.Module):
                 f"module {self.name!r}: routing signals are for {gates.shape[0]} examples but the input "
                 f"{tuple(x.shape)} has batch size {batch}"
             )
-        per = tokens // batch
+        per = tokens // batch if batch else 0
         if per != 1:
             gates = gates.repeat_interleave(per, dim=0)
             indices = None if indices is None else indices.repeat_interleave(per, dim=0)
         return gates, indices
 
+    def _record(self, scope: ForwardScope | None, signals: RoutingSignals, d: RoutingDecision, x: Tensor) -> None:
+        """Put this call's decision into its forward scope, with the padding mask ``[batch, seq]``
+        matching its rows when they are the tokens of a ``[batch, seq, d]`` input."""
+        if scope is None:
+            return
+        mask = signals.attention_mask
+        if mask is not None and (d.per_example or tuple(x.shape[:-1]) != tuple(mask.shape)):
+            mask = None
+        scope.record(self.name, d, mask)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled or self.merged_weights is not None or self.bank.num_experts == 0:
             return self.base_layer(x, *args, **kwargs)
-        x2 = x.reshape(-1, self.bank.d_in)
-        shape = (*x.shape[:-1], self.bank.d_out)
+        scope = current_scope()
+        signals = scope.signals if scope is not None else current_signals()
         A, B = self.bank.stacked()
+        x2 = x.reshape(-1, self.bank.d_in)
+        xk = x2.to(B.dtype)
+        xd = self.dropout(xk)
+        base = self._fusable_base(x, B.dtype, args, kwargs)
         router_weight = self._fusable_router_weight(B.dtype)
-        if router_weight is not None:
-            # the router scores the same rows the experts read (no dropout): its logits share the
-            # GEMMs over x with the LoRA shrink (molora.kernels.routed_lora_with_router), and
-            # with the frozen base linear's too where that is a plain linear of the same dtype
-            # (molora.kernels.routed_linear)
-            router = self.router
-
-            def route(logits: Tensor) -> tuple[Tensor, Tensor | None]:
-                with router.given_logits(logits):
-                    decision = self._decide(x)
-                self._record(decision, x)
-                gates, indices = self._broadcast(decision, x, x2.shape[0])
-                return gates.to(B.dtype), indices
-
-            top_k = getattr(router, "top_k", None) or getattr(router, "max_k", None)
-            base = self._fusable_base(x, B.dtype, args, kwargs)
-            if base is not None:
-                y = routed_linear(x2, *base, A, B, router_weight, route, top_k, scaling=self.bank.scaling)
-                return y.view(shape)
-        # the base layer (nn.Linear or Conv1D: row-wise) runs on the flattened rows, so its
-        # [T, d_out] output is no view and the delta is added into it in place: no [T, d_out]
-        # temporary, and no copy of the whole gradient that an in-place add into a view of a
-        # [batch, seq, d_out] output costs autograd
-        result = self.base_layer(x2, *args, **kwargs)
-        in_place = result.dtype == B.dtype and result.is_contiguous()
-        out = result if in_place else None
-        if router_weight is not None:
-            delta = routed_lora_with_router(x2.to(B.dtype), A, B, router_weight, route, top_k,
-                                            scaling=self.bank.scaling, out=out)
-        else:
-            decision = self._decide(x)
-            self._record(decision, x)
-            gates, indices = self._broadcast(decision, x, x2.shape[0])
-            xd = self.dropout(x2).to(B.dtype)
-            delta = routed_lora(xd, A, B, gates.to(B.dtype), indices, scaling=self.bank.scaling, out=out)
-        if in_place:
-            return result.view(shape)
-        return (result + delta.to(result.dtype)).view(shape)
+        # a router that scores its own input (or a shared one, deciding from the call's signals)
+        # decides first, so that its k picks the form; a linear router's logits come from step 1
+        decision = None if router_weight is not None else self._decide(x, signals, scope)
+        k = _selected(decision) if decision is not None else _static_k(self.router)
+        plan = kernels.plan(kernels.default_backend(xk), self.bank.num_experts, B.shape[-1], k)
+        # 1. base output, LoRA shrink and router logits: one GEMM over x (the shrink reads the
+        # experts' input, so it joins only while no dropout changes that)
+        proj = kernels.project(xk, plan, A, *(base or (None, None)), router_weight=router_weight,
+                               shrink=xd is xk)
+        out = proj.out
+        if base is None:
+            result = self.base_layer(x2, *args, **kwargs)
+            out = result if result.dtype == B.dtype and result.is_contiguous() else None
+        # 2. the router decides
+        if decision is None:
+            decision = self._decide(x, signals, scope, proj.logits)
+        self._record(scope, signals, decision, x)
+        gates, indices = self._broadcast(decision, x, x2.shape[0])
+        # 3. the routed delta, added into the base output
+        y = kernels.expand(xd, plan, proj.shrink, A, B, gates.to(B.dtype), indices, self.bank.scaling, out=out)
+        if out is None:
+            y = result + y.to(result.dtype)
+        return y.view(*x.shape[:-1], self.bank.d_out)
 
     def _fusable_base(self, x: Tensor, dtype: torch.dtype, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None] | None:
         """``(W [d_out, d_in], b)`` of the base layer when its GEMM can also compute the LoRA shrink
-        and the router logits (:func:`molora.kernels.routed_linear`): a plain ``nn.Linear`` or
+        and the router logits (:func:`molora.kernels.project`): a plain ``nn.Linear`` or
         ``Conv1D`` (not a subclass: quantised layers compute differently), frozen, called with
         no extra arguments, with weights and input of the experts' dtype, and no autocast (whose
         base linear would compute, and return, the autocast dtype)."""
@@ -206,54 +211,79 @@ class RoutedLoRALinear(nn.Module):
         return (weight.T if self.transposed else weight), bias
 
     def _fusable_router_weight(self, dtype: torch.dtype) -> Tensor | None:
-        """The own router's projection when its logits can share the GEMMs over x with the LoRA
-        shrink: a per-layer router scoring the token rows as they are (see
-        ``SoftRouter.fusable_weight``), no LoRA dropout, weights of the experts' dtype."""
+        """The own router's projection when its logits can share the GEMM over x with the base
+        output and the LoRA shrink: a per-layer router scoring the token rows as they are (see
+        ``SoftRouter.fusable_weight``; it reads x, not the experts' dropped-out input), weights
+        of the experts' dtype."""
         fusable = getattr(self.router, "fusable_weight", None)
-        if fusable is None or not isinstance(self.dropout, nn.Identity):
+        if fusable is None:
             return None
         weight = fusable()
         return weight if weight is not None and weight.dtype == dtype else None
 
-    def _record(self, d: RoutingDecision, x: Tensor) -> None:
-        """Keep this forward's decision and, for token-level rows of a ``[batch, seq, d]`` input,
-        the padding mask ``[batch, seq]`` that matches them."""
-        mask = current_signals().attention_mask
-        if mask is not None and (d.per_example or tuple(x.shape[:-1]) != tuple(mask.shape)):
-            mask = None
-        self.last_decision, self.last_mask = d, mask
-
     # ------------------------------------------------------------------ merging
-    def _weight_delta(self, weights: Tensor) -> Tensor:
-        delta = self.bank.delta_weight(weights)
-        return delta.T if self.transposed else delta
+    def unmerged_weight(self) -> Tensor:
+        """The base weight without any merged mixture (the stored original while merged)."""
+        return self.base_layer.weight if self._unmerged is None else self._unmerged
 
     def merge(self, weights: Sequence[float] | Tensor) -> None:
         """Fold the static mixture ``sum_e w_e s_e B_e A_e`` into the base weight (no added latency).
 
-        ``weights`` has one entry per *local* expert. While merged the layer runs the base only.
+        ``weights`` has one finite entry per *local* expert. The sum is formed in float32 and
+        checked before the weight is written (as PEFT's ``merge(safe_merge=True)``); the original
+        weight is kept, so :meth:`unmerge` restores it bit-exactly in every dtype. While merged
+        the layer runs the base only.
         """
         if self.merged_weights is not None:
             raise MoLoRAError(f"module {self.name!r} is already merged; unmerge() first")
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        delta = self._weight_delta(w)
+        merged, w = self.merged_weight(weights)
+        self.commit_merge(merged, w)
+
+    def merged_weight(self, weights: Sequence[float] | Tensor) -> tuple[Tensor, Tensor]:
+        """``(W + delta, w)`` in the base weight's dtype, checked finite; changes nothing."""
+        w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+        if w.shape != (self.bank.num_experts,):
+            raise MoLoRAError(f"module {self.name!r}: merge needs {self.bank.num_experts} weights (one per local expert); "
+                              f"got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise MoLoRAError(f"module {self.name!r}: merge weights must be finite; got {w.tolist()}")
+        delta = self.bank.delta_weight(w)
+        delta = delta.T if self.transposed else delta
+        W = self.base_layer.weight
+        merged = (W.detach().float() + delta.to(W.device)).to(W.dtype)
+        if not torch.isfinite(merged).all():
+            raise MoLoRAError(f"module {self.name!r}: merging gives NaN or inf in the base weight; nothing was merged")
+        return merged, w
+
+    def commit_merge(self, merged: Tensor, weights: Tensor) -> None:
+        """Write a weight from :meth:`merged_weight`, keeping the original (cannot fail halfway)."""
+        W = self.base_layer.weight
+        self._unmerged = W.detach().clone()
         with torch.no_grad():
-            W = self.base_layer.weight
-            W.copy_((W.float() + delta.to(W.device)).to(W.dtype))
-        self.merged_weights = w
+            W.copy_(merged)
+        self.merged_weights = weights
 
     def unmerge(self) -> None:
-        """Subtract the merged mixture again (exact up to floating-point rounding of ``W``)."""
+        """Restore the base weight as it was before :meth:`merge` (bit-exact)."""
         if self.merged_weights is None:
             return
-        delta = self._weight_delta(self.merged_weights)
         with torch.no_grad():
-            W = self.base_layer.weight
-            W.copy_((W.float() - delta.to(W.device)).to(W.dtype))
+            self.base_layer.weight.copy_(self._unmerged)
+        self._unmerged = None
         self.merged_weights = None
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, experts={self.bank.num_experts}, shared_router={bool(self._shared_router)}"
+
+
+def _selected(d: RoutingDecision) -> int | None:
+    """Experts per row of a decision (``None``: dense gates over every expert)."""
+    return None if d.indices is None else int(d.indices.shape[1])
+
+
+def _static_k(router: Router | None) -> int | None:
+    """The most experts a per-layer router selects per row, known before it runs (``None``: dense)."""
+    return getattr(router, "top_k", None) or getattr(router, "max_k", None)
 
 
 def layer_spec(layer: RoutedLoRALinear) -> dict:
@@ -263,23 +293,41 @@ def layer_spec(layer: RoutedLoRALinear) -> dict:
     return {"bank": layer.bank.spec(), "expert_ids": layer.expert_ids, "dropout": dropout, "router": router}
 
 
-def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype) -> RoutedLoRALinear:
-    """Rebuild an (untrained) routed layer around ``base_layer`` from :func:`layer_spec`'s output."""
+def build_routed_layer(
+    base_layer: nn.Module,
+    *,
+    name: str,
+    bank: ExpertBank | dict,
+    router: Router | dict | None,
+    expert_ids: Sequence[int],
+    num_global_experts: int,
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> RoutedLoRALinear:
+    """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints).
+
+    ``bank`` is an :class:`ExpertBank` or its :meth:`~ExpertBank.spec` (fresh experts of that
+    layout); ``router`` a per-layer router, its ``{"name", "config"}`` spec, or ``None`` (the
+    model's shared router decides). Checks shapes against ``base_layer`` and changes nothing
+    outside the new layer: the base layer is frozen when the model commits the layers.
+    """
     from molora.routers import build_router
 
     d_in, d_out, _ = base_features(base_layer)
-    b = spec["bank"]
-    if (b["d_in"], b["d_out"]) != (d_in, d_out):
-        raise MoLoRAError(
-            f"module {name!r}: the checkpoint's experts are [{b['d_out']} x {b['d_in']}] but the base layer is [{d_out} x {d_in}]"
-        )
     device = base_layer.weight.device
-    bank = ExpertBank.from_spec(b, dtype=dtype, device=device)
-    router = None
-    if spec["router"] is not None:
-        router = build_router(spec["router"]["name"], num_experts=bank.num_experts, d_in=d_in, **spec["router"]["config"])
+    if isinstance(bank, dict):
+        if (bank["d_in"], bank["d_out"]) != (d_in, d_out):
+            raise MoLoRAError(f"module {name!r}: the experts are [{bank['d_out']} x {bank['d_in']}] "
+                              f"but the base layer is [{d_out} x {d_in}]")
+        bank = ExpertBank.from_spec(bank, dtype=dtype, device=device)
+    if isinstance(router, dict):
+        router = build_router(router["name"], num_experts=bank.num_experts, d_in=d_in, **router["config"])
         router = router.to(device=device, dtype=dtype)
-    return RoutedLoRALinear(
-        base_layer, bank, router, dropout=spec["dropout"], name=name,
-        expert_ids=spec["expert_ids"], num_global_experts=num_global_experts,
-    )
+    return RoutedLoRALinear(base_layer, bank, router, dropout=dropout, name=name, expert_ids=expert_ids,
+                            num_global_experts=num_global_experts, freeze_base=False)
+
+
+def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype) -> RoutedLoRALinear:
+    """Rebuild an (untrained) routed layer around ``base_layer`` from :func:`layer_spec`'s output."""
+    return build_routed_layer(base_layer, name=name, bank=spec["bank"], router=spec["router"], expert_ids=spec["expert_ids"],
+                              num_global_experts=num_global_experts, dropout=spec["dropout"], dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from molora import context
 from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError
-from molora.layer import RoutedLoRALinear, base_features, layer_spec
+from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_spec
 from molora.routers import Router, build_router, router_class
 from molora.routers.losses import model_aux_loss
 
@@ -71,7 +72,11 @@ class MoLoRAModel(nn.Module):
     The base model's parameters are frozen; experts and routers are trainable unless frozen.
 
     Every forward of the wrapped model (also the inner forwards of ``generate``) runs in a
-    forward scope (:mod:`molora.context`) so a shared router decides once per forward.
+    forward scope (:mod:`molora.context`) of its own thread / task: a shared router decides once
+    per forward, and what the layers decided is read back by :meth:`aux_loss`,
+    :meth:`routing_stats` and :meth:`last_routing` in the same thread. The model owns every
+    change to itself (routers, experts, merges, weights); each checks everything before it
+    changes anything and keeps :attr:`config` in step, so that a checkpoint saves what runs.
     """
 
     def __init__(
@@ -92,7 +97,9 @@ class MoLoRAModel(nn.Module):
         for name, layer in layers.items():
             layer.set_shared_router(shared_router)
             base_model.set_submodule(name, layer)
-        self._scope_tokens: list[Any] = []
+        # identifies this model's forward scopes; a plain object, so a thread's record of the
+        # last forward does not keep the model alive
+        self._scope_owner = object()
         self._hooks = [
             base_model.register_forward_pre_hook(self._open_scope, with_kwargs=True),
             base_model.register_forward_hook(self._close_scope, always_call=True),
@@ -108,11 +115,16 @@ class MoLoRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def _open_scope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._scope_tokens.append(context.open_scope(kwargs.get("attention_mask")))
+        context.enter_forward(self._scope_owner, kwargs.get("attention_mask"))
 
     def _close_scope(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._scope_tokens:
-            context.close_scope(self._scope_tokens.pop())
+        context.exit_forward(self._scope_owner)
+
+    def last_routing(self) -> dict[str, context.LayerRecord]:
+        """What each routed layer decided in this thread's last forward of this model, by module
+        path (``record.decision`` in the layer's local experts, ``record.mask``); ``{}`` before any."""
+        scope = context.last_forward(self._scope_owner)
+        return {} if scope is None else dict(scope.records)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
@@ -151,8 +163,9 @@ class MoLoRAModel(nn.Module):
         """Route every layer through ``router`` from now on (e.g. train each task's expert under
         task-id routing, then serve all experts by retrieval). ``router`` must be a shared
         router over this model's experts; per-layer routers are removed."""
-        if not router.shared:
-            raise MoLoRAError(f"set_router takes a shared router (one decision per forward); {router.name!r} is per-layer")
+        if not isinstance(router, Router) or not router.shared:
+            raise MoLoRAError(f"set_router takes a shared router (one decision per forward); "
+                              f"{getattr(router, 'name', type(router).__name__)!r} is per-layer")
         if router.num_experts != self.num_experts:
             raise MoLoRAError(f"router {router.name!r} has {router.num_experts} experts; the model has {self.num_experts}")
         self.shared_router = router
@@ -161,6 +174,24 @@ class MoLoRAModel(nn.Module):
             layer.set_shared_router(router)
         self.config.router = router.name
         self.config.router_kwargs = {}
+
+    def set_layer_routers(self, make: Any, name: str, kwargs: Mapping[str, Any] | None = None) -> None:
+        """Give every routed layer its own router ``make(module_path, layer)`` (built for all
+        layers before any is installed) and drop the shared router; the config records
+        ``name`` and ``kwargs`` (the routers' constructor arguments)."""
+        layers = self.routed_layers()
+        routers = {path: make(path, layer) for path, layer in layers.items()}
+        for path, router in routers.items():
+            if not isinstance(router, Router) or router.shared:
+                raise MoLoRAError(f"set_layer_routers: module {path!r} got {type(router).__name__}, not a per-layer router")
+            if router.num_experts != layers[path].bank.num_experts:
+                raise MoLoRAError(f"set_layer_routers: module {path!r} holds {layers[path].bank.num_experts} experts; "
+                                  f"its router has {router.num_experts}")
+        for path, layer in layers.items():
+            layer.router = routers[path]
+            layer.set_shared_router(None)
+        self.shared_router = None
+        self.config.router, self.config.router_kwargs = name, dict(kwargs or {})
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -179,35 +210,54 @@ class MoLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def _local_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
+        """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence),
+        split into each layer's local experts."""
         if isinstance(weights, Mapping):
-            unknown = sorted(set(weights) - set(self.expert_names))
+            unknown = sorted(set(map(str, weights)) - set(self.expert_names))
             if unknown:
                 raise MoLoRAError(f"unknown experts {unknown}; experts are {self.expert_names}")
-            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.expert_names])
+            values = [weights.get(n, 0.0) for n in self.expert_names]
         else:
-            w = torch.as_tensor(list(weights), dtype=torch.float32)
-            if w.shape != (self.num_experts,):
-                raise MoLoRAError(f"expected {self.num_experts} weights (one per expert); got {w.numel()}")
+            values = list(weights)
+            if len(values) != self.num_experts:
+                raise MoLoRAError(f"expected {self.num_experts} weights (one per expert); got {len(values)}")
+        bad = {n: v for n, v in zip(self.expert_names, values)
+               if isinstance(v, bool) or not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1)}
+        if bad:
+            raise MoLoRAError(f"merge weights must be numbers; got {bad}")
+        w = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        if not torch.isfinite(w).all():
+            bad = {n: float(v) for n, v in zip(self.expert_names, w) if not torch.isfinite(v)}
+            raise MoLoRAError(f"merge weights must be finite; got {bad}")
         return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged_weights is not None for layer in self.routed_layers().values())
 
     def merge(self, weights: Mapping[str, float] | Sequence[float]) -> None:
         """Fold the static mixture ``sum_e w_e s_e B_e A_e`` into every base weight.
 
         ``weights`` maps expert names to weights (missing = 0) or lists one weight per expert.
+        Every layer's merged weight is computed and checked (finite) before any is written; the
+        original weights are kept, so :meth:`unmerge` restores them bit-exactly.
         """
-        per_layer = self._local_weights(weights)
-        if any(layer.merged_weights is not None for layer in self.routed_layers().values()):
+        if self.merged:
             raise MoLoRAError("already merged; unmerge() first")
-        for name, layer in self.routed_layers().items():
-            layer.merge(per_layer[name])
+        per_layer = self._local_weights(weights)
+        layers = self.routed_layers()
+        staged = {name: layer.merged_weight(per_layer[name]) for name, layer in layers.items()}
+        for name, (merged, w) in staged.items():
+            layers[name].commit_merge(merged, w)
 
     def unmerge(self) -> None:
+        """Put back the base weights as they were before :meth:`merge` (bit-exact)."""
         for layer in self.routed_layers().values():
             layer.unmerge()
 
     # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> Tensor:
-        """The configured balancing losses of the last forward (0 if none apply); see
+        """The configured balancing losses of this thread's last forward (0 if none apply); see
         :func:`molora.routers.losses.model_aux_loss`."""
         return model_aux_loss(self)
 
@@ -250,21 +300,35 @@ class MoLoRAModel(nn.Module):
         the routers (its router weights start at 0; a soft router's gates renormalise over the
         larger set, a task router maps a new task to it); returns its global index. Rebuild optimizers afterwards:
         grown routers have new parameter tensors (the existing experts keep theirs)."""
+        from molora.bank import INITS
+
+        if not isinstance(name, str) or not name:
+            raise MoLoRAError(f"add_expert: the name must be a non-empty string; got {name!r}")
         if name in self.expert_names:
             raise MoLoRAError(f"an expert named {name!r} exists already; experts are {self.expert_names}")
         cfg = self.config
+        rank = cfg.rank if rank is None else rank
+        alpha = cfg.alpha if alpha is None else alpha
+        init = init or cfg.init
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MoLoRAError(f"add_expert {name!r}: rank must be a positive int; got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise MoLoRAError(f"add_expert {name!r}: alpha must be a finite number > 0; got {alpha!r}")
+        if init not in INITS:
+            raise MoLoRAError(f"add_expert {name!r}: init must be one of {INITS}; got {init!r}")
         layers = self.routed_layers()
-        if any(layer.bank.shared_a for layer in layers.values()) and rank not in (None, cfg.rank):
+        if any(layer.bank.shared_a and layer.bank.A_shared.shape[0] != rank for layer in layers.values()):
             raise MoLoRAError("a shared-A (HydraLoRA) bank adds heads of the shared rank only")
+        routers = [layer.router for layer in layers.values() if layer.router is not None]
+        routers += [self.shared_router] if self.shared_router is not None else []
+        for router in {id(r): r for r in routers}.values():
+            router.check_can_grow()
+        # checked: from here on nothing fails halfway
         new_id = self.num_experts
+        for router in {id(r): r for r in routers}.values():  # a router shared by layers grows once
+            router.add_expert(name)
         for layer in layers.values():
-            if layer.router is not None:
-                layer.router.add_expert(name)
-        if self.shared_router is not None:
-            self.shared_router.add_expert(name)
-        for layer in layers.values():
-            layer.bank.add_expert(rank or cfg.rank, cfg.alpha if alpha is None else alpha, use_rslora=cfg.use_rslora,
-                                  init=init or cfg.init, trainable=trainable)
+            layer.bank.add_expert(rank, float(alpha), use_rslora=cfg.use_rslora, init=init, trainable=trainable)
             layer.set_expert_ids([*layer.expert_ids, new_id], new_id + 1)
         self.expert_names.append(name)
         cfg.num_experts = len(self.expert_names)
@@ -331,16 +395,11 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     layers: dict[str, RoutedLoRALinear] = {}
     for name, module in targets.items():
         d_in, d_out, _ = base_features(module)
-        device = module.weight.device
         settings = config.layer_settings(name)  # MoLA: experts, top_k, rank may differ per layer
         n, rank = settings["num_experts"], settings["rank"]
-        bank = ExpertBank(d_in, d_out, shared_a=config.shared_a, shared_rank=rank, init=config.init, dtype=config.torch_dtype, device=device)
-        for _ in range(n):
-            bank.add_expert(rank, settings["alpha"], use_rslora=config.use_rslora, init=config.init)
-        router = None
-        if shared is None:
-            router = build_router(config.router, num_experts=n, d_in=d_in, **router_kwargs(config, name))
-            router = router.to(device=device, dtype=config.torch_dtype)
-        layers[name] = RoutedLoRALinear(module, bank, router, dropout=config.dropout, name=name,
-                                        expert_ids=range(n), num_global_experts=len(names))
+        bank = {"d_in": d_in, "d_out": d_out, "shared_a": config.shared_a, "shared_rank": rank if config.shared_a else None,
+                "init": config.init, "ranks": [rank] * n, "alphas": [settings["alpha"]] * n, "rslora": [config.use_rslora] * n}
+        router = None if shared is not None else {"name": config.router, "config": router_kwargs(config, name)}
+        layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=range(n),
+                                          num_global_experts=len(names), dropout=config.dropout, dtype=config.torch_dtype)
     return MoLoRAModel(model, config, layers, expert_names=names, shared_router=shared)

@@ -1,6 +1,6 @@
 """Routing statistics of a model's last forward: how tokens and gate mass spread over experts.
 
-For each routed layer, from its ``last_decision`` / ``last_mask`` (see :mod:`molora.layer`),
+For each routed layer, from its record in the last forward (:meth:`MoLoRAModel.last_routing`),
 over the real (unpadded) tokens ``n`` with weight ``w_n`` (the attention mask; per-example
 decisions count each example once)::
 
@@ -71,10 +71,11 @@ def routing_stats(model: MoLoRAModel) -> dict[str, Any]:
     Layers that have not run yet (or are disabled/merged) are left out.
     """
     layers: dict[str, Any] = {}
+    records = model.last_routing()
     for name, layer in model.routed_layers().items():
-        if layer.last_decision is None:
+        if name not in records:
             continue
-        stats = decision_stats(layer.last_decision, layer.last_mask, layer.bank.num_experts)
+        stats = decision_stats(records[name].decision, records[name].mask, layer.bank.num_experts)
         stats["experts"] = [model.expert_names[g] for g in layer.expert_ids]
         layers[name] = stats
     cvs = [s["load_cv"] for s in layers.values()]
@@ -148,10 +149,11 @@ class RoutingTally:
         """Add the last forward's decisions of every routed layer of ``model``."""
         self._experts = list(model.expert_names)
         self.forwards += 1
+        records = model.last_routing()
         for name, layer in model.routed_layers().items():
-            if layer.last_decision is None:
+            if name not in records:
                 continue
-            s = decision_stats(layer.last_decision, layer.last_mask, layer.bank.num_experts)
+            s = decision_stats(records[name].decision, records[name].mask, layer.bank.num_experts)
             acc = self._layers.setdefault(name, {
                 "experts": [model.expert_names[g] for g in layer.expert_ids], "tokens": 0.0, "dropped": None,
                 "counts": torch.zeros(layer.bank.num_experts, dtype=torch.float64),

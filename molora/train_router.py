@@ -85,15 +85,6 @@ class RouterTrainResult:
         return min((v for _, v in self.val_losses), default=None)
 
 
-def _set_layer_routers(model: MoLoRAModel, make: Callable[[Any], Router], name: str, kwargs: dict) -> None:
-    """Give every routed layer ``make(layer)`` as its router and drop the shared router."""
-    for layer in model.routed_layers().values():
-        layer.router = make(layer)
-        layer.set_shared_router(None)
-    model.shared_router = None
-    model.config.router, model.config.router_kwargs = name, dict(kwargs)
-
-
 def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity: str = "sequence",
                    temperature: float = 1.0, normalize: str = "softmax") -> None:
     """Replace the routing of ``model`` by a fresh router of kind ``router`` (see the module docstring).
@@ -115,8 +106,8 @@ def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity
         return
     kwargs = {"granularity": granularity, "temperature": temperature}
     if router == "per_layer":
-        _set_layer_routers(model, lambda layer: SoftRouter(layer.bank.num_experts, layer.bank.d_in, **kwargs).to(device, dtype),
-                           "soft", kwargs)
+        model.set_layer_routers(lambda _, layer: SoftRouter(layer.bank.num_experts, layer.bank.d_in, **kwargs).to(device, dtype),
+                                "soft", kwargs)
         return
     widths = {layer.bank.d_in for layer in layers.values()}
     partial = [n for n, layer in layers.items() if layer.bank.num_experts != model.num_experts]
@@ -126,7 +117,7 @@ def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity
             f"input widths {sorted(widths)}, layers with a subset of the experts {partial[:4]}; use router='per_layer'"
         )
     shared = SoftRouter(model.num_experts, widths.pop(), **kwargs).to(device, dtype)
-    _set_layer_routers(model, lambda layer: shared, "soft", kwargs)
+    model.set_layer_routers(lambda _, layer: shared, "soft", kwargs)
 
 
 def router_parameters(model: MoLoRAModel) -> list[nn.Parameter]:

@@ -106,9 +106,9 @@ def attach_xlora_style(model: MoLoRAModel, *, hidden: int = 64, temperature: flo
     device = first.bank.B[0].device
     classifier = XLoRAStyleClassifier(first.bank.d_in, len(layers), model.num_experts, hidden=hidden,
                                       temperature=temperature).to(device)
-    for i, layer in enumerate(layers.values()):
-        layer.router = XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, classifier, i, list(layer.expert_ids)).to(device)
-        layer.set_shared_router(None)
-    model.shared_router = None
-    model.config.router, model.config.router_kwargs = XLoRAStyleRouter.name, {"hidden": hidden, "temperature": temperature}
+    index = {path: i for i, path in enumerate(layers)}
+    model.set_layer_routers(
+        lambda path, layer: XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, classifier, index[path],
+                                             list(layer.expert_ids)).to(device),
+        XLoRAStyleRouter.name, {"hidden": hidden, "temperature": temperature})
     return classifier

@@ -80,14 +80,18 @@ class Router(nn.Module):
     #: that lists them can grow (continual learning adds experts); new slices start at zero.
     expert_dims: ClassVar[dict[str, int]] = {}
 
+    def check_can_grow(self) -> None:
+        """Raise (changing nothing) if :meth:`add_expert` cannot grow this router."""
+        if not self.expert_dims and any(True for _ in self.parameters()):
+            raise NotImplementedError(f"router {self.name!r} cannot grow: it declares no expert_dims")
+
     def add_expert(self, name: str | None = None) -> None:
         """Grow to ``num_experts + 1`` experts (the new one's slices are zero).
 
         Rebuilds the listed tensors, so an optimizer holding the old router parameters must be
         rebuilt: continual-learning managers create one per task anyway.
         """
-        if not self.expert_dims and any(True for _ in self.parameters()):
-            raise NotImplementedError(f"router {self.name!r} cannot grow: it declares no expert_dims")
+        self.check_can_grow()
         for key, dim in self.expert_dims.items():
             owner_name, _, attr = key.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self

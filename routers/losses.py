@@ -194,7 +194,8 @@ def localized_balancing_loss(
 
 
 def model_aux_loss(model: MoLoRAModel) -> Tensor:
-    """The configured balancing losses over the routed layers' last forward::
+    """The configured balancing losses over the routed layers' decisions in this thread's last
+    forward of ``model`` (:meth:`MoLoRAModel.last_routing`)::
 
         aux_loss_coef * L_aux + z_loss_coef * L_z + entropy_loss_coef * H
           + localized_loss_coef * L_localized(alpha=localized_alpha, expert_types)
@@ -211,11 +212,7 @@ def model_aux_loss(model: MoLoRAModel) -> Tensor:
         "aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef,
         "entropy": getattr(cfg, "entropy_loss_coef", 0.0), "localized": getattr(cfg, "localized_loss_coef", 0.0),
     }
-    records = [
-        (layer.last_decision, layer.last_mask)
-        for layer in model.routed_layers().values()
-        if layer.last_decision is not None and layer.last_decision.logits is not None
-    ]
+    records = [(r.decision, r.mask) for r in model.last_routing().values() if r.decision.logits is not None]
     device = records[0][0].logits.device if records else None
     total = torch.zeros((), device=device)
     if not records or not any(coefs.values()):

@@ -12,8 +12,6 @@ Followed by MoLoRA/MoV (Zadouri et al., 2023,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,7 +45,6 @@ class SoftRouter(Router):
         self.context_dim = None if context_dim is None else check_int(self.name, "context_dim", context_dim, 1)
         self.proj = nn.Linear(self.input_dim, num_experts, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self._given_logits: Tensor | None = None
 
     @property
     def input_dim(self) -> int:
@@ -57,16 +54,18 @@ class SoftRouter(Router):
     def get_config(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "granularity": self.granularity, "context_dim": self.context_dim}
 
-    def logits(self, x: Tensor, signals: RoutingSignals) -> tuple[Tensor, bool]:
-        """Router logits ``W_r x`` per token (or per example for sequence/context granularity)."""
+    def logits(self, x: Tensor, signals: RoutingSignals, given: Tensor | None = None) -> tuple[Tensor, bool]:
+        """Router logits ``W_r x`` per token (or per example for sequence/context granularity).
+
+        ``given``: the logits ``x W_r^T`` of the token rows, already computed by the caller with
+        :meth:`fusable_weight` (the routed layer computes them in its base GEMM); used as they are."""
         rows, per_example = routing_input(self.name, x, signals, self.granularity)
         if per_example and self.granularity == "context":
             check_width(self.name, "embeddings", rows, self.input_dim)
-        given = getattr(self, "_given_logits", None)
-        if given is not None and not per_example:
-            if tuple(given.shape) != (rows.shape[0], self.num_experts):
-                raise ValueError(f"router {self.name!r}: given logits must be [{rows.shape[0]}, {self.num_experts}]; "
-                                 f"got {list(given.shape)}")
+        if given is not None:
+            if per_example or tuple(given.shape) != (rows.shape[0], self.num_experts):
+                raise ValueError(f"router {self.name!r}: given logits must be [{rows.shape[0]}, {self.num_experts}] "
+                                 f"token logits (token granularity); got {list(given.shape)}")
             return given, False
         if self._plain_projection():  # one GEMM each way, dx by BLAS (see molora.kernels.linear)
             return shared_input_linear(rows.to(self.proj.weight.dtype), self.proj.weight), per_example
@@ -78,24 +77,13 @@ class SoftRouter(Router):
     def fusable_weight(self) -> Tensor | None:
         """``W_r`` when this call's logits are exactly ``x W_r^T`` of the layer's own token rows
         (token granularity, a plain bias-free projection), else ``None``. The routed layer then
-        computes them in the same GEMM as the LoRA shrink
-        (:func:`molora.kernels.routed_lora_with_router`) and hands them in with
-        :meth:`given_logits`."""
+        computes them in the same GEMM as its base output and LoRA shrink
+        (:func:`molora.kernels.project`) and passes them to :meth:`forward` as ``logits``."""
         if self.granularity != "token" or not self._plain_projection():
             return None
         return self.proj.weight
 
-    @contextlib.contextmanager
-    def given_logits(self, logits: Tensor) -> Iterator[None]:
-        """Within the block, :meth:`logits` returns ``logits`` (``[tokens, E]``, computed by the
-        caller as ``x W_r^T`` with ``W_r = fusable_weight()``) instead of projecting ``x``."""
-        self._given_logits = logits
-        try:
-            yield
-        finally:
-            self._given_logits = None
-
-    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
-        logits, per_example = self.logits(x, signals)
+    def forward(self, x: Tensor, signals: RoutingSignals, logits: Tensor | None = None) -> RoutingDecision:
+        logits, per_example = self.logits(x, signals, logits)
         gates = torch.softmax(logits / self.temperature, dim=-1)
         return RoutingDecision(gates=gates, logits=logits, per_example=per_example, task_ids=signals.task_ids)

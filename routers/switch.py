@@ -68,8 +68,8 @@ class SwitchRouter(SoftRouter):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "capacity_factor": self.capacity_factor}
 
-    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
-        logits, per_example = self.logits(x, signals)
+    def forward(self, x: Tensor, signals: RoutingSignals, logits: Tensor | None = None) -> RoutingDecision:
+        logits, per_example = self.logits(x, signals, logits)
         probs = torch.softmax(logits / self.temperature, dim=-1)
         gates, indices = probs.max(dim=-1)
         dropped = None

@@ -76,17 +76,20 @@ class TopKRouter(SoftRouter):
             return None
         return super().fusable_weight()
 
-    def train_logits(self, x: Tensor, signals: RoutingSignals) -> tuple[Tensor, bool]:
-        """Router logits with the training-time jitter and noise applied (clean in eval mode)."""
+    def train_logits(self, x: Tensor, signals: RoutingSignals, given: Tensor | None = None) -> tuple[Tensor, bool]:
+        """Router logits with the training-time jitter and noise applied (clean in eval mode);
+        ``given`` as in :meth:`SoftRouter.logits` (never while jitter is active)."""
         if self.training and self.jitter > 0:
+            if given is not None:
+                raise ValueError(f"router {self.name!r}: given logits are of x, but input jitter is active")
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits, per_example = self.logits(x, signals)
+        logits, per_example = self.logits(x, signals, given)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         return logits, per_example
 
-    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
-        logits, per_example = self.train_logits(x, signals)
+    def forward(self, x: Tensor, signals: RoutingSignals, logits: Tensor | None = None) -> RoutingDecision:
+        logits, per_example = self.train_logits(x, signals, logits)
         probs = torch.softmax(logits / self.temperature, dim=-1)
         gates, indices = probs.topk(self.top_k, dim=-1)
         if self.renormalize:

@@ -68,8 +68,8 @@ class TopPRouter(SoftRouter):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "top_p": self.top_p, "max_k": self.max_k, "renormalize": self.renormalize}
 
-    def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
-        logits, per_example = self.logits(x, signals)
+    def forward(self, x: Tensor, signals: RoutingSignals, logits: Tensor | None = None) -> RoutingDecision:
+        logits, per_example = self.logits(x, signals, logits)
         probs = torch.softmax(logits / self.temperature, dim=-1)
         gates, indices = top_p_select(probs, self.top_p, self.max_k)
         if self.renormalize:

@@ -45,7 +45,7 @@ def test_one_training_step_routes_by_the_scheduler_timestep():
     expected = torch.tensor([[off + hand_interval(ti, n) for off, n in zip(offsets, INTERVALS)] for ti in TIMESTEPS])
     assert expected.tolist() == [[0, 1, 3], [0, 1, 3], [0, 1, 4], [0, 2, 6]]
     for name, layer in layers.items():
-        d = layer.last_decision
+        d = model.last_routing()[name].decision
         assert d.per_example and torch.equal(d.indices, expected), name
         assert torch.equal(d.gates[:, 0], torch.ones(4)), "the core expert is ungated"
         torch.testing.assert_close(d.gates[:, 1:], torch.full((4, 2), 0.5))  # zero-init context router: uniform
@@ -72,6 +72,6 @@ def test_tlora_rank_schedule_in_the_unet():
     ranks = [math.floor(((T - ti) / T) ** a * (r_max - r_min)) + r_min for ti in t.tolist()]
     assert ranks == [4, 2, 1, 1]
     expected = torch.tensor([[1.0 if j < r else 0.0 for j in range(r_max)] for r in ranks])
-    for layer in model.routed_layers().values():
-        assert torch.equal(layer.last_decision.gates, expected)
+    for record in model.last_routing().values():
+        assert torch.equal(record.decision.gates, expected)
 

@@ -244,9 +244,10 @@ def test_xlora_style_gates_one_classifier_call_one_forward(setup):
     z = (F.gelu(emb.reshape(-1, 32) @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias).view(-1, 4, 3)
     layers = list(model.routed_layers().values())
     assert len(layers) == 4
-    for i, layer in enumerate(layers):
-        torch.testing.assert_close(layer.last_decision.gates, torch.softmax(z[:, i], -1), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(layers[0].last_decision.gates, layers[1].last_decision.gates)  # per-layer gates
+    records = list(model.last_routing().values())
+    for i, record in enumerate(records):
+        torch.testing.assert_close(record.decision.gates, torch.softmax(z[:, i], -1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(records[0].decision.gates, records[1].decision.gates)  # per-layer gates
 
 
 def test_xlora_style_trains_with_train_router(setup):

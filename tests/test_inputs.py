@@ -384,7 +384,6 @@ def test_pooling_an_empty_batch():
     assert pool_sequence(torch.zeros(0, 5, 8), torch.ones(0, 5)).shape == (0, 8)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason="layer fix pending")
 @pytest.mark.parametrize("case", sorted(EMPTY_BATCH_ROUTERS))
 @pytest.mark.parametrize("shape", [(0, 5, 8), (0, 8)])
 def test_a_batch_of_size_0_gives_an_empty_output(case, shape):

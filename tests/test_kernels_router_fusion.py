@@ -1,6 +1,7 @@
-"""One GEMM for several linear maps of one input (``shared_input_linear``), the router logits
-computed in the dense shrink's GEMM (``routed_lora_with_router``) and the routed layer's use of
-it: every output and gradient against plain autograd / the float64 reference loop."""
+"""One GEMM for several linear maps of one input (``shared_input_linear``), the routed layer's
+kernel steps (``project``: base output, shrink and router logits in one GEMM; the router decides;
+``expand``) and the layer's use of them: every output and gradient against plain autograd / the
+float64 reference loop."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 from kernel_cases import make_case
 from torch import nn
 
+from molora import context as molora_context
 from molora.bank import ExpertBank
-from molora.kernels import routed_lora, routed_lora_with_router, shared_input_linear
-from molora.kernels.torch_backend import routed_lora_torch_with_router
+from molora import kernels
+from molora.kernels import Plan, routed_lora, shared_input_linear
 from molora.layer import RoutedLoRALinear
 from molora.routers import SoftRouter, TopKRouter
 
@@ -75,6 +77,14 @@ def _route_fn(k, routing):
     return route
 
 
+def _steps(x, A, B, Wr, route, s, mask, out=None, plan=Plan("torch", False), base=(None, None)):
+    """The routed layer's three steps as the layer calls them."""
+    proj = kernels.project(x, plan, A, *base, router_weight=Wr)
+    gates, idx = route(proj.logits)
+    return kernels.expand(x, plan, proj.shrink, A, B, gates, idx, s, out=proj.out if base[0] is not None else out,
+                          rank_mask=mask)
+
+
 def _with_router_run(fn, case, Wr0, dtype, route, use_out):
     x, A, B, _, _, s, mask = case
     leaves = [t.to(dtype).clone().requires_grad_() for t in (x, A, B, Wr0)]
@@ -109,7 +119,7 @@ def test_with_router_matches_reference(grouped, shared, mixed, k, routing, preci
     case = make_case(T=37, E=6, r=4, k=2, shared=shared, mixed_ranks=mixed)
     Wr = torch.randn(6, case[0].shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64) / 4
     route = _route_fn(k, routing)
-    fn = lambda *a: routed_lora_torch_with_router(*a[:5], k, a[5], a[6], a[7], grouped=grouped)  # noqa: E731
+    fn = lambda *a: _steps(*a, plan=Plan("torch", grouped))  # noqa: E731
     for use_out in (False, True):
         got = _with_router_run(fn, case, Wr, dtype, route, use_out)
         want = _with_router_run(_reference_with_router, case, Wr, torch.float64, route, use_out)
@@ -119,15 +129,18 @@ def test_with_router_matches_reference(grouped, shared, mixed, k, routing, preci
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_with_router_dispatch_and_checks(backend):
+def test_steps_dispatch_and_checks(backend):
     x, A, B, _, _, s, _ = make_case(E=4, r=2, k=1)
     Wr = torch.randn(4, x.shape[1], dtype=torch.float64)
-    y = routed_lora_with_router(x, A, B, Wr, _route_fn(2, "random"), 2, scaling=s, backend=backend)
+    plan = kernels.plan(backend, 4, 2, 2)
+    y = _steps(x, A, B, Wr, _route_fn(2, "random"), s, None, plan=plan)
     torch.testing.assert_close(y, _reference_with_router(x, A, B, Wr, _route_fn(2, "random"), s, None, None))
-    with pytest.raises(ValueError, match="router_weight must be"):
-        routed_lora_with_router(x, A, B, Wr[:, :3], _route_fn(2, "random"), 2, backend=backend)
-    with pytest.raises(ValueError, match="indices must be in"):  # what the router returns is checked
-        routed_lora_with_router(x, A, B, Wr, lambda l: (l[:, :1], torch.full((x.shape[0], 1), 9)), 1, backend=backend)
+    with pytest.raises(ValueError, match="shared_input_linear"):
+        kernels.project(x, plan, A, router_weight=Wr[:, :3])
+    with pytest.raises(ValueError, match=r"gates \[37, 1\] and indices \[37, 2\]"):  # decision shapes are checked
+        kernels.expand(x, plan, None, A, B, torch.ones(37, 1, dtype=x.dtype), torch.zeros(37, 2, dtype=torch.long), s)
+    assert kernels.plan("torch", 64, 8, 2, threads=1).grouped and not kernels.plan("torch", 8, 8, 2, threads=1).grouped
+    assert not kernels.plan("torch", 64, 8, None, threads=1).grouped  # dense gates stay dense
 
 
 def _layer(router, dropout=0.0, shared_a=False, seed=0):
@@ -155,11 +168,10 @@ def test_layer_fused_router_equals_unfused(monkeypatch, make_router, shared_a, s
     experts) as routing first and calling routed_lora."""
     results = []
     calls = []
-    import molora.layer as layer_mod
-
-    for fn in ("routed_linear", "routed_lora_with_router"):
-        real = getattr(layer_mod, fn)
-        monkeypatch.setattr(layer_mod, fn, lambda *a, _fn=fn, _real=real, **kw: calls.append(_fn) or _real(*a, **kw))
+    real = kernels.project
+    monkeypatch.setattr(kernels, "project", lambda *a, **kw: calls.append(
+        (a[3] is not None if len(a) > 3 else kw.get("base_weight") is not None, kw.get("router_weight") is not None))
+        or real(*a, **kw))
     for fusion in ("base", "router", "none"):
         router = make_router()
         torch.manual_seed(1)
@@ -172,22 +184,25 @@ def test_layer_fused_router_equals_unfused(monkeypatch, make_router, shared_a, s
             monkeypatch.setattr(layer, "_fusable_router_weight", lambda dtype: None)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
         torch.manual_seed(5)  # same router noise in every run
-        y = layer(x)
+        with molora_context.forward_scope() as scope:
+            y = layer(x)
+        logits = scope.records["test"].decision.logits
         params = [x, router.proj.weight, *[p for p in layer.bank.parameters() if p.requires_grad]]
         grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum()
-                                    + layer.last_decision.logits.pow(2).sum(), params)
-        results.append([y.detach(), layer.last_decision.logits.detach(), *grads])
-    assert calls == ["routed_linear", "routed_lora_with_router"]  # one fused path per fused run
+                                    + logits.pow(2).sum(), params)
+        results.append([y.detach(), logits.detach(), *grads])
+    assert calls == [(True, True), (False, True), (False, False)]  # (base, logits) in the one GEMM
     for other in results[:2]:
         for a, b in zip(other, results[2]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_fusion_only_when_logits_are_of_x():
-    """No fusion with LoRA dropout (experts read dropout(x)), input jitter in training (the
-    router reads x * u), or sequence-level routing (one row per example)."""
+    """Router logits join the GEMM only when they are of x: not with input jitter in training
+    (the router reads x * u), or sequence-level routing (one row per example). LoRA dropout
+    keeps the logits (the router reads x) but not the shrink (the experts read dropout(x))."""
     assert _layer(TopKRouter(6, 20))._fusable_router_weight(torch.float32) is not None
-    assert _layer(TopKRouter(6, 20), dropout=0.1)._fusable_router_weight(torch.float32) is None
+    assert _layer(TopKRouter(6, 20), dropout=0.1)._fusable_router_weight(torch.float32) is not None
     jit = _layer(TopKRouter(6, 20, jitter=0.1))
     assert jit.train()._fusable_router_weight(torch.float32) is None
     assert jit.eval()._fusable_router_weight(torch.float32) is not None
@@ -240,8 +255,7 @@ def _base_run(case, Wb0, bb0, Wr0, dtype, route, grouped, x_grad=True, transpose
         y = torch.nn.functional.linear(x, Wb, bb) + routed_lora(x, A, B, gates, idx, scaling=s, rank_mask=mask,
                                                                 backend="reference")
     else:
-        y = routed_lora_torch_with_router(x, A, B, Wr, route, 2, s.to(dtype), mask, grouped=grouped,
-                                          base_weight=Wb, base_bias=bb)
+        y = _steps(x, A, B, Wr, route, s.to(dtype), mask, plan=Plan("torch", grouped), base=(Wb, bb))
     leaves = [x, A, B, Wr] if x_grad else [A, B, Wr]
     return [y.detach()] + _grads([y], leaves)
 
@@ -275,24 +289,23 @@ def test_base_fused_matches_reference(grouped, shared, mixed, k, routing, bias, 
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_routed_linear_dispatch_and_checks(backend):
-    from molora.kernels import routed_linear
-
+def test_steps_with_base_dispatch_and_checks(backend):
     x, A, B, _, _, s, _ = make_case(E=4, r=2, k=1)
     W = torch.randn(B.shape[1], x.shape[1], dtype=torch.float64)
     b = torch.randn(B.shape[1], dtype=torch.float64)
     Wr = torch.randn(4, x.shape[1], dtype=torch.float64)
     route = _route_fn(2, "random")
-    y = routed_linear(x, W, b, A, B, Wr, route, 2, scaling=s, backend=backend)
+    plan = kernels.plan(backend, 4, 2, 2)
+    y = _steps(x, A, B, Wr, route, s, None, plan=plan, base=(W, b))
     torch.testing.assert_close(y, x @ W.T + b + _reference_with_router(x, A, B, Wr, route, s, None, None))
     with pytest.raises(ValueError, match="must be frozen"):
-        routed_linear(x, W.clone().requires_grad_(), b, A, B, Wr, route, 2, backend=backend)
-    with pytest.raises(ValueError, match=r"base weight must be \[d_out=29, d_in=45\]"):
-        routed_linear(x, W[:, :3], b, A, B, Wr, route, 2, backend=backend)
-    with pytest.raises(ValueError, match="base bias must be"):
-        routed_linear(x, W, b[:3], A, B, Wr, route, 2, backend=backend)
-    with pytest.raises(ValueError, match="routed_linear: router_weight must be"):
-        routed_linear(x, W, b, A, B, Wr[:, :3], route, 2, backend=backend)
+        kernels.project(x, plan, A, W.clone().requires_grad_(), b, router_weight=Wr)
+    with pytest.raises((ValueError, RuntimeError)):
+        kernels.project(x, plan, A, W[:, :3], b, router_weight=Wr)
+    with pytest.raises((ValueError, RuntimeError)):
+        kernels.project(x, plan, A, W, b[:3], router_weight=Wr)
+    with pytest.raises(ValueError, match="base_bias needs base_weight"):
+        kernels.project(x, plan, A, None, b)
 
 
 def test_layer_base_fusion_conditions_and_gpt2_conv1d():

@@ -105,7 +105,7 @@ def test_model_aux_loss_combines_configured_losses():
     with model.routing(task_ids=[0, 1, 1]):
         model(**inputs)
     layers = list(model.routed_layers().values())
-    logits = tuple(layer.last_decision.logits for layer in layers)
+    logits = tuple(r.decision.logits for r in model.last_routing().values())
     mask = inputs["attention_mask"]
     expected = (0.01 * load_balancing_loss(logits, 2, mask) + 0.001 * z_loss(logits, mask)
                 + 0.01 * gate_entropy(logits, mask)
