@@ -210,25 +210,11 @@ class MoLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def _local_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
-        """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence),
-        split into each layer's local experts."""
-        if isinstance(weights, Mapping):
-            unknown = sorted(set(map(str, weights)) - set(self.expert_names))
-            if unknown:
-                raise MoLoRAError(f"unknown experts {unknown}; experts are {self.expert_names}")
-            values = [weights.get(n, 0.0) for n in self.expert_names]
-        else:
-            values = list(weights)
-            if len(values) != self.num_experts:
-                raise MoLoRAError(f"expected {self.num_experts} weights (one per expert); got {len(values)}")
-        bad = {n: v for n, v in zip(self.expert_names, values)
-               if isinstance(v, bool) or not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1)}
-        if bad:
-            raise MoLoRAError(f"merge weights must be numbers; got {bad}")
-        w = torch.tensor([float(v) for v in values], dtype=torch.float32)
-        if not torch.isfinite(w).all():
-            bad = {n: float(v) for n, v in zip(self.expert_names, w) if not torch.isfinite(v)}
-            raise MoLoRAError(f"merge weights must be finite; got {bad}")
+        """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence;
+        :func:`molora.checks.mixture_weights`), split into each layer's local experts."""
+        from molora.checks import mixture_weights
+
+        w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=torch.float32)
         return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}
 
     @property

@@ -16,6 +16,7 @@ Two kinds:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -107,14 +108,14 @@ class Router(nn.Module):
 
 
 def check_positive(router: str, name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"router {router!r}: {name} must be > 0; got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"router {router!r}: {name} must be a finite number > 0; got {value!r}")
     return float(value)
 
 
 def check_nonnegative(router: str, name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"router {router!r}: {name} must be >= 0; got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+        raise ValueError(f"router {router!r}: {name} must be a finite number >= 0; got {value!r}")
     return float(value)
 
 
@@ -151,7 +152,7 @@ def check_timesteps(router: str, t: Tensor, num_timesteps: int) -> Tensor:
     if t.dim() != 1:
         raise RoutingError(f"router {router!r}: timesteps must be [batch]; got shape {tuple(t.shape)}")
     t = t.to(torch.float64)
-    bad = (t < 0) | (t >= num_timesteps)
+    bad = ~((t >= 0) & (t < num_timesteps))  # NaN fails both comparisons
     if bad.any():
         raise RoutingError(
             f"router {router!r}: timesteps must be in [0, num_timesteps={num_timesteps}); got {t[bad][:5].tolist()}"

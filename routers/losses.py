@@ -53,7 +53,7 @@ def _concat_indices(selected: Tensor | Sequence[Tensor], tokens: int) -> Tensor:
     """Stack per-layer ``[tokens, k_l]`` index tensors, padding narrower ones with ``-1``."""
     layers = [selected] if isinstance(selected, Tensor) else list(selected)
     width = max(t.shape[-1] for t in layers)
-    padded = [torch.nn.functional.pad(t.reshape(t.shape[0], -1), (0, width - t.shape[-1]), value=-1) for t in layers]
+    padded = [torch.nn.functional.pad(t.reshape(t.shape[0], t.shape[-1]), (0, width - t.shape[-1]), value=-1) for t in layers]
     out = torch.cat(padded, dim=0)
     if out.shape[0] != tokens:
         raise ValueError(f"selected has {out.shape[0]} rows but router_logits have {tokens}")
@@ -215,8 +215,8 @@ def model_aux_loss(model: MoLoRAModel) -> Tensor:
     records = [(r.decision, r.mask) for r in model.last_routing().values() if r.decision.logits is not None]
     device = records[0][0].logits.device if records else None
     total = torch.zeros((), device=device)
-    if not records or not any(coefs.values()):
-        return total
+    if not records or not any(coefs.values()) or all(d.logits.shape[0] == 0 for d, _ in records):
+        return total  # nothing routed (also: an empty batch)
     groups: dict[int, list[tuple[RoutingDecision, Tensor | None]]] = {}
     for decision, mask in records:
         groups.setdefault(decision.logits.shape[-1], []).append((decision, mask))

@@ -78,3 +78,36 @@ def peft_output(base, adapter_dir: Path, inputs: dict, *, field: str = "last_hid
     pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
     with torch.no_grad():
         return getattr(pm(**inputs), field)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything a failed call must leave as it was: every tensor (values, dtype, device),
+    ``requires_grad`` flags, module types by path, hooks, and the config (MoLoRA's and the base's)."""
+    import dataclasses
+
+    state = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        state[name] = (t.detach().clone(), t.dtype, t.device, t.requires_grad)
+    modules = {name: type(m).__name__ for name, m in model.named_modules()}
+    hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for name, m in model.named_modules()}
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config):
+        config = copy.deepcopy(dataclasses.asdict(config))
+    elif hasattr(config, "to_dict"):
+        config = copy.deepcopy(config.to_dict())
+    extra = {k: copy.deepcopy(getattr(model, k)) for k in ("expert_names",) if k in getattr(model, "__dict__", {})}
+    return {"state": state, "modules": modules, "hooks": hooks, "config": config, "extra": extra}
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["modules"] == after["modules"], "module types changed"
+    assert before["hooks"] == after["hooks"], "hooks changed"
+    assert before["config"] == after["config"], "config changed"
+    assert before["extra"] == after["extra"], "expert names changed"
+    assert before["state"].keys() == after["state"].keys(), "parameters or buffers were added or removed"
+    for name, (t, dtype, device, flag) in before["state"].items():
+        t2, dtype2, device2, flag2 = after["state"][name]
+        assert (dtype, device, flag) == (dtype2, device2, flag2), f"{name}: dtype/device/requires_grad changed"
+        assert torch.equal(t, t2) or (t.is_floating_point() and torch.equal(t.isnan(), t2.isnan())
+                                      and torch.equal(t.nan_to_num(), t2.nan_to_num())), f"{name}: values changed"
