@@ -15,10 +15,11 @@ the user's own training loop::
 Strategies subclass :class:`ContinualManager`: O-LoRA (:mod:`.olora`), retrieval experts
 (:mod:`.retrieval`), SeqLoRA / IncLoRA (:mod:`.baselines`).
 
-State saves and resumes between tasks (:meth:`ContinualManager.save`, :func:`load_manager`): the
-adapters as a molora checkpoint plus a JSON record of the strategy, its options, the finished
-tasks and a SHA-256 fingerprint of the base model, so resuming into a different base model is
-refused before anything is touched. Every new expert is initialised under its own seed
+State saves and resumes between tasks (:meth:`ContinualManager.save`, :func:`load_manager`): one
+JSON record of the strategy, its options, the finished tasks, a SHA-256 fingerprint of the base
+model and the adapters' checkpoint config, committed in one atomic rename together with the
+adapters' weights (a kill resumes the old state or the new, never a mix); resuming into a
+different base model is refused before anything is touched. Every new expert is initialised under its own seed
 (``seed``, task index), so a resumed run draws the same initial weights as an uninterrupted one.
 
 Errors (reusing a task name, ``end_task`` without ``begin_task``, ...) raise
@@ -38,16 +39,16 @@ import torch
 from torch import Tensor, nn
 
 from molora.config import MoLoRAConfig
-from molora.errors import MoLoRAError
+from molora.errors import CheckpointError, MoLoRAError
 from molora.layer import RoutedLoRALinear
 from molora.model import MoLoRAModel, get_molora_model
 
-__all__ = ["ContinualError", "ContinualManager", "base_fingerprint", "load_manager", "MANAGERS"]
+__all__ = ["ContinualError", "ContinualManager", "ContinualStateError", "base_fingerprint", "load_manager", "MANAGERS"]
 
 STATE_NAME = "continual_state.json"
 MODEL_DIR = "model"
 FORMAT = "molora-continual"
-VERSION = 1
+VERSION = 2
 
 #: strategy name -> manager class (filled by the strategy modules on import).
 MANAGERS: dict[str, type["ContinualManager"]] = {}
@@ -194,46 +195,125 @@ class ContinualManager:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
-        """Save the state between tasks: ``model/`` (molora checkpoint) and ``continual_state.json``."""
+        """Save the state between tasks as one atomic commit: a kill at any moment leaves the
+        old state or the new one, never a mix.
+
+        Protocol (see :mod:`molora.persistence`): the model's content-named weights go to
+        ``model/``, then ``model/molora_config.json`` (so ``model/`` loads on its own with
+        ``MoLoRAModel.from_pretrained``), then ``continual_state.json``, which holds the strategy,
+        its options, the finished tasks, the base fingerprint *and* the model's whole config
+        naming its weights file: **its rename is the commit**. Weights no longer named are removed
+        only after it. The model's own base fingerprint is left out: O-LoRA folds finished tasks
+        into the base weights, so they no longer match a fresh base; :func:`load_manager` checks
+        the whole base (SHA-256 of every weight) before anything is loaded instead.
+        """
         if self.current is not None:
             raise ContinualError(f"{type(self).__name__}: save between tasks; task {self.current!r} is running")
-        from molora.persistence import atomic_write
+        from molora import persistence as ps
 
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        if self._model is not None:
-            self._model.save_pretrained(str(folder / MODEL_DIR))
+        model_dir = folder / MODEL_DIR
+        meta, blob = ps.checkpoint_payload(self._model, fingerprint=False) if self._model is not None else (None, b"")
         state = {"format": FORMAT, "version": VERSION, "strategy": self.strategy, "options": self.options(),
-                 "tasks": list(self.tasks), "base_fingerprint": self.fingerprint, "extra": self._extra_state()}
-        atomic_write(folder / STATE_NAME, json.dumps(state, indent=2).encode())
+                 "tasks": list(self.tasks), "base_fingerprint": self.fingerprint, "extra": self._extra_state(),
+                 "model": meta}
+        state_bytes = json.dumps(state, indent=2).encode()
+        with ps.writer_lock(folder):
+            if meta is None:
+                ps.atomic_write(folder / STATE_NAME, state_bytes, step="state")
+            else:
+                model_dir.mkdir(exist_ok=True)
+                with ps.writer_lock(model_dir):
+                    ps.write_weights(model_dir, meta, blob)
+                    ps.atomic_write(model_dir / ps.CONFIG_NAME, json.dumps(meta, indent=2).encode(), step="config")
+                    ps.atomic_write(folder / STATE_NAME, state_bytes, step="state")  # the commit
+                    ps.clean_up(model_dir, meta["weights"]["file"])
+            ps.remove_stale_temps(folder, (STATE_NAME,))
+
+
+class ContinualStateError(ContinualError, CheckpointError):
+    """A saved continual-learning state is missing, malformed or of a newer format (both a
+    :class:`ContinualError` and a :class:`~molora.errors.CheckpointError`)."""
+
+
+def read_state_file(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, state)`` of a saved manager, its structure and types checked
+    (:class:`ContinualStateError` naming the file and the field otherwise)."""
+    from molora.persistence import DICT, STR, STRS, check_version, field, read_json, require_object, validate_meta
+
+    path, state = read_json(Path(directory), STATE_NAME, "continual-learning state", ContinualStateError)
+    where, err = str(path), ContinualStateError
+    state = require_object(state, where, "the continual-learning state", err)
+    fmt = field(state, "format", STR, where, error=err)
+    if fmt != FORMAT:
+        raise err(f"{where}: field 'format' is {fmt!r}: not a molora continual-learning state (expected {FORMAT!r})")
+    version = check_version(state, where, VERSION, error=err)
+    strategy = field(state, "strategy", STR, where, error=err)
+    if strategy not in MANAGERS:
+        raise err(f"{where}: field 'strategy' is {strategy!r}, an unknown strategy; known: {sorted(MANAGERS)}")
+    field(state, "options", DICT, where, error=err)
+    tasks = field(state, "tasks", STRS, where, error=err)
+    field(state, "base_fingerprint", STR, where, error=err)
+    field(state, "extra", DICT, where, optional=True, error=err)
+    if version >= 2:
+        meta = field(state, "model", DICT, where, nullable=True, error=err)
+        if meta is None and tasks:
+            raise err(f"{where}: field 'model' is null but tasks {tasks} were trained")
+        if meta is not None:
+            try:
+                validate_meta(meta, where, "model.")
+            except CheckpointError as exc:
+                raise err(str(exc)) from None
+    return path, state
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
-    from molora.persistence import read_json
-
-    path, state = read_json(Path(directory), STATE_NAME, "continual-learning state", ContinualError)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ContinualError(f"{path} is not a molora continual-learning state")
-    if state.get("strategy") not in MANAGERS:
-        raise ContinualError(f"{path}: unknown strategy {state.get('strategy')!r}; known: {sorted(MANAGERS)}")
-    return state
+    """The checked state of a saved manager (see :func:`read_state_file`)."""
+    return read_state_file(directory)[1]
 
 
 def load_manager(base_model: nn.Module, directory: str | Path, **runtime: Any) -> ContinualManager:
     """Resume a saved manager on ``base_model`` (which must be the same base it was trained on).
 
-    ``runtime`` passes what cannot be saved (e.g. ``embed_fn`` of the retrieval manager). The base
-    model is checked (fingerprint) before it is wrapped, so on any error it is left untouched.
+    ``runtime`` passes what cannot be saved (e.g. ``embed_fn`` of the retrieval manager). The
+    state and the weights it names are read and verified as one whole (re-read if a concurrent
+    save removed the weights in between), and the base model is checked (fingerprint) before it
+    is wrapped, so on any error it is left untouched. Version-1 states (model config in
+    ``model/`` only) still load.
     """
-    state = read_state(directory)
+    from molora.persistence import read_consistent, read_weights
+
+    folder = Path(directory)
+
+    def payload(commit: tuple[Path, dict[str, Any]]) -> dict[str, Tensor] | None:
+        path, state = commit
+        meta = state.get("model")
+        if meta is None:
+            return None
+        try:
+            return read_weights(folder / MODEL_DIR, meta, f"{path} field 'model'")
+        except CheckpointError as exc:
+            if isinstance(exc, ContinualStateError):
+                raise
+            raise ContinualStateError(str(exc)) from None
+
+    (path, state), tensors = read_consistent(lambda: read_state_file(folder), payload, f"{folder / STATE_NAME} field 'model'")
     cls = MANAGERS[state["strategy"]]
-    manager = cls(base_model, **state["options"], **runtime)
+    try:
+        manager = cls(base_model, **state["options"], **runtime)
+    except TypeError as exc:
+        raise ContinualStateError(f"{path}: field 'options' does not fit the {state['strategy']!r} manager: {exc}") from None
     if manager.fingerprint != state["base_fingerprint"]:
         raise ContinualError(
             f"cannot resume {state['strategy']!r} from {directory}: the base model differs from the one it was "
             f"trained on (fingerprint {manager.fingerprint[:12]} != saved {state['base_fingerprint'][:12]})")
-    if state["tasks"]:
-        manager._model = MoLoRAModel.from_pretrained(base_model, str(Path(directory) / MODEL_DIR))
+    if state.get("model") is not None:
+        from molora.persistence import build_model
+
+        manager._model = build_model(base_model, state["model"], tensors, f"{path} field 'model'")
+    elif state["version"] == 1 and state["tasks"]:
+        manager._model = MoLoRAModel.from_pretrained(base_model, str(folder / MODEL_DIR))
     manager.tasks = list(state["tasks"])
-    manager._restore(state.get("extra", {}))
+    manager._restore(state.get("extra") or {})
     return manager

@@ -1,26 +1,45 @@
-"""Saving and loading molora checkpoints: safetensors + JSON, atomic, verified, no pickle.
+"""Saving and loading molora checkpoints: safetensors + JSON, one atomic commit, verified, no pickle.
 
 A checkpoint is a folder with
 
-* ``molora_model.safetensors``: the experts' and routers' tensors, keyed ``<module>.<param>``;
-* ``molora_config.json``: the config, the layout of every routed layer, and the SHA-256 and size
-  of the weights file.
+* ``molora_model-<sha256[:16]>.safetensors``: the experts' and routers' tensors, keyed
+  ``<module>.<param>``, under a name derived from their content (version-1 checkpoints use the
+  fixed name ``molora_model.safetensors``; both load);
+* ``molora_config.json``: the config, the layout of every routed layer, a cheap fingerprint of
+  the targeted base weights, and the name, SHA-256 and size of the weights file.
 
-Each file is written to a temporary file in the same folder, flushed to disk and renamed over
-the old one, weights first. A crash mid-save leaves either the old checkpoint or a weights file
-whose checksum the (old) config rejects — never a checkpoint that loads half-written.
-Loading reads no code: JSON and safetensors only.
+Commit protocol (:func:`save_checkpoint`):
+
+1. the weights go to a temporary file in the folder, are fsynced and renamed to their content
+   name; the folder is fsynced. Nothing refers to that file yet: the old checkpoint is intact.
+2. the config naming that file goes to a temporary file, is fsynced and ``os.replace``-d over
+   ``molora_config.json``; the folder is fsynced. **This rename is the commit**: before it a
+   reader sees the whole old checkpoint, after it the whole new one.
+3. only then are weights files no config names removed, and temporary files that killed
+   writers left behind (only molora's own names, only ones older than
+   :data:`STALE_TEMP_SECONDS`, so a live writer's file is never taken).
+
+Writers to one folder serialise on an advisory ``flock`` of the folder (POSIX; elsewhere,
+and on file systems without ``flock``, concurrent writers to one folder are not supported).
+Readers take no lock: they read the config, then the file it names, and verify its size and
+SHA-256; if a writer's clean-up removed that file in between they re-read the config and retry.
+
+Malformed files (bad JSON, missing keys, wrong types, a newer format version) raise
+:class:`~molora.errors.CheckpointError` naming the file and the field. Loading reads no code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -33,17 +52,56 @@ from molora.errors import CheckpointError, MoLoRAError
 from molora.layer import RoutedLoRALinear, layer_from_spec
 from molora.routers import build_router
 
+try:  # POSIX only: without it concurrent writers to one folder are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from molora.model import MoLoRAModel
 
 CONFIG_NAME = "molora_config.json"
+#: the fixed weights name of version-1 checkpoints (still loaded; removed by the next save)
 WEIGHTS_NAME = "molora_model.safetensors"
+WEIGHTS_PATTERN = re.compile(r"molora_model-[0-9a-f]{16}\.safetensors")
 FORMAT = "molora"
-VERSION = 1
+VERSION = 2
+#: a temporary file older than this is a killed writer's, not a live one's
+STALE_TEMP_SECONDS = 60.0
+#: how often a reader re-reads the config when the weights it names vanished under it
+READ_ATTEMPTS = 6
+FINGERPRINT_METHOD = "strided-sample-sha256"
+FINGERPRINT_SAMPLES = 4096
+TEMP_PREFIXES = ("molora_model", "molora_config.json")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a part."""
+def _checkpoint_step(step: str) -> None:
+    """Fault-injection point: called at each window of the commit protocol (``weights-temp``,
+    ``weights-renamed``, ``config-temp``, ``config-renamed``, ``cleanup``, and ``state-temp`` /
+    ``state-renamed`` for a continual manager's state). Does nothing; tests replace it to
+    crash a save at that moment."""
+
+
+# ---------------------------------------------------------------------- durable files
+def fsync_dir(folder: Path) -> None:
+    """Persist renames and removals in ``folder`` (POSIX; not possible on every platform)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write(path: Path, data: bytes, *, step: str | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a part:
+    temporary file in the same folder, fsync, ``os.replace``, fsync of the folder.
+
+    ``step`` names the write for :func:`_checkpoint_step` (``<step>-temp`` once the temporary
+    file is durable, ``<step>-renamed`` once it is in place)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,35 +109,87 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if step:
+            _checkpoint_step(f"{step}-temp")
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with _suppress():  # persist the rename itself (POSIX); not possible on every platform
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_dir(path.parent)
+    if step:
+        _checkpoint_step(f"{step}-renamed")
 
 
-class _suppress:
-    def __enter__(self) -> None:
-        return None
+@contextlib.contextmanager
+def writer_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (one molora writer at a time; readers never
+    lock). The folder itself is locked, so no lock file is left in the checkpoint."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform that cannot open folders
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: unserialised, as documented
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
+
+def remove_stale_temps(folder: Path, prefixes: tuple[str, ...] = TEMP_PREFIXES, *, older_than: float = STALE_TEMP_SECONDS) -> list[str]:
+    """Remove temporary files of molora's own names (``.<prefix>*.tmp``) that are older than
+    ``older_than`` seconds: a killed writer's leftovers. Younger ones may belong to a writer
+    that is still running, so they stay for a later save. Returns the names removed."""
+    now = time.time()
+    removed = []
+    for entry in _scandir(folder):
+        name = entry.name
+        if not (name.endswith(".tmp") and any(name.startswith(f".{p}") for p in prefixes)):
+            continue
+        with contextlib.suppress(OSError):
+            if now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(name)
+    return removed
+
+
+def remove_unreferenced_weights(folder: Path, keep: str) -> list[str]:
+    """Remove the weights files in ``folder`` (content-named, and the version-1 fixed name)
+    other than ``keep``: call only after the config naming ``keep`` is committed."""
+    removed = []
+    for entry in _scandir(folder):
+        name = entry.name
+        if name != keep and (name == WEIGHTS_NAME or WEIGHTS_PATTERN.fullmatch(name)):
+            _checkpoint_step("cleanup")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(name)
+    return removed
+
+
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
 
 
 def read_json(folder: Path, name: str, what: str, error: type[MoLoRAError] = CheckpointError) -> tuple[Path, Any]:
     """``(path, parsed JSON)`` of ``folder / name``; ``error`` naming ``what`` (e.g. "molora
     checkpoint") if the file is missing, truncated or corrupt."""
-    path = folder / name
-    if not path.is_file():
-        raise error(f"no {what} at {folder}: {name} is missing")
+    path = Path(folder) / name
     try:
-        return path, json.loads(path.read_text())
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise error(f"no {what} at {folder}: {name} is missing") from None
+    try:
+        return path, json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path} is not valid JSON (truncated or corrupt): {exc}") from None
 
@@ -91,11 +201,244 @@ def check_finite(tensors: dict[str, Tensor], where: str, error: type[MoLoRAError
             raise error(f"{where}: tensor {key!r} contains NaN or inf")
 
 
-def save_checkpoint(model: MoLoRAModel, directory: str | os.PathLike) -> None:
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------- field checks
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and all(pred(x) for x in v)
+
+
+def _or_none(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or pred(v)
+
+
+INT = (_is_int, "an integer")
+NUM = (_is_num, "a number")
+STR = (lambda v: isinstance(v, str), "a string")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+DICT = (lambda v: isinstance(v, dict), "a JSON object")
+HEX64 = (lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None, "64 lowercase hex digits (a SHA-256)")
+INTS = (_list_of(_is_int), "a list of integers")
+NUMS = (_list_of(_is_num), "a list of numbers")
+BOOLS = (_list_of(lambda v: isinstance(v, bool)), "a list of true/false")
+STRS = (_list_of(lambda v: isinstance(v, str)), "a list of strings")
+_MISSING = object()
+
+
+def field(doc: Mapping[str, Any], key: str, kind: tuple[Callable[[Any], bool], str], where: str, prefix: str = "", *,
+          optional: bool = False, nullable: bool = False, error: type[MoLoRAError] = CheckpointError) -> Any:
+    """``doc[key]`` checked against ``kind`` (a predicate and its description); ``error`` naming
+    the file (``where``) and the field's dotted path if it is missing or of another type."""
+    value = doc.get(key, _MISSING)
+    if value is _MISSING:
+        if optional:
+            return None
+        raise error(f"{where}: required field {prefix + key!r} is missing")
+    if (value is None and nullable) or kind[0](value):
+        return value
+    shown = json.dumps(value)[:60] if _jsonable(value) else repr(value)[:60]
+    raise error(f"{where}: field {prefix + key!r} must be {kind[1]}{' or null' if nullable else ''}; got {shown}")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def require_object(doc: Any, where: str, what: str, error: type[MoLoRAError] = CheckpointError) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise error(f"{where}: {what} must be a JSON object; got {type(doc).__name__}")
+    return doc
+
+
+def check_version(doc: Mapping[str, Any], where: str, newest: int, prefix: str = "",
+                  error: type[MoLoRAError] = CheckpointError) -> int:
+    """The format version, refused if it is not a positive integer or newer than ``newest``."""
+    version = field(doc, "version", INT, where, prefix, error=error)
+    if version < 1:
+        raise error(f"{where}: field {prefix + 'version'!r} must be >= 1; got {version}")
+    if version > newest:
+        raise error(f"{where}: field {prefix + 'version'!r} is {version}, a newer format than this molora reads "
+                    f"(versions 1 to {newest}): upgrade molora")
+    return version
+
+
+def validate_meta(meta: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    """Check a checkpoint config's structure and types (not yet its fit to a base model).
+
+    ``where`` names the file in errors; ``prefix`` the config's position in it (a continual
+    state embeds one under ``model.``)."""
+    meta = require_object(meta, where, f"field {prefix.rstrip('.')!r}" if prefix else "the checkpoint config")
+    fmt = field(meta, "format", STR, where, prefix)
+    if fmt != FORMAT:
+        raise CheckpointError(f"{where}: field {prefix + 'format'!r} is {fmt!r}: not a molora checkpoint config (expected {FORMAT!r})")
+    check_version(meta, where, VERSION, prefix)
+    field(meta, "config", DICT, where, prefix)
+    names = field(meta, "expert_names", STRS, where, prefix)
+    shared = field(meta, "shared_router", DICT, where, prefix, nullable=True)
+    if shared is not None:
+        p = f"{prefix}shared_router."
+        field(shared, "name", STR, where, p)
+        field(shared, "d_in", INT, where, p)
+        field(shared, "config", DICT, where, p)
+    layers = field(meta, "layers", DICT, where, prefix)
+    for name, spec in layers.items():
+        validate_layer_spec(spec, len(names), where, f"{prefix}layers.{name}.")
+    field(meta, "base_model", DICT, where, prefix, optional=True)
+    weights = field(meta, "weights", DICT, where, prefix)
+    p = f"{prefix}weights."
+    file = field(weights, "file", STR, where, p)
+    if file in ("", ".", "..") or "/" in file or "\\" in file or file.startswith("."):
+        raise CheckpointError(f"{where}: field {p + 'file'!r} must be a plain file name in the checkpoint folder; got {file!r}")
+    field(weights, "sha256", HEX64, where, p)
+    if field(weights, "bytes", INT, where, p) < 0:
+        raise CheckpointError(f"{where}: field {p + 'bytes'!r} must be >= 0")
+    fp = field(meta, "base_fingerprint", DICT, where, prefix, optional=True, nullable=True)
+    if fp is not None:
+        validate_fingerprint(fp, set(layers), where, f"{prefix}base_fingerprint.")
+    return meta
+
+
+def validate_layer_spec(spec: Any, num_experts: int, where: str, prefix: str) -> None:
+    """Check one routed layer's :func:`~molora.layer.layer_spec` record (types, lengths)."""
+    spec = require_object(spec, where, f"field {prefix.rstrip('.')!r}")
+    bank = field(spec, "bank", DICT, where, prefix)
+    p = f"{prefix}bank."
+    field(bank, "d_in", INT, where, p)
+    field(bank, "d_out", INT, where, p)
+    field(bank, "shared_a", BOOL, where, p)
+    field(bank, "shared_rank", INT, where, p, nullable=True)
+    ranks = field(bank, "ranks", INTS, where, p)
+    lists = {"alphas": field(bank, "alphas", NUMS, where, p), "rslora": field(bank, "rslora", BOOLS, where, p),
+             "trainable": field(bank, "trainable", BOOLS, where, p, optional=True)}
+    field(bank, "init", STR, where, p, optional=True)
+    for key, values in lists.items():
+        if values is not None and len(values) != len(ranks):
+            raise CheckpointError(f"{where}: field {p + key!r} has {len(values)} entries; {p + 'ranks'!r} has {len(ranks)}")
+    ids = field(spec, "expert_ids", INTS, where, prefix)
+    if len(ids) != len(ranks) or any(not 0 <= i < num_experts for i in ids):
+        raise CheckpointError(f"{where}: field {prefix + 'expert_ids'!r} must list one of the {num_experts} experts "
+                              f"for each of the {len(ranks)} local experts; got {ids}")
+    field(spec, "dropout", NUM, where, prefix)
+    router = field(spec, "router", DICT, where, prefix, nullable=True)
+    if router is not None:
+        field(router, "name", STR, where, f"{prefix}router.")
+        field(router, "config", DICT, where, f"{prefix}router.")
+
+
+def validate_fingerprint(fp: dict[str, Any], layers: set[str], where: str, prefix: str) -> None:
+    method = field(fp, "method", STR, where, prefix)
+    if method != FINGERPRINT_METHOD:
+        raise CheckpointError(f"{where}: field {prefix + 'method'!r} is {method!r}; this molora knows {FINGERPRINT_METHOD!r}")
+    if field(fp, "samples", INT, where, prefix) < 1:
+        raise CheckpointError(f"{where}: field {prefix + 'samples'!r} must be >= 1")
+    modules = field(fp, "modules", DICT, where, prefix)
+    for name, rec in modules.items():
+        p = f"{prefix}modules.{name}."
+        rec = require_object(rec, where, f"field {p.rstrip('.')!r}")
+        field(rec, "shape", INTS, where, p)
+        field(rec, "dtype", STR, where, p)
+        field(rec, "sample_sha256", HEX64, where, p)
+        field(rec, "merged_sample_sha256", HEX64, where, p, optional=True)
+    unknown = sorted(set(modules) - layers)
+    if unknown:
+        raise CheckpointError(f"{where}: field {prefix + 'modules'!r} names modules that are not routed layers: {unknown[:5]}")
+
+
+# ---------------------------------------------------------------------- base fingerprint
+def sample_digest(weight: Tensor, samples: int) -> str:
+    """SHA-256 of ``samples`` values of ``weight`` at fixed, evenly strided flat positions (the
+    first and the last included), in the weight's own dtype. Reads ``samples`` values, not the
+    tensor: cheap on a 7B model, and any dense change (another base, a folded-in LoRA delta)
+    shows."""
+    w = weight.detach()
+    n = w.numel()
+    k = min(n, samples)
+    if k == 0:
+        return hashlib.sha256(b"").hexdigest()
+    flat = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+    # unravel instead of reshape(-1): a non-contiguous weight must not be copied whole
+    coords = torch.unravel_index(flat, tuple(w.shape)) if w.dim() > 1 else (flat,)
+    picked = w[tuple(c.to(w.device) for c in coords)].to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(picked.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def unmerged_weight(layer: RoutedLoRALinear) -> Tensor:
+    """The layer's base weight without a mixture merged into it."""
+    get = getattr(layer, "unmerged_weight", None)
+    return get() if callable(get) else layer.base_layer.weight
+
+
+def base_fingerprint(layers: Mapping[str, RoutedLoRALinear], samples: int = FINGERPRINT_SAMPLES) -> dict[str, Any]:
+    """Per routed layer: shape, dtype and :func:`sample_digest` of the *unmerged* base weight,
+    and, for a layer saved merged, the digest of the merged weight too (so loading onto a base
+    that still holds that merge can be told from loading onto another base)."""
+    modules = {}
+    for name, layer in layers.items():
+        weight = unmerged_weight(layer)
+        rec = {"shape": list(weight.shape), "dtype": _dtype_name(weight.dtype), "sample_sha256": sample_digest(weight, samples)}
+        if getattr(layer, "merged_weights", None) is not None:
+            rec["merged_sample_sha256"] = sample_digest(layer.base_layer.weight, samples)
+        modules[name] = rec
+    return {"method": FINGERPRINT_METHOD, "samples": samples, "modules": modules}
+
+
+def check_base_fingerprint(modules: Mapping[str, nn.Module], fingerprint: dict[str, Any] | None, where: str) -> None:
+    """Refuse a base whose targeted weights are not the ones the checkpoint was saved on.
+
+    The rule, per fingerprinted module: another shape -> another base; another dtype -> values
+    not compared (a base loaded in another precision cannot match exactly; shape only); digest
+    equal to the saved unmerged one -> fine; equal to the saved *merged* one -> this base still
+    holds the checkpoint's merged mixture; otherwise another base. No fingerprint (version-1
+    checkpoints, continual managers' models) -> no check."""
+    if fingerprint is None:
+        return
+    samples, records = fingerprint["samples"], fingerprint["modules"]
+    differs: list[str] = []
+    merged: list[str] = []
+    for name, module in modules.items():
+        rec, weight = records.get(name), getattr(module, "weight", None)
+        if rec is None or not isinstance(weight, Tensor):
+            continue
+        if list(weight.shape) != rec["shape"]:
+            raise CheckpointError(
+                f"{where}: the checkpoint was saved on another base model (module {name!r} differs: the checkpoint's "
+                f"base weight is [{' x '.join(map(str, rec['shape']))}], this one is [{' x '.join(map(str, weight.shape))}])")
+        if _dtype_name(weight.dtype) != rec["dtype"]:
+            continue
+        digest = sample_digest(weight, samples)
+        if digest == rec["sample_sha256"]:
+            continue
+        (merged if digest == rec.get("merged_sample_sha256") else differs).append(name)
+    more = lambda names: f", and {len(names) - 1} more" if len(names) > 1 else ""  # noqa: E731
+    if differs:
+        raise CheckpointError(f"{where}: the checkpoint was saved on another base model (module {differs[0]!r} differs"
+                              f"{more(differs)}): load it onto the base it was trained on")
+    if merged:
+        raise CheckpointError(f"{where}: this base already has the checkpoint's merged mixture folded in (module "
+                              f"{merged[0]!r}{more(merged)}): load onto a fresh base")
+
+
+# ---------------------------------------------------------------------- save
+def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple[dict[str, Any], bytes]:
+    """``(config, weights bytes)`` of a checkpoint of ``model``; the config names the weights
+    by their content (``molora_model-<sha256[:16]>.safetensors``) and records size and SHA-256."""
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
     blob = st_save(state, metadata={"format": FORMAT})
+    digest = hashlib.sha256(blob).hexdigest()
     shared = model.shared_router
     meta = {
         "format": FORMAT,
@@ -108,72 +451,173 @@ def save_checkpoint(model: MoLoRAModel, directory: str | os.PathLike) -> None:
             "class": type(model.base_model).__name__,
             "name_or_path": getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
         },
-        "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)},
+        "weights": {"file": f"molora_model-{digest[:16]}.safetensors", "sha256": digest, "bytes": len(blob)},
+        "base_fingerprint": base_fingerprint(model.routed_layers()) if fingerprint else None,
     }
-    atomic_write(folder / WEIGHTS_NAME, blob)
-    atomic_write(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    return meta, blob
 
 
-def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read and verify a checkpoint folder: its JSON and its tensors (CheckpointError if anything is off)."""
+def write_weights(folder: Path, meta: Mapping[str, Any], blob: bytes) -> None:
+    """Step 1 of the protocol: the weights durable under the name ``meta`` gives them; not yet
+    referenced by any committed config."""
+    atomic_write(folder / meta["weights"]["file"], blob, step="weights")
+
+
+def clean_up(folder: Path, keep: str) -> None:
+    """Step 3, after the commit: remove the weights the committed config no longer names and
+    killed writers' stale temporary files."""
+    remove_unreferenced_weights(folder, keep)
+    remove_stale_temps(folder)
+    fsync_dir(folder)
+
+
+def save_checkpoint(model: MoLoRAModel, directory: str | os.PathLike, *, fingerprint: bool = True) -> None:
+    """Save ``model``'s adapters as one atomic commit (protocol in the module docstring): the
+    content-named weights, then the config's rename (the commit), then the clean-up.
+
+    ``fingerprint=False`` leaves out the base fingerprint (for callers that check the base
+    themselves, as a continual manager does)."""
     folder = Path(directory)
-    cfg_path, meta = read_json(folder, CONFIG_NAME, "molora checkpoint")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} is not a molora checkpoint config")
-    if meta.get("version", 0) > VERSION:
-        raise CheckpointError(f"{cfg_path} has format version {meta['version']}; this molora reads up to {VERSION}")
-    w_path = folder / meta["weights"]["file"]
-    if not w_path.is_file():
-        raise CheckpointError(f"{w_path} is missing")
-    blob = w_path.read_bytes()
-    expected = meta["weights"]
-    if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
-        raise CheckpointError(
-            f"{w_path} is truncated or corrupt: {len(blob)} bytes, expected {expected['bytes']} "
-            "with the checksum recorded in the config"
-        )
+    folder.mkdir(parents=True, exist_ok=True)
+    meta, blob = checkpoint_payload(model, fingerprint=fingerprint)
+    with writer_lock(folder):
+        write_weights(folder, meta, blob)
+        atomic_write(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode(), step="config")
+        clean_up(folder, meta["weights"]["file"])
+
+
+# ---------------------------------------------------------------------- load
+class WeightsVanished(Exception):
+    """The weights file a config names is gone: a writer's clean-up after a newer commit."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.path = path
+
+
+def read_weights(folder: Path, meta: Mapping[str, Any], where: str) -> dict[str, Tensor]:
+    """The tensors of the weights file ``meta`` names in ``folder``, verified against the size
+    and SHA-256 recorded in ``where``; :class:`WeightsVanished` if the file is gone."""
+    record = meta["weights"]
+    path = Path(folder) / record["file"]
+    try:
+        with open(path, "rb") as f:  # once open, a concurrent removal cannot take the bytes away
+            blob = f.read()
+    except FileNotFoundError:
+        raise WeightsVanished(path) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    if len(blob) != record["bytes"] or hashlib.sha256(blob).hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{path} is truncated or corrupt: {len(blob)} bytes, expected {record['bytes']} "
+                              f"with the checksum recorded in {where}")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"{w_path} cannot be read: {exc}") from None
-    check_finite(tensors, str(w_path))
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    check_finite(tensors, str(path))
+    return tensors
+
+
+C = TypeVar("C")
+
+
+def read_consistent(read_commit: Callable[[], C], read_payload: Callable[[C], T], what: str) -> tuple[C, T]:
+    """``(commit, payload)`` read as one whole checkpoint: if the weights the commit names vanish
+    before they are read (a writer committed a newer checkpoint and removed them), read the
+    commit again, up to :data:`READ_ATTEMPTS` times."""
+    vanished: Path | None = None
+    for attempt in range(READ_ATTEMPTS):
+        commit = read_commit()
+        try:
+            return commit, read_payload(commit)
+        except WeightsVanished as exc:
+            vanished = exc.path
+            time.sleep(0.005 * 2 ** attempt)
+    raise CheckpointError(f"{vanished} is missing: {what} names it (re-read {READ_ATTEMPTS} times; it stayed missing)")
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and verify a checkpoint folder: its config, then the weights it names
+    (CheckpointError naming file and field if anything is off)."""
+    folder = Path(directory)
+
+    def commit() -> tuple[Path, dict[str, Any]]:
+        path, meta = read_json(folder, CONFIG_NAME, "molora checkpoint")
+        return path, validate_meta(meta, str(path))
+
+    (_, meta), tensors = read_consistent(commit, lambda c: read_weights(folder, c[1], str(c[0])), str(folder / CONFIG_NAME))
     return meta, tensors
 
 
-def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> MoLoRAModel:
-    """Rebuild the saved routed layers on ``base_model`` and load their tensors.
+@contextlib.contextmanager
+def _restored_on_error(modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Undo what building layers does to the base modules (``requires_grad``) if loading fails."""
+    saved = [(p, p.requires_grad) for m in modules.values() for p in m.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        raise
 
-    Everything is built and checked before the base model is touched, so on any error the base
-    model is left as it was.
-    """
+
+def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor], where: str) -> MoLoRAModel:
+    """Rebuild the routed layers a validated ``meta`` describes on ``base_model`` and load
+    ``tensors``. The base fingerprint is checked and everything built before the base model is
+    changed, so on any error it is left as it was."""
     from molora.model import MoLoRAModel
 
-    meta, tensors = read_checkpoint(directory)
-    config = MoLoRAConfig.from_dict(meta["config"])
+    try:
+        config = MoLoRAConfig.from_dict(meta["config"])
+    except (MoLoRAError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where}: field 'config' is malformed: {exc}") from None
     names = meta["expert_names"]
-    layers: dict[str, RoutedLoRALinear] = {}
-    for name, spec in meta["layers"].items():
+    made_for = meta.get("base_model") or "an unrecorded base model"
+    modules: dict[str, nn.Module] = {}
+    for name in meta["layers"]:
         try:
-            module = base_model.get_submodule(name)
+            modules[name] = base_model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(
-                f"the base model ({type(base_model).__name__}) has no module {name!r}: "
-                f"the checkpoint was made for {meta['base_model']}"
-            ) from None
-        if isinstance(module, RoutedLoRALinear):
-            raise CheckpointError(f"module {name!r} is already a routed LoRA layer: load into a plain base model")
+            raise CheckpointError(f"{where}: the base model ({type(base_model).__name__}) has no module {name!r} "
+                                  f"(field 'layers'): the checkpoint was made for {made_for}") from None
+        if isinstance(modules[name], RoutedLoRALinear):
+            raise CheckpointError(f"{where}: module {name!r} is already a routed LoRA layer: load into a plain base model")
+    check_base_fingerprint(modules, meta.get("base_fingerprint"), where)
+    with _restored_on_error(modules):
+        layers = {name: _build_layer(modules[name], name, spec, len(names), config, where, made_for)
+                  for name, spec in meta["layers"].items()}
+        shared = None
+        if meta["shared_router"] is not None:
+            sr = meta["shared_router"]
+            try:
+                shared = build_router(sr["name"], num_experts=len(names), d_in=sr["d_in"], **sr["config"])
+            except (MoLoRAError, TypeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{where}: field 'shared_router' cannot be built: {exc}") from None
+            device = next(iter(layers.values())).bank.B[0].device if layers else None
+            shared = shared.to(device=device, dtype=config.torch_dtype)
         try:
-            layers[name] = layer_from_spec(module, spec, name=name, num_global_experts=len(names), dtype=config.torch_dtype)
-        except MoLoRAError as exc:
-            raise CheckpointError(f"{exc} (checkpoint made for {meta['base_model']})") from None
-    shared = None
-    if meta["shared_router"] is not None:
-        sr = meta["shared_router"]
-        shared = build_router(sr["name"], num_experts=len(names), d_in=sr["d_in"], **sr["config"])
-        device = next(iter(layers.values())).bank.B[0].device if layers else None
-        shared = shared.to(device=device, dtype=config.torch_dtype)
-    load_adapter_tensors(adapter_modules(layers, shared), tensors)
-    return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+            load_adapter_tensors(adapter_modules(layers, shared), tensors)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: the weights do not fit the layout of field 'layers': {exc}") from None
+        return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+
+
+def _build_layer(module: nn.Module, name: str, spec: dict, num_experts: int, config: MoLoRAConfig, where: str,
+                 made_for: Any) -> RoutedLoRALinear:
+    try:
+        return layer_from_spec(module, spec, name=name, num_global_experts=num_experts, dtype=config.torch_dtype)
+    except MoLoRAError as exc:
+        raise CheckpointError(f"{where}: field 'layers.{name}': {exc} (checkpoint made for {made_for})") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        # validate_layer_spec checked the layout's types; this catches what it cannot know (e.g. router options)
+        raise CheckpointError(f"{where}: field 'layers.{name}' cannot be built: {type(exc).__name__}: {exc}") from None
+
+
+def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> MoLoRAModel:
+    """Rebuild the saved routed layers on ``base_model`` and load their tensors (see
+    :func:`build_model`: nothing on the base changes on error)."""
+    meta, tensors = read_checkpoint(directory)
+    return build_model(base_model, meta, tensors, str(Path(directory) / CONFIG_NAME))
 
 
 def adapter_modules(layers: Mapping[str, RoutedLoRALinear], shared_router: nn.Module | None) -> dict[str, nn.Module]:
