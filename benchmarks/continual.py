@@ -1,10 +1,10 @@
 """How much does each continual-learning strategy forget? clbench, all-MiniLM-L6-v2, 2 CPU cores.
 
 Strategies: SeqLoRA, IncLoRA, O-LoRA, retrieval experts, multitask (upper bound); orders
-standard4-1/2/3 and long (``ORDERS`` in :mod:`molora.continual.runner`). Classification has no
-per-task head: :mod:`molora.textcls` scores "instruction + text" against the frozen embeddings of
+standard4-1/2/3 and long (``ORDERS`` in :mod:`molora.apps.continual_bench`). Classification has no
+per-task head: :mod:`molora.apps.textcls` scores "instruction + text" against the frozen embeddings of
 the task's label names (README, "Continual learning"). The budget is the same for every strategy
-(:class:`~molora.continual.runner.RunConfig`); the frozen bottom layers are computed once per
+(:class:`~molora.apps.continual_bench.RunConfig`); the frozen bottom layers are computed once per
 order and shared by all strategies.
 
 Run: ``python benchmarks/continual.py [--orders standard4-1,...] [--strategies ...]``; prints
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from molora.continual.runner import (ORDERS, STRATEGIES, RunConfig, build_cache, format_table, load_order, run_strategy,
+from molora.apps.continual_bench import (ORDERS, STRATEGIES, RunConfig, build_cache, format_table, load_order, run_strategy,
                                      untrained_accuracies)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clbench"

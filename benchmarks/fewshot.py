@@ -1,7 +1,7 @@
 """Few-shot composition of pretrained adapters on clbench (shipped all-MiniLM-L6-v2).
 
 1. Train one LoRA expert per task (rank 8 on query/value of the top ``--top-layers`` encoder
-   layers, label-prototype classifier of :mod:`molora.textcls`) and save it as a PEFT adapter
+   layers, label-prototype classifier of :mod:`molora.apps.textcls`) and save it as a PEFT adapter
    under ``benchmarks/cache/`` (reused by later runs).
 2. For each target task, compose the experts of the *other* tasks from their adapter folders
    (:func:`molora.compose`) and, for k shots of the target (k in ``--shots``, ``--seeds`` draws),
@@ -49,11 +49,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import molora  # noqa: E402
 from molora import context  # noqa: E402
-from molora.data import load_task_folder  # noqa: E402
+from molora.apps.data import load_task_folder  # noqa: E402
+from molora.apps.textcls import DEFAULT_TAU, LabelPrototypes, format_input  # noqa: E402
+from molora.encoder import embed, load_encoder, mean_pool  # noqa: E402
 from molora.expert_retrieval import retrieve_expert, route_to_expert  # noqa: E402
 from molora.lorahub import lorahub  # noqa: E402
 from molora.train_router import install_router  # noqa: E402
-from molora.textcls import DEFAULT_TAU, LabelPrototypes, embed, format_input, load_encoder, mean_pool  # noqa: E402
 from molora.xlora_style import attach_xlora_style  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent

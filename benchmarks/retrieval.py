@@ -45,7 +45,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 def encoder_seconds(batch: int, repeats: int) -> float | None:
     try:
-        from molora.textcls import load_encoder
+        from molora.encoder import load_encoder
     except ImportError:  # pragma: no cover
         return None
     try:

@@ -1,5 +1,6 @@
-"""Continual learning: managers (O-LoRA, retrieval experts, SeqLoRA, IncLoRA), metrics, and the
-clbench runner. See README "Continual learning"."""
+"""Continual learning: managers (O-LoRA, retrieval experts, SeqLoRA, IncLoRA), the Trainer callback
+and metrics. The clbench benchmark harness is application code: :mod:`molora.apps.continual_bench`.
+See README "Continual learning"."""
 
 from .baselines import IncLoRAManager, SeqLoRAManager
 from .manager import MANAGERS, ContinualError, ContinualManager, base_fingerprint, load_manager

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from molora.checks import finite_number, mixture_weights, positive_int
 from molora.errors import MoLoRAError
@@ -101,6 +100,7 @@ def cma_minimize(objective: Callable[[np.ndarray], float], dim: int, *, budget: 
     seed 0 as "random".
     """
     import cma
+    from tqdm.auto import tqdm
 
     lo, hi, budget, sigma0, x0 = _search_settings(dim, budget, bounds, x0, sigma0)
     es = cma.CMAEvolutionStrategy(list(x0), sigma0, {"bounds": [lo, hi], "seed": int(seed) + 1, "verbose": -9,

@@ -4,8 +4,7 @@ The experts (pretrained adapters) stay frozen; only the routing is learned, by g
 (AdamW) on the caller's loss over the shots, with early stopping on a held-out part of them::
 
     model = molora.compose(base, adapters)                       # any router; replaced below
-    result = molora.train_router(model, task, tokenizer=tok)     # a TextTask: label-prototype loss
-    result = molora.train_router(model, shots, loss_fn=my_loss)  # anything else: your loss
+    result = molora.train_router(model, shots, loss_fn=my_loss)
 
 What is trained (``router=``):
 
@@ -22,9 +21,8 @@ What is trained (``router=``):
 
 ``examples`` is a sequence of anything; ``loss_fn(model, batch)`` receives the model and a list of
 examples and returns a scalar loss (it runs the forward itself, under any ``model.routing(...)``
-it needs). For text classification pass a :class:`~molora.data.TextTask` (its ``train`` split
-holds the shots) and a ``tokenizer``; :func:`text_classification_loss` is then the loss
-(cross-entropy over the task's label prototypes, :mod:`molora.textcls`).
+it needs). For text classification, :func:`molora.apps.textcls.text_classification_loss` is such a
+loss (cross-entropy over a task's label prototypes).
 
 Early stopping: ``val_fraction`` of the shots (at least one, when there are 4 or more) is held
 out; the validation loss is computed every ``eval_every`` steps, training stops after
@@ -45,15 +43,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from molora.data import TextTask
 from molora.errors import MoLoRAError
 from molora.model import MoLoRAModel
 from molora.routers import Router, SoftRouter
 from molora.routers.weights import GlobalWeightsRouter
 
-__all__ = ["ROUTER_KINDS", "RouterTrainResult", "install_router", "router_parameters", "text_classification_loss", "train_router"]
+__all__ = ["ROUTER_KINDS", "RouterTrainResult", "install_router", "router_parameters", "train_router"]
 
 ROUTER_KINDS = ("per_layer", "shared", "weights", "existing")
 LossFn = Callable[[MoLoRAModel, list[Any]], Tensor]
@@ -132,36 +128,11 @@ def router_parameters(model: MoLoRAModel) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def text_classification_loss(tokenizer: Any, task: TextTask, *, prototypes: Any = None, max_length: int = 64,
-                             tau: float | None = None) -> LossFn:
-    """``loss_fn(model, batch)`` for ``(text, label_index)`` examples of ``task``: the mean
-    cross-entropy of :func:`molora.textcls.logits` over the task's label prototypes.
-
-    Prototypes come from the frozen encoder (computed once, inside ``model.disable_adapters()``)
-    unless ``prototypes`` (a :class:`~molora.textcls.LabelPrototypes`) is given.
-    """
-    from molora.textcls import DEFAULT_TAU, LabelPrototypes, logits
-
-    cache: dict[str, Tensor] = {}
-
-    def loss_fn(model: MoLoRAModel, batch: list[Any]) -> Tensor:
-        if "P" not in cache:
-            protos = prototypes or LabelPrototypes(model, tokenizer, frozen_context=model.disable_adapters)
-            cache["P"] = protos(task.labels)
-        texts = [t for t, _ in batch]
-        ys = torch.tensor([int(y) for _, y in batch])
-        lg = logits(model, tokenizer, texts, task.instruction, cache["P"], tau=tau or DEFAULT_TAU, max_length=max_length)
-        return F.cross_entropy(lg, ys.to(lg.device))
-
-    return loss_fn
-
-
 def train_router(
     model: MoLoRAModel,
-    examples: Sequence[Any] | TextTask,
+    examples: Sequence[Any],
     *,
     loss_fn: LossFn | None = None,
-    tokenizer: Any = None,
     router: str = "per_layer",
     granularity: str = "sequence",
     normalize: str = "softmax",
@@ -181,8 +152,7 @@ def train_router(
 
     Args:
         model: a :class:`MoLoRAModel` (e.g. from :func:`molora.compose`); its experts are frozen.
-        examples: the shots (a sequence for ``loss_fn``), or a ``TextTask`` whose ``train`` split
-            holds them (then ``tokenizer`` is needed and the loss is :func:`text_classification_loss`).
+        examples: the shots, a sequence of anything ``loss_fn`` takes.
         loss_fn: ``loss_fn(model, batch) -> scalar`` on a list of examples.
         router: ``"per_layer"``, ``"shared"``, ``"weights"`` or ``"existing"``.
         granularity, normalize: of the fresh soft routers / global weights.
@@ -195,15 +165,10 @@ def train_router(
     Returns:
         A :class:`RouterTrainResult`; the model keeps the best router and is left in eval mode.
     """
-    if isinstance(examples, TextTask):
-        if loss_fn is None:
-            if tokenizer is None:
-                raise ValueError("molora.train_router: a TextTask needs tokenizer= (or pass loss_fn=)")
-            loss_fn = text_classification_loss(tokenizer, examples)
-        examples = list(examples.train)
     examples = list(examples)
     if loss_fn is None:
-        raise ValueError("molora.train_router: pass loss_fn=(model, batch) -> loss, or a TextTask with tokenizer=")
+        raise ValueError("molora.train_router: pass loss_fn=(model, batch) -> loss (for a text task: "
+                         "molora.apps.textcls.text_classification_loss(tokenizer, task))")
     if len(examples) < 1:
         raise ValueError("molora.train_router: got no examples")
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("patience", patience, 1), ("eval_every", eval_every, 1)):
@@ -237,6 +202,8 @@ def train_router(
     bad = 0
     stopped = False
     model.eval()  # frozen encoder: no dropout noise on a handful of shots
+    from tqdm.auto import tqdm  # here, not at module level: `import molora` loads no tqdm
+
     t0 = time.perf_counter()
     best = (float("inf"), 0, [p.detach().clone() for p in params])
     if val:  # step 0 (the fresh router) competes too: training never ends worse than it on the held-out shots

@@ -66,10 +66,10 @@ def embed_texts(texts: Sequence[str], encoder: tuple[Any, Any] | None = None, ba
     """L2-normalised sentence embeddings ``[len(texts), 384]`` of the shipped all-MiniLM-L6-v2.
 
     ``encoder`` is a ``(model, tokenizer)`` pair; by default the frozen MiniLM of
-    :func:`molora.textcls.load_encoder`, loaded once (lazily: only callers that embed texts
+    :func:`molora.encoder.load_encoder`, loaded once (lazily: only callers that embed texts
     pay for it).
     """
-    from molora.textcls import embed, load_encoder
+    from molora.encoder import embed, load_encoder
 
     global _ENCODER
     if encoder is None:

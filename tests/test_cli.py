@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import molora
-from molora.cli import build_parser, main
+from molora.apps.cli import build_parser, main
 
 from helpers import make_peft_adapter, model_inputs, peft_output, tiny_bert
 
@@ -23,7 +23,7 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         assert exit_.value.code == 0 and f"usage: molora {name}" in capsys.readouterr().out, name
-    out = subprocess.run([sys.executable, "-m", "molora.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "molora.apps.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(name in out.stdout for name in commands)
 
 

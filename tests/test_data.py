@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from molora.data import (
+from molora.apps.data import (
     SYNTHETIC_TASK_NAMES,
     TextTask,
     load_task_folder,

@@ -295,7 +295,7 @@ def test_xlora_classifier_rejects_bad_width():
 
 
 def test_demo_rejects_too_many_experts():
-    from molora.demo import run_demo
+    from molora.apps.demo import run_demo
 
     with pytest.raises(ValueError, match="num_experts must be in"):
         run_demo(num_experts=5, progress=False)

@@ -13,18 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from molora.data import TextTask, make_synthetic_tasks  # noqa: E402
-from molora.textcls import (  # noqa: E402
-    LabelPrototypes,
-    embed,
-    encode_labels,
-    evaluate,
-    format_input,
-    load_encoder,
-    logits,
-    mean_pool,
-    train,
-)
+from molora.apps.data import TextTask, make_synthetic_tasks  # noqa: E402
+from molora.apps.textcls import LabelPrototypes, encode_labels, evaluate, format_input, logits, train  # noqa: E402
+from molora.encoder import embed, load_encoder, mean_pool  # noqa: E402
 
 
 class _LoRA(torch.nn.Module):

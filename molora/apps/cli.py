@@ -134,7 +134,7 @@ NONNEGATIVE_FLOAT = _float_in(0.0)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from molora.demo import run_demo
+    from molora.apps.demo import run_demo
 
     run_demo(args.out, seed=args.seed, num_experts=args.experts, epochs=args.epochs, shots=args.shots,
              progress=not args.no_progress)
@@ -177,8 +177,8 @@ def _export_peft(args: argparse.Namespace) -> int:
 def _continual(args: argparse.Namespace) -> int:
     import json
 
-    from molora.continual.runner import (ORDERS, STRATEGIES, RunConfig, build_cache, format_table, load_order,
-                                         run_strategy, untrained_accuracies)
+    from molora.apps.continual_bench import (ORDERS, STRATEGIES, RunConfig, build_cache, format_table,
+                                             load_order, run_strategy, untrained_accuracies)
 
     order = ORDERS.get(args.order) or [t.strip() for t in args.order.split(",") if t.strip()]
     strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
@@ -227,7 +227,8 @@ def _add_base(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- bench, stats, train-router
 def default_benchmarks_dir() -> str:
     """``benchmarks/`` of the source tree molora runs from (they ship with the repository, not the wheel)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    here = os.path.dirname(os.path.abspath(__file__))  # <repo>/molora/apps
+    return os.path.join(os.path.dirname(os.path.dirname(here)), "benchmarks")
 
 
 def list_benchmarks(directory: str) -> list[str]:
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_integration_commands(sub)
 
-    from molora.continual.runner import RunConfig as RC  # the benchmark's budget is the default
+    from molora.apps.continual_bench import RunConfig as RC  # the benchmark's budget is the default
 
     cl = sub.add_parser("continual", help="train tasks one after another (O-LoRA, retrieval experts, baselines) and "
                         "report ACC/BWT", description="Continual learning on a folder of text-classification tasks "

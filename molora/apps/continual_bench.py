@@ -1,11 +1,11 @@
 """Run a continual-learning strategy over a task order and measure the accuracy matrix ``R``.
 
 Used by ``benchmarks/continual.py`` and ``molora continual``. The model is the shipped
-all-MiniLM-L6-v2 with the label-prototype classifier of :mod:`molora.textcls` (no per-task head:
+all-MiniLM-L6-v2 with the label-prototype classifier of :mod:`molora.apps.textcls` (no per-task head:
 a text is scored against the frozen embeddings of its task's label names, the input is the task's
 instruction followed by the text, as in O-LoRA's prompts). LoRA adapts ``query``/``value`` of the
 top ``L - frozen_layers`` layers; the frozen bottom is computed once per text
-(:class:`~molora.continual.prefix_cache.FrozenPrefixCache`) and shared by every strategy.
+(:class:`~molora.apps.prefix_cache.FrozenPrefixCache`) and shared by every strategy.
 
 Strategies (same encoder, data and step budget):
 
@@ -26,15 +26,13 @@ from typing import Any
 
 import torch
 
-from molora.data import TextTask, load_task_folder
-from molora.textcls import LabelPrototypes, evaluate, format_input, train
+from molora.apps.data import TextTask, load_task_folder
+from molora.apps.textcls import LabelPrototypes, evaluate, format_input, train
 
-from .baselines import IncLoRAManager, SeqLoRAManager
-from .manager import ContinualManager
-from .metrics import summarize
-from .olora import OLoRAManager
-from .prefix_cache import FrozenPrefixCache
-from .retrieval import RetrievalExpertsManager
+from molora.apps.prefix_cache import FrozenPrefixCache
+from molora.continual import IncLoRAManager, OLoRAManager, RetrievalExpertsManager, SeqLoRAManager
+from molora.continual.manager import ContinualManager
+from molora.continual.metrics import summarize
 
 __all__ = ["ORDERS", "STRATEGIES", "RunConfig", "build_cache", "format_table", "load_order", "make_manager", "run_strategy",
            "untrained_accuracies"]
@@ -89,7 +87,7 @@ def load_order(data_dir: str | Path, order: Sequence[str], cfg: RunConfig) -> li
 def build_cache(tasks: Sequence[TextTask], cfg: RunConfig, encoder: tuple[Any, Any] | None = None,
                 progress: bool = True) -> tuple[FrozenPrefixCache, LabelPrototypes]:
     """Cache the frozen layers for every input of ``tasks`` and the frozen label prototypes."""
-    from molora.textcls import load_encoder
+    from molora.encoder import load_encoder
 
     model, tokenizer = encoder or load_encoder()
     texts = [format_input(t.instruction, x) for t in tasks for x, _ in t.train + t.test]

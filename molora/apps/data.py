@@ -1,7 +1,7 @@
 """Text-classification tasks: the task record, a loader for task folders, and synthetic tasks.
 
 A *task* is a list of labelled texts plus an instruction and the label strings. Labels are kept as
-strings (not just indices) because the classifier in :mod:`molora.textcls` scores a text against
+strings (not just indices) because the classifier in :mod:`molora.apps.textcls` scores a text against
 the embedding of each label name, so the same label string means the same thing in every task.
 
 Folder format (as in ``shared/data/clbench``)::

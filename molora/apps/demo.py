@@ -16,7 +16,7 @@
 7. Print a summary table, save ``results.json`` and a plot (``summary.png``).
 
 Classification needs no per-task head: a text's score for a label is the cosine similarity of
-its embedding to the frozen embedding of the label's name (see :mod:`molora.textcls`).
+its embedding to the frozen embedding of the label's name (see :mod:`molora.apps.textcls`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 import molora
-from molora.data import TextTask, make_synthetic_tasks
+from molora.apps.data import TextTask, make_synthetic_tasks
 from molora.expert_retrieval import retrieve_expert, route_to_expert
 from molora.lorahub import lorahub
 from molora.routers import RetrievalRouter
 from molora.routers.retrieval import embed_texts
-from molora.textcls import LabelPrototypes, evaluate, format_input, load_encoder, train
-from molora.train_router import text_classification_loss
+from molora.apps.textcls import LabelPrototypes, evaluate, format_input, text_classification_loss, train
+from molora.encoder import load_encoder
 
 
 def _routing_to(model: molora.MoLoRAModel, task_id: int):
@@ -64,7 +64,7 @@ def run_demo(
     ``num_experts`` tasks get experts first; the next synthetic task is the few-shot task and
     the one after it is added continually, so ``num_experts`` is at most 4 (six tasks exist).
     """
-    from molora.data import SYNTHETIC_TASK_NAMES
+    from molora.apps.data import SYNTHETIC_TASK_NAMES
 
     if not 2 <= num_experts <= len(SYNTHETIC_TASK_NAMES) - 2:
         raise ValueError(f"molora demo: num_experts must be in [2, {len(SYNTHETIC_TASK_NAMES) - 2}] "

