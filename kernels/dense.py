@@ -18,6 +18,7 @@ layer can compute ``H`` and the router logits ``X W_r^T`` in one GEMM
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .linear import shared_input_linear
@@ -52,7 +53,9 @@ def dense_gate_expand(
     B_cat_T = B.transpose(1, 2).reshape(E * r, d_out)  # [E*r, d_out], contiguous: the faster operand
     hp = hp.reshape(T, E * r)
     if out is not None:
-        return out.addmm_(hp, B_cat_T)
+        # in place saves a [T, d_out] temporary in eager; compiled graphs are functional (and
+        # the column blocks of a shared GEMM are views there), so add out of place
+        return torch.addmm(out, hp, B_cat_T) if torch.compiler.is_compiling() else out.addmm_(hp, B_cat_T)
     return hp @ B_cat_T
 
 

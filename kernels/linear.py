@@ -35,6 +35,10 @@ from torch import Tensor
 def _column_block(z: Tensor, start: int, width: int) -> Tensor:
     """Columns ``[start, start + width)`` of the 2-D ``z`` as a tensor sharing z's memory but not
     an autograd view of it (so that it may be modified in place when returned from a Function)."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace storage_offset/set_; under compile the Function's outputs are
+        # functionalised anyway, so a plain slice serves
+        return z[:, start:start + width]
     rows, cols = z.shape
     return z.new_empty(0).set_(z.untyped_storage(), z.storage_offset() + start, (rows, width), (cols, 1))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -53,8 +54,13 @@ class Projections(NamedTuple):
 
 def plan(backend: str, num_experts: int, rank: int, top_k: int | None, threads: int | None = None) -> Plan:
     """The form of one call: grouped iff the torch backend and ``E r > 32 k threads``
-    (:func:`~molora.kernels.torch_backend.use_grouped`; ``top_k=None``: dense gates, dense form)."""
-    return Plan(backend, backend == "torch" and use_grouped(num_experts, rank, top_k, threads))
+    (:func:`~molora.kernels.torch_backend.use_grouped`; ``top_k=None``: dense gates, dense form).
+
+    Under torch.compile the dense form runs: it is exact for every decision, and the grouped
+    form's segment bounds are data (per-expert counts read back to the host), which would split
+    the graph."""
+    grouped = backend == "torch" and not torch.compiler.is_compiling() and use_grouped(num_experts, rank, top_k, threads)
+    return Plan(backend, grouped)
 
 
 def project(

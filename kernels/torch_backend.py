@@ -60,12 +60,19 @@ from .grouped import routed_lora_grouped
 GROUPED_MIN_COLUMNS_PER_SLOT = 32
 
 
+@torch.compiler.assume_constant_result
+def intra_op_threads() -> int:
+    """``torch.get_num_threads()``; a constant of the graph under torch.compile (a changed
+    thread count then needs a recompile, as any other constant would)."""
+    return torch.get_num_threads()
+
+
 def use_grouped(num_experts: int, rank: int, top_k: int | None, threads: int | None = None) -> bool:
     """The dense/grouped switch ``E r > 32 k threads`` (see the module docstring); dense gates
     stay dense. ``threads`` defaults to ``torch.get_num_threads()``."""
     if top_k is None:
         return False
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = intra_op_threads() if threads is None else threads
     return num_experts * rank > GROUPED_MIN_COLUMNS_PER_SLOT * top_k * threads
 
 

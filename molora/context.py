@@ -14,9 +14,9 @@ the wrapped model (also the inner forwards of ``generate``). It belongs to that 
 carries its signals, a cache, so that a router shared by many layers (task id, retrieval,
 timestep) decides once per forward and every layer reuses the decision, and the record of what
 each routed layer decided, which balancing losses and routing statistics read afterwards
-(:func:`last_forward`). Scopes, like signals, live in context variables: two threads (or asyncio
-tasks) running forwards of one model at once never see each other's state, and no module keeps
-per-call state.
+(:func:`last_forward`). Scopes are per thread (a forward runs synchronously), signals per
+thread and asyncio task: two threads running forwards of one model at once never see each
+other's state, and no module keeps per-call state.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -102,20 +103,47 @@ def make_signals(
     return base.replace(**{f.name: getattr(signals, f.name) for f in dataclasses.fields(signals)})
 
 
+class _ThreadState(threading.local):
+    """Per-thread state: the open forward scopes (innermost last), the last finished forward of
+    every model (by owner), and a mirror of the routing signals for compiled code.
+
+    A forward runs synchronously in one thread, so its scope is per thread (and so per asyncio
+    task: tasks switch only at ``await``). The signals of a ``routing`` block may span awaits:
+    their source of truth is the context variable; torch.compile cannot read a ContextVar
+    (Dynamo cannot trace ``ContextVar.get``) but can read this thread-local mirror, so compiled
+    forwards see the signals of their thread's innermost ``routing`` block. Tuples and dicts are
+    replaced, never mutated, so a reader never sees a half-made change."""
+
+    def __init__(self) -> None:
+        self.scopes: tuple[ForwardScope, ...] = ()
+        self.last: dict[int, ForwardScope] = {}
+        self.signals = RoutingSignals()
+
+
+_THREAD = _ThreadState()
+
+
+def _signals_in_force() -> RoutingSignals:
+    return _THREAD.signals if torch.compiler.is_compiling() else _SIGNALS.get()
+
+
 @contextlib.contextmanager
 def routing(**signals: Any) -> Iterator[RoutingSignals]:
     """Set routing signals for the forward passes inside the block (see module docstring)."""
-    token = _SIGNALS.set(make_signals(base=_SIGNALS.get(), **signals))
+    new = make_signals(base=_SIGNALS.get(), **signals)
+    token = _SIGNALS.set(new)
+    mirrored, _THREAD.signals = _THREAD.signals, new
     try:
-        yield _SIGNALS.get()
+        yield new
     finally:
+        _THREAD.signals = mirrored
         _SIGNALS.reset(token)
 
 
 def current_signals() -> RoutingSignals:
     """The signals in force: those of the running forward scope, else of the innermost ``routing``."""
     scope = current_scope()
-    return scope.signals if scope is not None else _SIGNALS.get()
+    return scope.signals if scope is not None else _signals_in_force()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,49 +181,40 @@ class ForwardScope:
         self.records[layer] = LayerRecord(decision, mask)
 
 
-# The open forward scopes of this thread / task, innermost last. A tuple, replaced (never
-# mutated) on entry and exit, so that no context token has to travel between a forward's
-# pre-hook and post-hook, and a context copied into another thread or task cannot disturb ours.
-_SCOPES: contextvars.ContextVar[tuple[ForwardScope, ...]] = contextvars.ContextVar("molora_forward_scopes", default=())
-# The last finished forward of every model, by owner, in this thread / task.
-_LAST: contextvars.ContextVar[dict[int, ForwardScope]] = contextvars.ContextVar("molora_last_forward", default={})
-
-
 def current_scope() -> ForwardScope | None:
-    """The innermost open forward scope of this thread / task, or ``None``."""
-    scopes = _SCOPES.get()
+    """The innermost open forward scope of this thread, or ``None``."""
+    scopes = _THREAD.scopes
     return scopes[-1] if scopes else None
 
 
 def enter_forward(owner: object = None, attention_mask: Tensor | None = None) -> ForwardScope:
     """Open a forward scope of ``owner`` (the routing signals in force, plus the call's
     ``attention_mask`` unless the user set one); pair with :func:`exit_forward`."""
-    signals = _SIGNALS.get()
+    signals = _signals_in_force()
     if signals.attention_mask is None and isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
         signals = signals.replace(attention_mask=attention_mask)
     scope = ForwardScope(signals, owner)
-    _SCOPES.set((*_SCOPES.get(), scope))
+    _THREAD.scopes = (*_THREAD.scopes, scope)
     return scope
 
 
 def exit_forward(owner: object = None) -> ForwardScope | None:
     """Close the innermost forward scope of ``owner`` and keep it as that owner's last forward
-    (:func:`last_forward`); a no-op when this thread has no open scope of ``owner`` (a forward
-    hook whose pre-hook ran in another context)."""
-    scopes = _SCOPES.get()
+    (:func:`last_forward`); a no-op when this thread has no open scope of ``owner``."""
+    scopes = _THREAD.scopes
     for i in range(len(scopes) - 1, -1, -1):
         if scopes[i].owner is owner:
             scope = scopes[i]
-            _SCOPES.set(scopes[:i] + scopes[i + 1:])
+            _THREAD.scopes = scopes[:i] + scopes[i + 1:]
             if owner is not None:
-                _LAST.set({**_LAST.get(), id(owner): scope})
+                _THREAD.last = {**_THREAD.last, id(owner): scope}
             return scope
     return None
 
 
 def last_forward(owner: object) -> ForwardScope | None:
-    """The last forward scope ``owner`` closed in this thread / task (``None`` before any)."""
-    scope = _LAST.get().get(id(owner))
+    """The last forward scope ``owner`` closed in this thread (``None`` before any)."""
+    scope = _THREAD.last.get(id(owner))
     return scope if scope is not None and scope.owner is owner else None
 
 
@@ -208,5 +227,4 @@ def forward_scope(owner: object = None, attention_mask: Tensor | None = None) ->
     try:
         yield scope
     finally:
-        scopes = _SCOPES.get()
-        _SCOPES.set(tuple(s for s in scopes if s is not scope))
+        _THREAD.scopes = tuple(s for s in _THREAD.scopes if s is not scope)

@@ -78,14 +78,15 @@ class TaskRouter(Router):
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         ids = require_signal(self.name, signals, "task_ids").to(self._table.device)
         unknown = (ids < 0) | (ids >= self.num_tasks)
-        if unknown.any():
-            if self.fallback is None:
+        if self.fallback is None:
+            if torch.compiler.is_compiling():  # no host sync in a compiled graph: a device-side check
+                torch._assert_async(~unknown.any(), f"router 'task': task ids outside [0, {self.num_tasks})")
+            elif unknown.any():
                 raise RoutingError(
                     f"router 'task': task ids {ids[unknown].unique().tolist()} outside [0, {self.num_tasks}) "
                     "and no fallback expert is set"
                 )
-            experts = torch.where(unknown, torch.full_like(ids, self.fallback), self._table[ids.clamp(0, self.num_tasks - 1)])
-        else:
-            experts = self._table[ids]
+        known = self._table[ids.clamp(0, self.num_tasks - 1)]
+        experts = known if self.fallback is None else torch.where(unknown, torch.full_like(ids, self.fallback), known)
         gates = torch.ones(ids.shape[0], 1, device=ids.device)
         return RoutingDecision(gates=gates, indices=experts.unsqueeze(1), per_example=True)
