@@ -7,11 +7,14 @@ of forward and of forward+backward for:
 * ``base``: the frozen base linear alone (``x`` requires grad, ``W`` does not: LoRA training);
 * ``routed[<backend>]``: base + router (linear, softmax, top-k, renormalise) + ``routed_lora``
   through each available backend (``reference``, ``torch``; ``triton`` on CUDA only), as
-  ``molora.kernels.routed_linear`` runs them (the torch backend computes the base output, the
-  router logits and the LoRA shrink in one GEMM);
+  the routed layer runs them (``molora.kernels.project``: the torch backend computes the base
+  output, the router logits and the LoRA shrink in one GEMM; the router; ``expand``);
 * ``layer``: the library's ``RoutedLoRALinear`` around the same base linear, with a
   ``TopKRouter`` and an ``ExpertBank`` holding the same weights (the default backend, plus the
   layer's own bookkeeping: stacking the bank, the routing decision it records);
+* ``model``: the layer as a user builds it, ``get_molora_model`` around a module holding the
+  same frozen ``nn.Linear`` (top-k router, same weights), called through the ``MoLoRAModel``
+  (its forward scope, hooks, the ``[1, T, d]`` input a model passes);
 * ``naive-loop``: every expert on every token, masked by its gate (HydraLoRA / LoRAMoE style);
 * ``index_add-loop``: per expert ``where(idx == e)``, gather, LoRA, ``index_add_`` (MoE-PEFT).
 
@@ -36,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from molora.kernels import available_backends, routed_linear, shared_input_linear
-from molora.kernels.torch_backend import routed_lora_torch_with_router
+from molora import kernels
+from molora.kernels import available_backends, shared_input_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians  # noqa: E402
@@ -76,6 +79,7 @@ class Problem:
         self.dy = mk(T, d)
         self.k, self.E, self.s = k, E, 2.0
         self.layer = self._layer(d, E, r, k)
+        self.model = self._model(d, E, r, k)
 
     def _layer(self, d: int, E: int, r: int, k: int):
         """RoutedLoRALinear around ``self.base`` with this problem's router and expert weights."""
@@ -90,6 +94,23 @@ class Problem:
         with torch.no_grad():
             router.proj.weight.copy_(self.Wr)
         return RoutedLoRALinear(self.base, bank, router, name="bench")
+
+    def _model(self, d: int, E: int, r: int, k: int):
+        """``get_molora_model`` around a module holding ``self.base``, with this problem's weights."""
+        from molora import MoLoRAConfig, get_molora_model
+
+        holder = torch.nn.Module()
+        holder.proj = self.base
+        holder.forward = lambda x: holder.proj(x)
+        model = get_molora_model(holder, MoLoRAConfig(target_modules=["proj"], num_experts=E, rank=r, alpha=self.s * r,
+                                                      router="topk", top_k=k))
+        layer = model.routed_layers()["proj"]
+        with torch.no_grad():
+            for e in range(E):
+                layer.bank.A[e].copy_(self.A[e])
+                layer.bank.B[e].copy_(self.B[e])
+            layer.router.proj.weight.copy_(self.Wr)
+        return model
 
     def layer_call(self):
         return self.layer(self.x)
@@ -108,15 +129,21 @@ class Problem:
         return self.base(self.x)
 
     def routed(self, backend: str):
-        # as RoutedLoRALinear does: the torch backend computes the base output, the router's
-        # logits and the LoRA shrink in one GEMM over x and adds the delta into the base output
-        return routed_linear(self.x, self.base.weight, self.base.bias, self.A, self.B, self.Wr, self.route_logits,
-                             self.k, scaling=self.s, backend=backend)
+        # as RoutedLoRALinear does: project (base output, logits, shrink in one GEMM over x),
+        # route, expand the delta into the base output
+        return self.steps(kernels.plan(backend, self.E, self.A.shape[1], self.k))
 
     def form(self, grouped: bool):
-        # the whole layer as routed_linear runs it, in the given form
-        return routed_lora_torch_with_router(self.x, self.A, self.B, self.Wr, self.route_logits, self.k, self.s,
-                                             grouped=grouped, base_weight=self.base.weight, base_bias=self.base.bias)
+        # the whole layer's steps in the given form of the torch backend
+        return self.steps(kernels.Plan("torch", grouped))
+
+    def steps(self, plan):
+        proj = kernels.project(self.x, plan, self.A, self.base.weight, self.base.bias, router_weight=self.Wr)
+        gates, idx = self.route_logits(proj.logits)
+        return kernels.expand(self.x, plan, proj.shrink, self.A, self.B, gates, idx, self.s, out=proj.out)
+
+    def model_call(self):
+        return self.model(self.x.unsqueeze(0)).squeeze(0)
 
     def naive_loop(self):
         """Every expert on every token, weighted by its (mostly zero) gate."""
@@ -144,7 +171,7 @@ class Problem:
 def time_variants(variants: dict, device, repeats: int, backward: bool) -> dict[str, float]:
     """Median seconds per variant, interleaved round-robin after one warm-up each."""
     def call(fn, p):
-        for t in (p.x, p.Wr, p.A, p.B, *p.layer.parameters()):
+        for t in (p.x, p.Wr, p.A, p.B, *p.layer.parameters(), *p.model.parameters()):
             t.grad = None
         y = fn()
         if backward:
@@ -162,6 +189,7 @@ def bench_shape(shape, device, dtype, repeats: int, backends: list[str], skip: f
     for b in backends:
         variants[f"routed[{b}]"] = ((lambda b=b: p.routed(b)), p)
     variants["layer"] = (p.layer_call, p)
+    variants["model"] = (p.model_call, p)
     variants["naive-loop"] = (p.naive_loop, p)
     variants["index_add-loop"] = (p.index_add_loop, p)
     variants = {name: v for name, v in variants.items() if name not in skip}

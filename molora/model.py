@@ -332,7 +332,8 @@ class MoLoRAModel(nn.Module):
         return adapter_tensors(adapter_modules(self.routed_layers(), self.shared_router))
 
     def save_pretrained(self, directory: str) -> None:
-        """Write ``molora_config.json`` and ``molora_model.safetensors`` (atomically; no pickle)."""
+        """Write ``molora_config.json`` and the weights file it names (``molora_model-<hash>.safetensors``)
+        as one atomic commit (:mod:`molora.persistence`; no pickle)."""
         from molora.persistence import save_checkpoint
 
         save_checkpoint(self, directory)

@@ -39,5 +39,8 @@ def test_example_runs(name, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "trainable params" in out or "trained" in out, out[-2000:]
     if name == "hf_trainer.py":
-        assert (tmp_path / "trainer-out" / "checkpoint-2" / "molora_model.safetensors").is_file()
+        from molora.persistence import WEIGHTS_PATTERN
+
+        names = [p.name for p in (tmp_path / "trainer-out" / "checkpoint-2").iterdir()]
+        assert len([n for n in names if WEIGHTS_PATTERN.fullmatch(n)]) == 1, names
         assert "aux_loss" in out

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import SequentialSampler
 
 import molora
+from molora.persistence import WEIGHTS_PATTERN
 from molora.integrations import MoLoRATrainer, find_molora_model, load_molora_weights
 
 datasets = pytest.importorskip("datasets")
@@ -164,7 +165,8 @@ def test_logs_checkpoints_and_resume(tmp_path):
     out = Path(tmp_path / "out")
     for step in (2, 4):
         files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert {"molora_config.json", "molora_model.safetensors", "optimizer.pt", "trainer_state.json"} <= files
+        assert {"molora_config.json", "optimizer.pt", "trainer_state.json"} <= files
+        assert len([f for f in files if WEIGHTS_PATTERN.fullmatch(f)]) == 1  # the weights the config names
         assert not files & {"model.safetensors", "pytorch_model.bin"}, "the frozen base must not be saved"
     restored = molora.MoLoRAModel.from_pretrained(tiny_cls_base(), out / "checkpoint-4")
     trained = model.adapter_state_dict()
