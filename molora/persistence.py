@@ -26,6 +26,14 @@ SHA-256; if a writer's clean-up removed that file in between they re-read the co
 
 Malformed files (bad JSON, missing keys, wrong types, a newer format version) raise
 :class:`~molora.errors.CheckpointError` naming the file and the field. Loading reads no code.
+
+Every checkpoint loads back as the model that was saved (:func:`check_savable`, run before
+anything is written or a folder is created): each router's class must be the one registered
+under its name, its ``get_config()`` JSON that rebuilds it (same tensors; built on the meta
+device, so saving draws no random numbers); the X-LoRA-style classifier is recorded once
+(field ``xlora_style``), per-layer routers shared by several layers as ``tied_routers``, and a
+merged layer's mixture as ``merged_weights`` (re-merged on load). Anything else is refused
+with a CheckpointError saying what to do. Version 3 adds those three optional fields.
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ CONFIG_NAME = "molora_config.json"
 WEIGHTS_NAME = "molora_model.safetensors"
 WEIGHTS_PATTERN = re.compile(r"molora_model-[0-9a-f]{16}\.safetensors")
 FORMAT = "molora"
-VERSION = 2
+#: 3: optional ``xlora_style`` classifier record, ``tied_routers``, per-layer ``merged_weights``
+VERSION = 3
 #: a temporary file older than this is a killed writer's, not a live one's
 STALE_TEMP_SECONDS = 60.0
 #: how often a reader re-reads the config when the weights it names vanished under it
@@ -305,6 +314,7 @@ def validate_meta(meta: Any, where: str, prefix: str = "") -> dict[str, Any]:
     fp = field(meta, "base_fingerprint", DICT, where, prefix, optional=True, nullable=True)
     if fp is not None:
         validate_fingerprint(fp, set(layers), where, f"{prefix}base_fingerprint.")
+    validate_extras(meta, where, prefix)
     return meta
 
 
@@ -333,6 +343,36 @@ def validate_layer_spec(spec: Any, num_experts: int, where: str, prefix: str) ->
     if router is not None:
         field(router, "name", STR, where, f"{prefix}router.")
         field(router, "config", DICT, where, f"{prefix}router.")
+    merged = field(spec, "merged_weights", NUMS, where, prefix, optional=True, nullable=True)
+    if merged is not None and len(merged) != len(ranks):
+        raise CheckpointError(f"{where}: field {prefix + 'merged_weights'!r} has {len(merged)} entries; "
+                              f"{p + 'ranks'!r} has {len(ranks)}")
+
+
+def validate_extras(meta: dict[str, Any], where: str, prefix: str = "") -> None:
+    """The version-3 fields: the X-LoRA-style classifier record and the tied per-layer routers."""
+    layers = meta["layers"]
+    xl = field(meta, "xlora_style", DICT, where, prefix, optional=True, nullable=True)
+    if xl is not None:
+        p = f"{prefix}xlora_style."
+        for key in ("d_in", "num_layers", "num_experts", "hidden"):
+            field(xl, key, INT, where, p)
+        field(xl, "temperature", NUM, where, p)
+        field(xl, "dtype", STR, where, p)
+    users = [n for n, spec in layers.items() if (spec.get("router") or {}).get("name") == XLORA_STYLE]
+    if users and xl is None:
+        raise CheckpointError(f"{where}: field {prefix + 'layers.' + users[0] + '.router'!r} names router "
+                              f"{XLORA_STYLE!r} but the checkpoint has no field {prefix + 'xlora_style'!r} (its classifier)")
+    tied = field(meta, "tied_routers", DICT, where, prefix, optional=True, nullable=True)
+    for name, owner in (tied or {}).items():
+        p = f"{prefix}tied_routers."
+        field(tied, name, STR, where, p)
+        if name not in layers or owner not in layers or owner == name or owner in tied:
+            raise CheckpointError(f"{where}: field {p + name!r} must map a routed layer to another routed layer "
+                                  f"whose router it shares (and which is tied to no other); got {owner!r}")
+        if layers[name].get("router") is None or layers[name].get("router") != layers[owner].get("router"):
+            raise CheckpointError(f"{where}: field {p + name!r}: layers {name!r} and {owner!r} share a router "
+                                  f"but their field 'router' differs")
 
 
 def validate_fingerprint(fp: dict[str, Any], layers: set[str], where: str, prefix: str) -> None:
@@ -433,26 +473,160 @@ def check_base_fingerprint(modules: Mapping[str, nn.Module], fingerprint: dict[s
 
 
 # ---------------------------------------------------------------------- save
+XLORA_STYLE = "xlora_style"
+
+
+def _unsavable(what: str, why: str) -> CheckpointError:
+    return CheckpointError(f"save_pretrained refused (nothing was written): {what} {why}")
+
+
+def check_router_rebuilds(router: nn.Module, what: str, num_experts: int, d_in: int) -> None:
+    """Raise :class:`CheckpointError` unless loading can rebuild ``router`` from its checkpoint
+    spec: its class is the one registered under its ``name`` in :data:`molora.routers.ROUTERS`,
+    ``get_config()`` is JSON, and ``build_router(name, **config)`` (from the JSON as a loader
+    reads it) gives the same persistent tensors (keys, shapes, dtypes) and the same
+    non-persistent buffers (state rebuilt from the config, e.g. a static router's weights; their
+    values are compared when the constructor cannot run on the meta device, as the static
+    router's cannot, else their shapes)."""
+    from molora.routers import ROUTERS
+
+    name = getattr(router, "name", None)
+    cls = ROUTERS.get(name) if isinstance(name, str) else None
+    if cls is None or type(router) is not cls:
+        registered = f"the router registered as {name!r} is {cls.__name__}" if cls is not None else f"no router is registered as {name!r}"
+        raise _unsavable(what, f"is routed by {type(router).__name__} and {registered}, so a checkpoint could not "
+                               "rebuild it: register the class with molora.routers.register_router (its get_config() "
+                               "returning its JSON constructor arguments), or install a registered router before saving")
+    try:
+        config = router.get_config()
+        text = json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _unsavable(what, f"has router {name!r} whose get_config() is not JSON ({exc}): a checkpoint could not "
+                               "rebuild it; give the router JSON constructor arguments") from None
+    parsed = json.loads(text)
+    if not isinstance(parsed, dict):
+        raise _unsavable(what, f"has router {name!r} whose get_config() is a {type(parsed).__name__}, not a dict of arguments")
+    if router.num_experts != num_experts:
+        raise _unsavable(what, f"has router {name!r} over {router.num_experts} experts where loading builds it over "
+                               f"{num_experts}")
+    try:
+        # on meta: no memory, and parameter initialisation draws nothing from the global RNG
+        # (a save in one thread must not change another thread's random numbers)
+        with torch.device("meta"):
+            rebuilt = build_router(name, num_experts=num_experts, d_in=d_in, **parsed)
+    except Exception:  # noqa: BLE001 - e.g. a constructor that checks values (the static router's weights)
+        try:
+            rebuilt = build_router(name, num_experts=num_experts, d_in=d_in, **parsed)
+        except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint could not load
+            raise _unsavable(what, f"has router {name!r} that cannot be rebuilt from its get_config() {text[:120]}: "
+                                   f"{type(exc).__name__}: {exc}") from None
+    want = {k: (tuple(v.shape), v.dtype.is_floating_point) for k, v in router.state_dict().items()}
+    got = {k: (tuple(v.shape), v.dtype.is_floating_point) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise _unsavable(what, f"has router {name!r} whose tensors a rebuilt one would not hold (differences {diff}): "
+                               "its get_config() does not describe it")
+    persistent = set(want)
+    mine = {k: v for k, v in router.named_buffers() if k not in persistent}
+    theirs = {k: v for k, v in rebuilt.named_buffers() if k not in persistent}
+
+
+    def differs(k: str) -> bool:  # values are compared where the rebuild holds them (not on meta)
+        a, b = mine.get(k), theirs.get(k)
+        if a is None or b is None or a.shape != b.shape:
+            return True
+        return not b.is_meta and not torch.equal(a.detach().cpu().to(b.dtype), b)
+
+    bad = sorted(k for k in mine.keys() | theirs.keys() if differs(k))
+    if bad:
+        raise _unsavable(what, f"has router {name!r} whose unsaved buffers {bad[:3]} differ from those its get_config() "
+                               "rebuilds: a loaded model would route differently")
+
+
+def xlora_record(model: MoLoRAModel, layers: Mapping[str, RoutedLoRALinear]) -> dict[str, Any] | None:
+    """The checkpoint record of the model's X-LoRA-style classifier (``None`` without one);
+    CheckpointError if the layers' X-LoRA-style routers are not the one-classifier layout
+    :func:`molora.xlora_style.attach_xlora_style` builds."""
+    from molora.xlora_style import XLoRAStyleClassifier, XLoRAStyleRouter
+
+    users = {path: layer.router for path, layer in layers.items() if getattr(layer.router, "name", None) == XLORA_STYLE}
+    if not users:
+        return None
+    classifiers = {id(r.classifier): r.classifier for r in users.values() if isinstance(r, XLoRAStyleRouter)}
+    if any(type(r) is not XLoRAStyleRouter for r in users.values()) or len(classifiers) != 1:
+        raise _unsavable("the model", f"has {XLORA_STYLE!r} routers that do not share one XLoRAStyleClassifier "
+                                      f"({len(classifiers)} classifiers): re-attach with molora.xlora_style.attach_xlora_style")
+    clf = next(iter(classifiers.values()))
+    if type(clf) is not XLoRAStyleClassifier:
+        raise _unsavable("the model", f"has a {type(clf).__name__} classifier, not an XLoRAStyleClassifier: save "
+                                      "classifier.state_dict() yourself and re-attach it after loading")
+    dtypes = {t.dtype for t in clf.state_dict().values()}
+    for path, r in users.items():
+        if not 0 <= r.layer_index < clf.num_layers or any(not 0 <= e < clf.num_experts for e in r.expert_ids):
+            raise _unsavable(f"module {path!r}", f"has an {XLORA_STYLE!r} router reading row {r.layer_index}, experts "
+                                                 f"{r.expert_ids} of a [{clf.num_layers} x {clf.num_experts}] classifier")
+        if r.num_experts != layers[path].bank.num_experts:
+            raise _unsavable(f"module {path!r}", f"has an {XLORA_STYLE!r} router over {r.num_experts} experts; the layer "
+                                                 f"holds {layers[path].bank.num_experts}")
+    if len(dtypes) != 1:
+        raise _unsavable("the model", f"has an X-LoRA-style classifier of mixed dtypes {sorted(map(str, dtypes))}")
+    return {"d_in": clf.d_in, "num_layers": clf.num_layers, "num_experts": clf.num_experts, "hidden": clf.hidden,
+            "temperature": clf.temperature, "dtype": _dtype_name(dtypes.pop())}
+
+
+def check_savable(model: MoLoRAModel) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Everything a checkpoint of ``model`` needs to load back as the same model, checked before
+    anything is written: ``(X-LoRA-style record or None, tied routers)``; CheckpointError
+    naming the module and what to do otherwise."""
+    layers = model.routed_layers()
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for path, layer in layers.items():
+        router = layer.router
+        if router is None:
+            continue
+        if id(router) in seen:
+            tied[path] = seen[id(router)]
+            continue
+        seen[id(router)] = path
+        if getattr(router, "name", None) != XLORA_STYLE:
+            check_router_rebuilds(router, f"module {path!r}", layer.bank.num_experts, layer.bank.d_in)
+    record = xlora_record(model, layers)
+    if model.shared_router is not None:
+        check_router_rebuilds(model.shared_router, "the model's shared router", model.num_experts, model.shared_router.d_in)
+    return record, tied
+
+
 def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple[dict[str, Any], bytes]:
     """``(config, weights bytes)`` of a checkpoint of ``model``; the config names the weights
-    by their content (``molora_model-<sha256[:16]>.safetensors``) and records size and SHA-256."""
+    by their content (``molora_model-<sha256[:16]>.safetensors``) and records size and SHA-256.
+    CheckpointError (before anything is computed or written) if the checkpoint could not load
+    back as this model (:func:`check_savable`)."""
+    xlora, tied = check_savable(model)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
     blob = st_save(state, metadata={"format": FORMAT})
     digest = hashlib.sha256(blob).hexdigest()
     shared = model.shared_router
+    layers = model.layer_specs()
+    for name, layer in model.routed_layers().items():  # a merged layer is rebuilt merged
+        w = getattr(layer, "merged_weights", None)
+        if w is not None:
+            layers[name] = {**layers[name], "merged_weights": [float(v) for v in w.tolist()]}
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "config": model.config.to_dict(),
         "expert_names": model.expert_names,
         "shared_router": None if shared is None else {"name": shared.name, "d_in": shared.d_in, "config": shared.get_config()},
-        "layers": model.layer_specs(),
+        "layers": layers,
         "base_model": {
             "class": type(model.base_model).__name__,
             "name_or_path": getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
         },
         "weights": {"file": f"molora_model-{digest[:16]}.safetensors", "sha256": digest, "bytes": len(blob)},
         "base_fingerprint": base_fingerprint(model.routed_layers()) if fingerprint else None,
+        "xlora_style": xlora,
+        "tied_routers": tied or None,
     }
     return meta, blob
 
@@ -478,8 +652,8 @@ def save_checkpoint(model: MoLoRAModel, directory: str | os.PathLike, *, fingerp
     ``fingerprint=False`` leaves out the base fingerprint (for callers that check the base
     themselves, as a continual manager does)."""
     folder = Path(directory)
+    meta, blob = checkpoint_payload(model, fingerprint=fingerprint)  # refuses before anything exists on disk
     folder.mkdir(parents=True, exist_ok=True)
-    meta, blob = checkpoint_payload(model, fingerprint=fingerprint)
     with writer_lock(folder):
         write_weights(folder, meta, blob)
         atomic_write(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode(), step="config")
@@ -584,8 +758,13 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
             raise CheckpointError(f"{where}: module {name!r} is already a routed LoRA layer: load into a plain base model")
     check_base_fingerprint(modules, meta.get("base_fingerprint"), where)
     with _restored_on_error(modules):
-        layers = {name: _build_layer(modules[name], name, spec, len(names), config, where, made_for)
+        # an X-LoRA-style router is rebuilt around the shared classifier once the layers exist
+        layers = {name: _build_layer(modules[name], name, _without_xlora(spec), len(names), config, where, made_for)
                   for name, spec in meta["layers"].items()}
+        if meta.get("xlora_style") is not None:
+            _attach_xlora(layers, meta, where)
+        for name, owner in (meta.get("tied_routers") or {}).items():
+            layers[name].router = layers[owner].router
         shared = None
         if meta["shared_router"] is not None:
             sr = meta["shared_router"]
@@ -599,7 +778,49 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
             load_adapter_tensors(adapter_modules(layers, shared), tensors)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: the weights do not fit the layout of field 'layers': {exc}") from None
-        return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+        merges = {}
+        for name, spec in meta["layers"].items():  # computed and checked before the base changes
+            if spec.get("merged_weights") is not None:
+                try:
+                    merges[name] = layers[name].merged_weight(spec["merged_weights"])
+                except MoLoRAError as exc:
+                    raise CheckpointError(f"{where}: field 'layers.{name}.merged_weights': {exc}") from None
+        model = MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+        for name, (merged, w) in merges.items():
+            layers[name].commit_merge(merged, w)
+        return model
+
+
+def _without_xlora(spec: dict) -> dict:
+    router = spec.get("router")
+    return {**spec, "router": None} if router is not None and router.get("name") == XLORA_STYLE else spec
+
+
+def _attach_xlora(layers: Mapping[str, RoutedLoRALinear], meta: Mapping[str, Any], where: str) -> None:
+    """Rebuild the X-LoRA-style routers of the layers whose spec names them, around one
+    classifier built from ``meta["xlora_style"]`` (its tensors are loaded with the layers')."""
+    from molora.xlora_style import XLoRAStyleClassifier, XLoRAStyleRouter
+
+    rec = meta["xlora_style"]
+    dtype = getattr(torch, rec["dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{where}: field 'xlora_style.dtype' must name a floating torch dtype; got {rec['dtype']!r}")
+    users = {n: spec["router"]["config"] for n, spec in meta["layers"].items() if _without_xlora(spec) is not spec}
+    device = next(iter(layers.values())).bank.B[0].device if layers else None
+    try:
+        clf = XLoRAStyleClassifier(rec["d_in"], rec["num_layers"], rec["num_experts"], hidden=rec["hidden"],
+                                   temperature=rec["temperature"]).to(device=device, dtype=dtype)
+    except (MoLoRAError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: field 'xlora_style' cannot be built: {exc}") from None
+    for name, cfg in users.items():
+        layer = layers[name]
+        index, ids = cfg.get("layer_index"), cfg.get("expert_ids")
+        if not _is_int(index) or not 0 <= index < clf.num_layers or not INTS[0](ids) \
+                or len(ids) != layer.bank.num_experts or any(not 0 <= e < clf.num_experts for e in ids):
+            raise CheckpointError(f"{where}: field 'layers.{name}.router.config' must give a layer_index in "
+                                  f"[0, {clf.num_layers}) and {layer.bank.num_experts} expert_ids in [0, {clf.num_experts}); "
+                                  f"got {json.dumps(cfg)[:80]}")
+        layer.router = XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, clf, index, ids).to(device)
 
 
 def _build_layer(module: nn.Module, name: str, spec: dict, num_experts: int, config: MoLoRAConfig, where: str,
@@ -647,9 +868,15 @@ def load_adapter_tensors(modules: Mapping[str, nn.Module], tensors: dict[str, Te
     unexpected = sorted(set(tensors) - set(targets))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint tensors do not match the layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    first: dict[tuple, str] = {}
     for key, target in targets.items():
         if target.shape != tensors[key].shape:
             raise CheckpointError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}; the layout needs {tuple(target.shape)}")
+        # one tensor under several keys (a router shared by layers, the X-LoRA-style classifier)
+        # must be saved the same under each
+        seen = first.setdefault((target.data_ptr(), target.shape, target.stride(), target.dtype), key)
+        if seen != key and not torch.equal(tensors[seen], tensors[key]):
+            raise CheckpointError(f"tensors {seen!r} and {key!r} are one shared tensor of the model but differ in the checkpoint")
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(tensors[key])

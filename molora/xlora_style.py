@@ -20,8 +20,12 @@ classifier sees shallower features than X-LoRA's last hidden state.
 
 ``W_2`` starts at zero, so an untrained classifier mixes the adapters uniformly. Train it with
 :func:`molora.train_router` (``router="existing"``): only the classifier's parameters train.
-Checkpoints: the per-layer routers share one classifier, which ``save_pretrained`` cannot
-express; save ``classifier.state_dict()`` and call :func:`attach_xlora_style` again on load.
+Checkpoints: ``save_pretrained`` records the classifier once (field ``xlora_style``: sizes,
+``hidden``, ``temperature``, dtype; its tensors under the layers' router keys) and
+``from_pretrained`` rebuilds the per-layer routers around one shared classifier, so a
+checkpoint loads back to the same model (outputs bit-equal). Layouts that
+:func:`attach_xlora_style` does not build (several classifiers, a classifier subclass) are
+refused by ``save_pretrained`` before anything is written.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class XLoRAStyleClassifier(nn.Module):
         if not temperature > 0:
             raise ValueError(f"XLoRAStyleClassifier: temperature must be > 0; got {temperature!r}")
         self.d_in, self.num_layers, self.num_experts = d_in, num_layers, num_experts
+        self.hidden = int(hidden)
         self.temperature = float(temperature)
         out = nn.Linear(hidden or d_in, num_layers * num_experts)
         nn.init.zeros_(out.weight)
