@@ -284,6 +284,8 @@ def load_manager(base_model: nn.Module, directory: str | Path, **runtime: Any) -
     """
     from molora.persistence import read_consistent, read_weights
 
+    flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
+
     folder = Path(directory)
 
     def payload(commit: tuple[Path, dict[str, Any]]) -> dict[str, Tensor] | None:
@@ -315,5 +317,13 @@ def load_manager(base_model: nn.Module, directory: str | Path, **runtime: Any) -
     elif state["version"] == 1 and state["tasks"]:
         manager._model = MoLoRAModel.from_pretrained(base_model, str(folder / MODEL_DIR))
     manager.tasks = list(state["tasks"])
-    manager._restore(state.get("extra") or {})
+    try:
+        manager._restore(state.get("extra") or {})
+    except BaseException:
+        if manager._model is not None:  # nothing half-applied: the base model goes back as it was
+            manager._model.unmerge()
+            manager._model.unload()
+            for name, param in base_model.named_parameters():
+                param.requires_grad_(flags.get(name, param.requires_grad))
+        raise
     return manager

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from molora.routers import StaticRouter
 
-from .manager import MANAGERS, ContinualError, ContinualManager
+from .manager import MANAGERS, ContinualError, ContinualManager, ContinualStateError
 
 __all__ = ["OLoRAManager", "orthogonality_penalty"]
 
@@ -96,11 +96,13 @@ class OLoRAManager(ContinualManager):
         model = self.model
         idx = model.expert_names.index(name)
         onehot = [1.0 if i == idx else 0.0 for i in range(model.num_experts)]
+        layers = model.routed_layers()
+        local = model._local_weights(onehot)
+        # the layer's own merge arithmetic, checked for every layer before any base weight is written
+        staged = {n: layer.merged_weight(local[n])[0] for n, layer in layers.items()}
         with torch.no_grad():
-            for layer in model.routed_layers().values():
-                delta = layer.bank.delta_weight(onehot)
-                W = layer.base_layer.weight
-                W.copy_((W.float() + (delta.T if layer.transposed else delta).to(W.device)).to(W.dtype))
+            for n, W in staged.items():
+                layers[n].base_layer.weight.copy_(W)
         weights = list(model.shared_router.weights)
         weights[idx] = 0.0
         router = StaticRouter(model.num_experts, model.shared_router.d_in, weights=weights)
@@ -114,7 +116,12 @@ class OLoRAManager(ContinualManager):
             return
         self.model.set_experts_trainable(False)
         # The checkpoint holds the adapters, not the base: re-fold merged experts into the fresh base.
-        for name in extra.get("merged", []):
+        merged = extra.get("merged", [])
+        unknown = [n for n in merged if n not in self.model.expert_names] if isinstance(merged, list) else None
+        if unknown is None or unknown:
+            raise ContinualStateError(f"O-LoRA state: merged experts {unknown or merged!r} are not experts of the "
+                                      f"checkpoint ({self.model.expert_names})")
+        for name in merged:
             self._merge_expert(name)
             self.merged.append(name)
 

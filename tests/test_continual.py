@@ -474,3 +474,34 @@ def test_cli_continual_runs_and_rejects_bad_input(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert set(rec["results"]) == {"olora", "retrieval"}
     assert len(rec["results"]["olora"]["R"]) == 2 and "task_id_acc" in rec["results"]["retrieval"]
+
+
+def test_olora_state_naming_an_unknown_merged_expert_is_refused_before_any_fold(tmp_path):
+    """A continual state whose merged list names no expert of the checkpoint: a clear error, and
+    no expert is folded into the fresh base first."""
+    import json
+
+    from helpers import assert_same_snapshot, snapshot
+
+    m = OLoRAManager(tiny_bert(), target_modules=["query"], rank=2, alpha=4, merge=True)
+    for t, name in enumerate(["a", "b"]):
+        m.begin_task(name)
+        _randomize(m.model, t, seed=t + 10)
+        m.end_task()
+    m.save(tmp_path / "ckpt")
+    state_path = tmp_path / "ckpt" / "continual_state.json"
+    text = state_path.read_text()
+    assert '"a"' in text
+    state = json.loads(text)
+
+    def rename(obj):
+        if isinstance(obj, dict):
+            return {k: (["a", "zzz"] if k == "merged" else rename(v)) for k, v in obj.items()}
+        return [rename(v) for v in obj] if isinstance(obj, list) else obj
+
+    state_path.write_text(json.dumps(rename(state)))
+    base = tiny_bert()
+    before = snapshot(base)
+    with pytest.raises(ContinualError, match="zzz"):
+        load_manager(base, tmp_path / "ckpt")
+    assert_same_snapshot(before, snapshot(base))
