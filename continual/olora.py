@@ -96,13 +96,7 @@ class OLoRAManager(ContinualManager):
         model = self.model
         idx = model.expert_names.index(name)
         onehot = [1.0 if i == idx else 0.0 for i in range(model.num_experts)]
-        layers = model.routed_layers()
-        local = model._local_weights(onehot)
-        # the layer's own merge arithmetic, checked for every layer before any base weight is written
-        staged = {n: layer.merged_weight(local[n])[0] for n, layer in layers.items()}
-        with torch.no_grad():
-            for n, W in staged.items():
-                layers[n].base_layer.weight.copy_(W)
+        model.fold(onehot)
         weights = list(model.shared_router.weights)
         weights[idx] = 0.0
         router = StaticRouter(model.num_experts, model.shared_router.d_in, weights=weights)

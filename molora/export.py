@@ -39,7 +39,7 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
     nothing non-finite is ever written.
     """
     w_all = mixture_weights(weights, model.expert_names, "export_peft")
-    per_layer = model._local_weights(w_all)
+    per_layer = model.layer_weights(w_all)
     folder = Path(directory) if isinstance(directory, (str, os.PathLike)) else None
     if folder is None or not os.fspath(folder):
         raise MoLoRAError(f"export_peft: directory must be a folder path; got {directory!r}")

@@ -133,7 +133,7 @@ def elementwise_factors(model: MoLoRAModel, weights: Sequence[float] | Tensor) -
     ``weights`` has one entry per model expert (a layer mixes the experts it holds). Raises a
     MoLoRAError for a layer whose experts differ in rank or scaling (no element-wise sum exists).
     """
-    per_layer = model._local_weights(mixture_weights(weights, model.expert_names, "molora.lorahub"))
+    per_layer = model.layer_weights(mixture_weights(weights, model.expert_names, "molora.lorahub"))
     out = {}
     for name, layer in model.routed_layers().items():
         bank = layer.bank

@@ -209,9 +209,9 @@ class MoLoRAModel(nn.Module):
                 layer.disabled = p
 
     # ------------------------------------------------------------------ merging
-    def _local_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
+    def layer_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
         """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence;
-        :func:`molora.checks.mixture_weights`), split into each layer's local experts."""
+        :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path."""
         from molora.checks import mixture_weights
 
         w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=torch.float32)
@@ -230,11 +230,22 @@ class MoLoRAModel(nn.Module):
         """
         if self.merged:
             raise MoLoRAError("already merged; unmerge() first")
-        per_layer = self._local_weights(weights)
+        per_layer = self.layer_weights(weights)
         layers = self.routed_layers()
         staged = {name: layer.merged_weight(per_layer[name]) for name, layer in layers.items()}
         for name, (merged, w) in staged.items():
             layers[name].commit_merge(merged, w)
+
+    def fold(self, weights: Mapping[str, float] | Sequence[float]) -> None:
+        """Add the mixture ``sum_e w_e s_e B_e A_e`` to the base weights for good (O-LoRA folds a
+        finished task so): unlike :meth:`merge`, the layers keep routing and nothing is kept to
+        undo it. Every layer's new weight is computed and checked before any is written."""
+        per_layer = self.layer_weights(weights)
+        layers = self.routed_layers()
+        staged = {name: layer.merged_weight(per_layer[name])[0] for name, layer in layers.items()}
+        with torch.no_grad():
+            for name, weight in staged.items():
+                layers[name].base_layer.weight.copy_(weight)
 
     def unmerge(self) -> None:
         """Put back the base weights as they were before :meth:`merge` (bit-exact)."""
