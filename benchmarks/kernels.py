@@ -24,6 +24,7 @@ Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<dev
     python benchmarks/kernels.py --full     # the issue's whole grid (slow on a CPU)
     python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
     python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
+    python benchmarks/kernels.py --gather   # the grouped/gathered switch point (few rows per expert)
     python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
     python benchmarks/kernels.py --threads 1 --clock cpu   # the thread's CPU time, not wall time
 """
@@ -253,6 +254,34 @@ def switch_point(device, dtype, repeats: int) -> list[dict]:
     return rows
 
 
+def gather_point(device, dtype, repeats: int) -> list[dict]:
+    """Gathered / grouped time ratio, forward (decoding), r = 8, k = 1, 64 active experts of 512,
+    ``rows`` tokens per active expert (:data:`molora.kernels.grouped.GATHER_MAX_WEIGHTS_PER_EXPERT`)."""
+    from molora.kernels.grouped import routed_lora_grouped
+
+    rows, r, E, active = [], 8, 512, 64
+    for d in (256, 1024, 4096):
+        A = torch.randn(E, r, d, device=device, dtype=dtype) * 0.01
+        B = torch.randn(E, d, r, device=device, dtype=dtype) * 0.01
+        s = torch.ones(E, device=device, dtype=dtype)
+        line = []
+        for per in (1, 2, 4, 8, 16):
+            T = per * active
+            x = torch.randn(T, d, device=device, dtype=dtype)
+            idx = ((torch.arange(T, device=device) % active) * (E // active)).unsqueeze(1)
+            g = torch.rand(T, 1, device=device, dtype=dtype)
+            calls = {"grouped": lambda: routed_lora_grouped(x, A, B, g, idx, s, gather=False),
+                     "gather": lambda: routed_lora_grouped(x, A, B, g, idx, s, gather=True)}
+            with torch.no_grad():
+                t = interleaved_medians(calls, repeats, clock=CLOCK, sync=lambda: sync(device))
+            rows.append({"d": d, "rows_per_expert": per, "r": r, "active": active, "E": E,
+                         "grouped_ms": 1e3 * t["grouped"], "gather_ms": 1e3 * t["gather"],
+                         "ratio": t["gather"] / t["grouped"], "weights_per_expert": per * r * 2 * d})
+            line.append(f"{per} rows {t['gather'] / t['grouped']:.2f}")
+        print(f"d={d:<5}: " + "  ".join(line), flush=True)
+    return rows
+
+
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
     shapes = []
     for item in text.split(","):
@@ -269,6 +298,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the issue's whole grid")
     ap.add_argument("--shapes", help="comma-separated d x T x E x r x k (the targets are always added)")
     ap.add_argument("--switch", action="store_true", help="measure the torch dense/grouped switch point")
+    ap.add_argument("--gather", action="store_true", help="measure the grouped/gathered switch point")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -305,6 +335,12 @@ def main(argv=None) -> int:
     if args.switch:
         rows = switch_point(device, dtype, args.repeats)
         path = Path(args.out or results_dir / f"kernels-switch-{meta['device']}{suffix}.json")
+        path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        print(f"wrote {path}")
+        return 0
+    if args.gather:
+        rows = gather_point(device, dtype, args.repeats)
+        path = Path(args.out or results_dir / f"kernels-gather-{meta['device']}{suffix}.json")
         path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print(f"wrote {path}")
         return 0

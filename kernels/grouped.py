@@ -31,13 +31,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gather import routed_lora_gather
+
 
 class RoutingPlan(NamedTuple):
-    """Sorted metadata of a top-k decision (valid pairs only, ``-1`` slots dropped)."""
+    """Sorted metadata of a top-k decision (valid pairs only, ``-1`` slots dropped).
+
+    Only the *active* experts (those some pair routes to) appear in ``experts``/``counts``: every
+    later step loops over these, so a batch touching m of E experts costs in m, not in E."""
 
     order: Tensor  # [N] flat pair ids ``t * k + j`` sorted by expert (stable)
     tokens: Tensor  # [N] the token of each sorted pair
-    counts: list[int]  # [E] pairs per expert (host ints: segment bounds of the loop)
+    experts: list[int]  # the active experts, ascending (host ints)
+    counts: list[int]  # pairs of each active expert (host ints: segment bounds of the loop)
+    pair_experts: Tensor  # [N] the expert of each sorted pair
 
 
 def routing_plan(indices: Tensor, num_experts: int) -> RoutingPlan:
@@ -46,9 +53,12 @@ def routing_plan(indices: Tensor, num_experts: int) -> RoutingPlan:
     flat = indices.reshape(-1)
     key = torch.where(flat < 0, num_experts, flat)
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
+    ids, counts = torch.unique_consecutive(key.index_select(0, order), return_counts=True)
+    ids, counts = ids.tolist(), counts.tolist()
+    if ids and ids[-1] == num_experts:  # the dropped slots
+        ids, counts = ids[:-1], counts[:-1]
     order = order[: sum(counts)]
-    return RoutingPlan(order, torch.div(order, k, rounding_mode="floor"), counts)
+    return RoutingPlan(order, torch.div(order, k, rounding_mode="floor"), ids, counts, key.index_select(0, order))
 
 
 def _scaling_vector(scaling: float | Tensor, E: int, like: Tensor) -> Tensor:
@@ -62,9 +72,9 @@ def _seg(buf: Tensor, r: int, start: int, n: int) -> Tensor:
     return buf[r * start : r * (start + n)].view(r, n)
 
 
-def _per_pair(s: Tensor, counts: list[int]) -> Tensor:
-    """``s_e`` repeated over each expert's segment: ``[N]``."""
-    return torch.repeat_interleave(s, torch.tensor(counts, device=s.device), output_size=sum(counts))
+def _views(t: Tensor, experts: list[int]) -> dict[int, Tensor]:
+    """``t[e]`` for the active experts only (a view each; ``unbind`` would make E of them)."""
+    return {e: t[e] for e in experts}
 
 
 #: Rows per chunk: an expert's segment is processed in equal pieces of at most this many rows,
@@ -74,15 +84,14 @@ CHUNK_ROWS = 256
 
 
 def _segments(plan: RoutingPlan):
-    """``(expert, start, n, tokens)`` of each non-empty segment piece (``n <= CHUNK_ROWS``),
-    in sorted order."""
+    """``(expert, start, n, tokens)`` of each segment piece (``n <= CHUNK_ROWS``) of the active
+    experts, in sorted order."""
     start = 0
-    for e, (n, tok) in enumerate(zip(plan.counts, plan.tokens.split(plan.counts))):
-        if n:
-            size = -(-n // -(-n // CHUNK_ROWS))  # ceil(n / pieces), pieces = ceil(n / CHUNK_ROWS)
-            for c in range(0, n, size):
-                m = min(size, n - c)
-                yield e, start + c, m, tok[c : c + m]
+    for e, n, tok in zip(plan.experts, plan.counts, plan.tokens.split(plan.counts)):
+        size = -(-n // -(-n // CHUNK_ROWS))  # ceil(n / pieces), pieces = ceil(n / CHUNK_ROWS)
+        for c in range(0, n, size):
+            m = min(size, n - c)
+            yield e, start + c, m, tok[c : c + m]
         start += n
 
 
@@ -138,14 +147,15 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         T = x.shape[0]
         E, d_out, r = B.shape
         shared = A.dim() == 2
-        order, tokens, counts = plan
+        order, tokens, experts, counts, pair_experts = plan
         N = tokens.shape[0]
         # [N] gate times s_e of each sorted pair
-        coef = gates.reshape(-1).index_select(0, order) * _per_pair(s, counts)
+        coef = gates.reshape(-1).index_select(0, order) * s.index_select(0, pair_experts)
         cmax = min(CHUNK_ROWS, max(counts, default=0))
-        A_e = None if shared else A.unbind(0)  # views taken once: indexing in the loop costs per call
-        B_e = B.unbind(0)
-        m_e = None if rank_mask is None else rank_mask.unsqueeze(-1).unbind(0)
+        # views of the active experts only, taken once (indexing in the loop costs per piece)
+        A_e = None if shared else _views(A, experts)
+        B_e = _views(B, experts)
+        m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
         h = x.new_empty(r * N)  # rank-major per segment, see _seg
         hp = x.new_empty(r * N)
         if shared:
@@ -178,7 +188,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         x, A, B, s, rank_mask, h, hp, coef = ctx.saved_tensors
-        order, tokens, counts = ctx.plan
+        order, tokens, experts, counts, pair_experts = ctx.plan
         need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
         E, d_out, r = B.shape
         shared = A.dim() == 2
@@ -196,11 +206,11 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
             cx = x.new_empty(cmax, x.shape[1]) if need_a else None
             cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
             dx = x.new_zeros(x.shape) if need_x else None
-        A_e = None if shared else A.unbind(0)
-        B_e = B.unbind(0)
-        m_e = None if rank_mask is None else rank_mask.unsqueeze(-1).unbind(0)
-        dBt_e = dBt.unbind(0) if need_b else None
-        dA_e = dA.unbind(0) if dA is not None else None
+        A_e = None if shared else _views(A, experts)
+        B_e = _views(B, experts)
+        m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
+        dBt_e = _views(dBt, experts) if need_b else None
+        dA_e = _views(dA, experts) if dA is not None else None
         dpair = x.new_empty(N) if need_g else None
         for e, start, n, tok in _segments(ctx.plan):
             seg = slice(start, start + n)
@@ -223,7 +233,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
                         dx.index_add_(0, tok, cdx[:n])
         dg = None
         if need_g:
-            dpair *= _per_pair(s, counts)
+            dpair *= s.index_select(0, pair_experts)
             dg = dy.new_zeros(ctx.shape.numel()).index_copy_(0, order, dpair).view(ctx.shape)
         if shared and need_dh:
             dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
@@ -235,6 +245,23 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
 
 
+#: The grouped form hands a decision to the gathered form (:mod:`.gather`) when each active
+#: expert's share of gathered weights, ``rows r (d_in + d_out)``, is at most this many elements:
+#: then the gathered batched GEMVs cost less than the per-expert loop. Measured with
+#: ``python benchmarks/kernels.py --gather --threads 1 --repeats 7`` (CPU fp32, one thread, r = 8,
+#: 64 active experts of 512, k = 1, forward; time of the gathered form / the grouped form):
+#: d = 256: 1 row 0.12, 4 rows 0.27, 16 rows 0.90; d = 1024: 1 row 0.28, 4 rows 0.63, 8 rows 1.49;
+#: d = 4096: 1 row 0.89, 2 rows 1.02, 4 rows 2.68. The
+#: crossing sits near ``rows r (d_in + d_out) = 64k`` at every d
+#: (``benchmarks/results/kernels-gather-cpu.json``).
+GATHER_MAX_WEIGHTS_PER_EXPERT = 65536
+
+
+def use_gather(pairs: int, active_experts: int, rank: int, d_in: int, d_out: int) -> bool:
+    """Whether the gathered form is the faster one: ``pairs r (d_in + d_out) <= 64k * active``."""
+    return pairs * rank * (d_in + d_out) <= GATHER_MAX_WEIGHTS_PER_EXPERT * active_experts
+
+
 def routed_lora_grouped(
     x: Tensor,
     A: Tensor,
@@ -244,18 +271,27 @@ def routed_lora_grouped(
     scaling: float | Tensor = 1.0,
     rank_mask: Tensor | None = None,
     out: Tensor | None = None,
+    gather: bool | None = None,
 ) -> Tensor:
     """Grouped (sorted, segmented) routed LoRA delta; see the module docstring.
 
     Dense gates ``[T, E]`` are treated as ``k = E`` (every expert selected). With ``out``
     (``[T, d_out]``, x's dtype) the delta is added into ``out`` in place and ``out`` returned.
+    Decisions with few rows per active expert run the gathered form instead (:func:`use_gather`;
+    ``gather=True``/``False`` forces one form).
     """
-    E = B.shape[0]
+    E, d_out, r = B.shape
     if indices is None:
         indices = torch.arange(E, device=x.device).expand(x.shape[0], E)
-    plan = routing_plan(indices, E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
+    plan = None
+    if gather is None:
+        plan = routing_plan(indices, E)
+        gather = use_gather(len(plan.order), max(len(plan.experts), 1), r, x.shape[1], d_out)
+    if gather:
+        return routed_lora_gather(x, A, B, gates.to(x.dtype), indices, s, mask, out)
+    plan = plan or routing_plan(indices, E)
     if out is not None and out._base is not None:
         # autograd cannot rebase a view's history onto a custom Function that marks it dirty
         # (backward fails with a shape mismatch): add into a view out of place instead

@@ -14,7 +14,20 @@ from molora.kernels.dense import routed_lora_dense
 from molora.kernels.grouped import routed_lora_grouped, routing_plan
 from molora.kernels.torch_backend import routed_lora_torch, use_grouped
 
-FORMS = [routed_lora_dense, routed_lora_grouped, routed_lora_torch]
+
+
+def routed_lora_grouped_loop(*args):
+    """The grouped form's per-expert loop (small test cases would take the gathered form)."""
+    return routed_lora_grouped(*args, gather=False)
+
+
+def routed_lora_gathered(*args):
+    """The gathered (batched GEMV) form."""
+    return routed_lora_grouped(*args, gather=True)
+
+
+SPARSE = [routed_lora_grouped_loop, routed_lora_gathered]
+FORMS = [routed_lora_dense, *SPARSE, routed_lora_torch]
 ROUTINGS = ["random", "empty_experts", "one_expert", "dropped", "zero_gates"]
 
 
@@ -26,7 +39,7 @@ def test_routings_fp32(form, routing, shared):
     assert_matches_reference(case, torch.float32, form, atol=1e-4)
 
 
-@pytest.mark.parametrize("form", [routed_lora_dense, routed_lora_grouped], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("form", [routed_lora_dense, *SPARSE], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("r", [1, 4, 12, 16])
 @pytest.mark.parametrize("k", [1, 2, "E", None])
 def test_ranks_and_k_fp32(form, r, k):
@@ -42,7 +55,7 @@ def test_fp16(form, shared):
     assert_matches_reference(case, torch.float16, form, atol=5e-3, rtol=5e-3)
 
 
-@pytest.mark.parametrize("form", [routed_lora_dense, routed_lora_grouped], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("form", [routed_lora_dense, *SPARSE], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("shared", [False, True])
 def test_out_accumulates_in_place(form, shared):
     """``out=`` adds the delta into a tensor that autograd tracks (the base layer's output)."""
@@ -94,7 +107,7 @@ def test_routed_lora_out_argument_checked():
 def test_routing_plan_is_a_stable_sort():
     idx = torch.tensor([[2, -1], [0, 2], [-1, -1], [2, 0]])
     plan = routing_plan(idx, 3)
-    assert plan.counts == [2, 0, 3]
+    assert plan.experts == [0, 2] and plan.counts == [2, 3]  # only the active experts
     assert plan.order.tolist() == [2, 7, 0, 3, 6]  # expert 0: pairs 2, 7; expert 2: pairs 0, 3, 6
     assert plan.tokens.tolist() == [1, 3, 0, 1, 3]
 
@@ -168,7 +181,7 @@ def test_grouped_segments_split_into_chunks(monkeypatch, shared, routing):
 
     monkeypatch.setattr(grouped, "CHUNK_ROWS", 3)
     case = make_case(T=23, E=4, r=4, k=2, shared=shared, routing=routing, mixed_ranks=True)
-    assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+    assert_matches_reference(case, torch.float64, routed_lora_grouped_loop, atol=1e-10, rtol=1e-10)
 
 
 def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
@@ -183,8 +196,35 @@ def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
     torch.set_num_threads(2)
     try:
         case = make_case(E=5, r=3, k=2, routing="dropped", mixed_ranks=True)
-        assert_matches_reference(case, torch.float64, routed_lora_grouped, atol=1e-10, rtol=1e-10)
+        assert_matches_reference(case, torch.float64, routed_lora_grouped_loop, atol=1e-10, rtol=1e-10)
         assert torch.get_num_threads() == 2
         assert seen and set(seen) == {1}  # forward and backward loops
     finally:
         torch.set_num_threads(n)
+
+
+def test_gather_rule_and_dispatch(monkeypatch):
+    """The grouped form hands few rows per active expert to the gathered form:
+    ``pairs r (d_in + d_out) <= 64k * active experts`` (kernels/grouped.py)."""
+    import molora.kernels.grouped as grouped
+
+    assert grouped.use_gather(64, 64, 8, 1024, 1024)  # decoding: one row per expert
+    assert grouped.use_gather(256, 64, 8, 1024, 1024) and not grouped.use_gather(512, 64, 8, 1024, 1024)
+    assert grouped.use_gather(1024, 64, 8, 256, 256) and not grouped.use_gather(1088, 64, 8, 256, 256)
+    assert not grouped.use_gather(128, 64, 8, 4096, 4096)
+    calls = []
+    real = grouped.routed_lora_gather
+    monkeypatch.setattr(grouped, "routed_lora_gather", lambda *a: (calls.append(1), real(*a))[1])
+    x, A, B, gates, idx, s, _ = make_case(T=4, d_in=8, d_out=8, E=64, r=2, k=1)
+    routed_lora_grouped(x, A, B, gates, idx, s)
+    x, A, B, gates, idx, s, _ = make_case(T=8192, d_in=8, d_out=8, E=2, r=2, k=1)
+    routed_lora_grouped(x, A, B, gates, idx, s)
+    assert calls == [1]
+
+
+def test_active_experts_only():
+    """The plan and the loop see only the experts some pair routes to (cost in m, not E)."""
+    idx = torch.tensor([[900], [3], [900], [-1]])
+    plan = routing_plan(idx, 1024)
+    assert plan.experts == [3, 900] and plan.counts == [1, 2]
+    assert plan.pair_experts.tolist() == [3, 900, 900]
