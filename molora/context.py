@@ -17,6 +17,15 @@ each routed layer decided, which balancing losses and routing statistics read af
 (:func:`last_forward`). Scopes are per thread (a forward runs synchronously), signals per
 thread and asyncio task: two threads running forwards of one model at once never see each
 other's state, and no module keeps per-call state.
+
+A *generation scope* (:func:`generation_scope`) spans one ``generate`` call of a model. Its
+forward scopes (prefill, then one per decoding step) share two things: the routing signals,
+given per input row, are repeated for the rows ``generate`` makes of each (beams, return
+sequences: ``repeat_interleave``, as transformers expands the inputs), and every per-example
+decision (a sequence-level router's pooled choice, a task or retrieval pick) is made once, at
+the first forward that needs it (the prefill), and kept through decoding. So a sequence router
+decides from the whole prompt, not from the newest token a cached step sees, and generation
+with and without the KV cache routes alike.
 """
 
 from __future__ import annotations
@@ -116,6 +125,7 @@ class _ThreadState(threading.local):
 
     def __init__(self) -> None:
         self.scopes: tuple[ForwardScope, ...] = ()
+        self.generations: tuple[GenerationScope, ...] = ()
         self.last: dict[int, ForwardScope] = {}
         self.signals = RoutingSignals()
 
@@ -146,6 +156,63 @@ def current_signals() -> RoutingSignals:
     return scope.signals if scope is not None else _signals_in_force()
 
 
+def expand_signals(signals: RoutingSignals, batch: int | None, rows: int | None) -> RoutingSignals:
+    """``signals`` of ``batch`` examples for ``rows`` input rows made of them by repeating each
+    example ``rows / batch`` times in place (``repeat_interleave``: how ``generate`` expands its
+    inputs for beams and return sequences). Fields of any other size are left as they are (the
+    router that reads them reports the mismatch)."""
+    if rows is None or batch is None or rows == batch or batch < 1 or rows % batch:
+        return signals
+    changes = {}
+    for f in dataclasses.fields(signals):
+        value = getattr(signals, f.name)
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            changes[f.name] = value.repeat_interleave(rows // batch, dim=0)
+    return dataclasses.replace(signals, **changes) if changes else signals
+
+
+class GenerationScope:
+    """State of one ``generate`` call of a model, shared by its forward scopes: the call's input
+    ``batch`` (the examples its routing signals are given for) and the per-example decisions
+    kept from the first forward that made them (see the module docstring)."""
+
+    def __init__(self, owner: object = None, batch: int | None = None) -> None:
+        self.owner = owner
+        self.batch = batch
+        self._kept: dict[int, tuple[object, Any]] = {}
+
+    def kept(self, key: object, compute: Callable[[], Any]) -> Any:
+        """The decision kept for ``key`` (a router or a layer), else ``compute()``, kept when it is
+        per example (token-level decisions change with every new token and are never kept)."""
+        hit = self._kept.get(id(key))
+        if hit is not None and hit[0] is key:
+            return hit[1]
+        decision = compute()
+        if getattr(decision, "per_example", False):
+            self._kept[id(key)] = (key, decision)
+        return decision
+
+
+@contextlib.contextmanager
+def generation_scope(owner: object = None, batch: int | None = None) -> Iterator[GenerationScope]:
+    """Open a generation scope of ``owner`` around a ``generate`` call of ``batch`` input rows
+    (this thread's forward scopes of ``owner`` opened inside it share it)."""
+    scope = GenerationScope(owner, batch)
+    _THREAD.generations = (*_THREAD.generations, scope)
+    try:
+        yield scope
+    finally:
+        _THREAD.generations = tuple(g for g in _THREAD.generations if g is not scope)
+
+
+def current_generation(owner: object) -> GenerationScope | None:
+    """The innermost open generation scope of ``owner`` in this thread, or ``None``."""
+    for g in reversed(_THREAD.generations):
+        if g.owner is owner:
+            return g
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
     """What one routed layer decided in one forward: the decision (in the layer's local expert
@@ -161,11 +228,13 @@ class ForwardScope:
     routers (each decides once per forward) and what every routed layer decided (read by the
     balancing losses and routing statistics after the forward).
 
-    ``owner`` identifies the model that opened it (see :func:`last_forward`)."""
+    ``owner`` identifies the model that opened it (see :func:`last_forward`); ``generation``
+    is the generate call it belongs to, if any (:class:`GenerationScope`)."""
 
-    def __init__(self, signals: RoutingSignals, owner: object = None) -> None:
+    def __init__(self, signals: RoutingSignals, owner: object = None, generation: GenerationScope | None = None) -> None:
         self.signals = signals
         self.owner = owner
+        self.generation = generation
         self.records: dict[str, LayerRecord] = {}
         self._cache: dict[int, tuple[object, Any]] = {}
 
@@ -187,13 +256,18 @@ def current_scope() -> ForwardScope | None:
     return scopes[-1] if scopes else None
 
 
-def enter_forward(owner: object = None, attention_mask: Tensor | None = None) -> ForwardScope:
+def enter_forward(owner: object = None, attention_mask: Tensor | None = None, rows: int | None = None) -> ForwardScope:
     """Open a forward scope of ``owner`` (the routing signals in force, plus the call's
-    ``attention_mask`` unless the user set one); pair with :func:`exit_forward`."""
+    ``attention_mask`` unless the user set one); pair with :func:`exit_forward`. Inside a
+    generation scope of ``owner`` the signals are expanded to the call's ``rows`` input rows
+    (:func:`expand_signals`) and the scope joins that generation."""
     signals = _signals_in_force()
+    generation = current_generation(owner) if owner is not None else None
+    if generation is not None:
+        signals = expand_signals(signals, generation.batch, rows)
     if signals.attention_mask is None and isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
         signals = signals.replace(attention_mask=attention_mask)
-    scope = ForwardScope(signals, owner)
+    scope = ForwardScope(signals, owner, generation)
     _THREAD.scopes = (*_THREAD.scopes, scope)
     return scope
 

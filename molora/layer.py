@@ -113,13 +113,20 @@ class RoutedLoRALinear(nn.Module):
 
     def _decide(self, x: Tensor, signals: RoutingSignals, scope: ForwardScope | None,
                 logits: Tensor | None = None) -> RoutingDecision:
-        """The router's decision for this call (a shared router's once per forward scope)."""
+        """The router's decision for this call (a shared router's once per forward scope; in a
+        ``generate`` call a per-example decision once per generation, at the prefill)."""
+        generation = scope.generation if scope is not None else None
         if self.router is not None:
-            return self.router(x, signals) if logits is None else self.router(x, signals, logits=logits)
+            router = self.router
+            def decide() -> RoutingDecision:
+                return router(x, signals) if logits is None else router(x, signals, logits=logits)
+            return decide() if generation is None else generation.kept(self, decide)
         if not self._shared_router:
             raise MoLoRAError(f"module {self.name!r} has no router")
-        router = self._shared_router[0]
-        decision = scope.cached(router, lambda: router(x, signals)) if scope is not None else router(x, signals)
+        shared = self._shared_router[0]
+        def decide_shared() -> RoutingDecision:
+            return scope.cached(shared, lambda: shared(x, signals)) if scope is not None else shared(x, signals)
+        decision = decide_shared() if generation is None else generation.kept(shared, decide_shared)
         return decision if self._identity_map else self._to_local(decision)
 
     def _to_local(self, d: RoutingDecision) -> RoutingDecision:

@@ -115,7 +115,7 @@ class MoLoRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def _open_scope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context.enter_forward(self._scope_owner, kwargs.get("attention_mask"))
+        context.enter_forward(self._scope_owner, kwargs.get("attention_mask"), _input_rows(args, kwargs))
 
     def _close_scope(self, module: nn.Module, args: tuple, output: Any) -> None:
         context.exit_forward(self._scope_owner)
@@ -130,7 +130,13 @@ class MoLoRAModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's ``generate`` in one generation scope (:mod:`molora.context`): routing
+        signals given per input row follow the rows ``generate`` makes of them (``num_beams``,
+        ``num_return_sequences``), and per-example decisions (sequence-level, task, retrieval
+        routers) are made once at the prefill and kept through decoding, with or without the
+        KV cache."""
+        with context.generation_scope(self._scope_owner, _input_rows(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
 
     def routed_layers(self) -> dict[str, RoutedLoRALinear]:
         """The routed layers by module path (relative to the base model)."""
@@ -369,6 +375,14 @@ class MoLoRAModel(nn.Module):
         for h in self._hooks:
             h.remove()
         return self.base_model
+
+
+def _input_rows(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward call of the wrapped model (``None`` if it shows none)."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
 
 
 def build_shared_router(config: MoLoRAConfig, expert_names: Sequence[str], d_in: int, device: Any) -> Router | None:
