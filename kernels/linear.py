@@ -45,14 +45,18 @@ def _column_block(z: Tensor, start: int, width: int) -> Tensor:
 
 class _SharedInputLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor | None, *weights: Tensor):  # noqa: D401
+    def forward(ctx, x: Tensor, has_bias: bool, *tensors: Tensor):  # noqa: D401
+        # the bias travels in *tensors, not as a None-able argument: dynamo misplaces the
+        # positional arguments of Function.apply when one of them is None
+        bias, weights = (tensors[0], tensors[1:]) if has_bias else (None, tensors)
         sizes = [w.shape[0] for w in weights]
         if len(weights) > 1:
             # rows of z start on 64-byte boundaries: an odd width (1024 + 32 + 4 columns) makes the
             # GEMM ~20% slower on a CPU (measured: N = 1060 109 ms, 1064 90 ms, 1024 95 ms, one
             # thread); the zero rows join the one stacking copy
             w0 = weights[0]
-            pad = -sum(sizes) % max(1, 64 // w0.element_size())
+            step = max(1, 64 // w0.element_size())
+            pad = (step - sum(sizes) % step) % step  # non-negative operands: dynamo traces them
             W = torch.cat([*weights, w0.new_zeros(pad, w0.shape[1])] if pad else weights)
         else:
             W = weights[0]
@@ -62,7 +66,7 @@ class _SharedInputLinear(torch.autograd.Function):
         else:
             zeros = bias.new_zeros(W.shape[0] - bias.shape[0])
             torch.addmm(torch.cat([bias, zeros]) if zeros.numel() else bias, x, W.T, out=z)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.has_bias = sizes, has_bias
         ctx.save_for_backward(x, *weights)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return tuple(_column_block(z, s, n) for s, n in zip(starts, sizes)) if len(weights) > 1 else z
@@ -70,7 +74,7 @@ class _SharedInputLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         x, *weights = ctx.saved_tensors
-        need_w = ctx.needs_input_grad[2:]
+        need_w = ctx.needs_input_grad[3:] if ctx.has_bias else ctx.needs_input_grad[2:]
         # frozen maps: their own dx GEMM (no stacked copy); trainable maps: one GEMM each way
         frozen = [i for i, need in enumerate(need_w) if not need and grads[i] is not None]
         train = [i for i, need in enumerate(need_w) if need]
@@ -96,7 +100,7 @@ class _SharedInputLinear(torch.autograd.Function):
             for i, dw in zip(train, (g_train.T @ x).split([ctx.sizes[i] for i in train], dim=0)):
                 dws[i] = dw
         # the bias is the frozen base layer's: no gradient
-        return (dx, None, *dws)
+        return (dx, None, *([None] if ctx.has_bias else []), *dws)
 
 
 def shared_input_linear(x: Tensor, *weights: Tensor, bias: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
@@ -113,4 +117,4 @@ def shared_input_linear(x: Tensor, *weights: Tensor, bias: Tensor | None = None)
     if bias is not None and bias.requires_grad:
         raise ValueError("shared_input_linear: the bias is the frozen base layer's and takes no gradient; "
                          "got a bias that requires grad")
-    return _SharedInputLinear.apply(x, bias, *weights)
+    return _SharedInputLinear.apply(x, bias is not None, *((bias,) if bias is not None else ()), *weights)
