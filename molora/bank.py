@@ -83,6 +83,7 @@ class ExpertBank(nn.Module):
         else:
             self.A_shared = None
         self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+        self._stacked_cache: tuple | None = None
 
     @property
     def num_experts(self) -> int:
@@ -155,7 +156,29 @@ class ExpertBank(nn.Module):
     def stacked(self) -> tuple[Tensor, Tensor]:
         """Experts stacked for the kernel: ``A [E, r_max, d_in]`` (or the shared ``[r, d_in]``)
         and ``B [E, d_out, r_max]``; lower-rank experts are zero-padded (exact: padded rank
-        components contribute ``0``)."""
+        components contribute ``0``).
+
+        A bank none of whose parameters requires grad (composed pretrained adapters, an adapter
+        pool) keeps its stacked copy until a parameter is replaced or written in place (its
+        version counter moves), so a forward does no per-expert work; the copy costs the bank's
+        size once more in memory. Trainable banks stack on every call (the stack is part of
+        the autograd graph)."""
+        sources = [self.A_shared] if self.shared_a else list(self.A)
+        sources += list(self.B)
+        if any(p.requires_grad for p in sources) or torch.compiler.is_compiling():
+            return self._stack()
+        # data_ptr: Module.to() swaps a parameter's .data without moving its version
+        key = (torch.is_inference_mode_enabled(), *((p, p._version, p.data_ptr(), p.dtype) for p in sources))
+        cached = self._stacked_cache
+        if cached is not None and len(cached[0]) == len(key) and cached[0][0] == key[0] and all(
+                p is q and rest == other for (p, *rest), (q, *other) in zip(key[1:], cached[0][1:])):
+            return cached[1]
+        value = self._stack()
+        # one tuple assignment: a thread reading the cache sees a whole (key, value) pair
+        self._stacked_cache = (key, value)
+        return value
+
+    def _stack(self) -> tuple[Tensor, Tensor]:
         r = self.max_rank
         if self.shared_a:
             A = self.A_shared

@@ -106,3 +106,34 @@ def test_dropout_applies_to_the_adapter_input_only():
     expected_eval = layer.base_layer(x) + routed_lora_reference(x, A, B, gates, scaling=layer.bank.scaling)
     torch.testing.assert_close(model(x), expected_eval)
     assert isinstance(layer, molora.RoutedLoRALinear)
+
+
+def test_frozen_bank_restacks_only_when_its_weights_change():
+    """The stacked copy of a frozen bank is reused until a factor is written, replaced or moved;
+    a trainable bank's stack stays in the autograd graph."""
+    torch.manual_seed(0)
+    bank = ExpertBank(6, 5)
+    for r in (2, 3):
+        bank.add_expert(r, 4.0, B=torch.randn(5, r))
+    bank.set_trainable(False)
+
+    def reference():
+        A = torch.stack([torch.nn.functional.pad(a.detach(), (0, 0, 0, 3 - a.shape[0])) for a in bank.A])
+        B = torch.stack([torch.nn.functional.pad(b.detach(), (0, 3 - b.shape[1])) for b in bank.B])
+        return A, B
+
+    first = bank.stacked()
+    assert bank.stacked()[0] is first[0]  # reused
+    with torch.no_grad():
+        bank.B[1][0, 0] = 7.0  # in place: the version moves
+    again = bank.stacked()
+    assert again[1] is not first[1] and again[1][1, 0, 0] == 7.0
+    torch.testing.assert_close(again, reference(), rtol=0, atol=0)
+    bank.double()  # .data swapped by Module.to
+    assert bank.stacked()[1].dtype == torch.float64
+    torch.testing.assert_close(bank.stacked(), reference(), rtol=0, atol=0)
+    bank.add_expert(3, 4.0, trainable=False)
+    assert bank.stacked()[1].shape[0] == 3
+    bank.set_trainable(True)
+    A, B = bank.stacked()
+    assert A.requires_grad and B.grad_fn is not None and bank.stacked()[1] is not B
