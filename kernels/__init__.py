@@ -70,15 +70,20 @@ def _backend_fn(name: str):
 
 
 def check_inputs(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor | None, scaling, rank_mask,
-                 check_values: bool = True) -> None:
+                 check_values: bool = True, group_rows: int = 1) -> None:
     """Shape checks shared by every backend (ValueError naming the argument and shapes); with
-    ``check_values`` also the range of ``indices`` (a host sync, skipped while compiling)."""
+    ``check_values`` also the range of ``indices`` (a host sync, skipped while compiling).
+    ``group_rows``: the decision has one row per group of that many consecutive rows of x."""
     if x.dim() != 2:
         raise ValueError(f"routed_lora: x must be [T, d_in]; got shape {tuple(x.shape)}")
     if B.dim() != 3:
         raise ValueError(f"routed_lora: B must be [E, d_out, r]; got shape {tuple(B.shape)}")
     E, _, r = B.shape
     T, d_in = x.shape
+    if group_rows != 1:
+        if group_rows < 1 or T % group_rows:
+            raise ValueError(f"routed_lora: x's {T} rows do not split into groups of {group_rows}")
+        T //= group_rows
     expected_a = (r, d_in) if A.dim() == 2 else (E, r, d_in)
     if tuple(A.shape) != expected_a:
         raise ValueError(f"routed_lora: A must be {list(expected_a)} for x {list(x.shape)} and B {list(B.shape)}; got {list(A.shape)}")

@@ -32,25 +32,36 @@ def routed_lora_gather(
     scaling: Tensor,
     rank_mask: Tensor | None = None,
     out: Tensor | None = None,
+    group_rows: int = 1,
 ) -> Tensor:
-    """Routed LoRA delta by gathering each token's experts (module docstring).
+    """Routed LoRA delta by gathering each row group's experts (module docstring).
 
     ``x [T, d_in]``, ``A [E, r, d_in]`` (or a shared ``[r, d_in]``), ``B [E, d_out, r]``,
-    ``gates``/``indices [T, k]`` (``-1`` = no expert), ``scaling [E]`` (x's dtype), ``rank_mask
-    [E, r]``. With ``out`` the delta is added into it in place and ``out`` returned."""
-    T, k = indices.shape
+    ``gates``/``indices [G, k]`` (``-1`` = no expert) for ``G = T / group_rows`` groups of
+    ``group_rows`` consecutive rows that share their decision (a sequence under a per-example
+    router: its experts are gathered once and applied to its rows as one small GEMM, as
+    Punica's SGMV does; ``group_rows=1``: per token, BGMV), ``scaling [E]`` (x's dtype),
+    ``rank_mask [E, r]``. With ``out`` the delta is added into it in place and ``out`` returned."""
+    G, k = indices.shape
     E, d_out, r = B.shape
+    T = x.shape[0]
+    if G * group_rows != T:
+        raise ValueError(f"routed_lora_gather: {G} decisions of {group_rows} rows each do not cover x's {T} rows")
     valid = indices >= 0
-    e = torch.where(valid, indices, 0)  # [T, k]
-    coef = torch.where(valid, gates * scaling[e], 0)  # [T, k]
-    if A.dim() == 2:  # HydraLoRA: one shrink per token, shared by its k heads
-        h = (x @ A.T).unsqueeze(1).expand(T, k, r)
+    e = torch.where(valid, indices, 0)  # [G, k]
+    coef = torch.where(valid, gates * scaling[e], 0)  # [G, k]
+    x3 = x.view(G, group_rows, -1)
+    if A.dim() == 2:  # HydraLoRA: one shrink per row, shared by its k heads
+        h = (x3 @ A.T).unsqueeze(2).expand(G, group_rows, k, r)
     else:
-        h = torch.bmm(A.index_select(0, e.view(-1)).view(T, k * r, -1), x.unsqueeze(-1)).view(T, k, r)
+        Ag = A.index_select(0, e.view(-1)).view(G, k * r, -1)  # [G, k r, d_in]
+        h = torch.bmm(x3, Ag.transpose(1, 2)).view(G, group_rows, k, r)
     if rank_mask is not None:
-        h = h * rank_mask.index_select(0, e.view(-1)).view(T, k, r)
-    h = h * coef.unsqueeze(-1)
-    Bg = B.index_select(0, e.view(-1))  # [T k, d_out, r]
-    Bg = Bg.view(T, d_out, r) if k == 1 else Bg.view(T, k, d_out, r).permute(0, 2, 1, 3).reshape(T, d_out, k * r)
-    delta = torch.bmm(Bg, h.reshape(T, k * r, 1)).view(T, d_out)
-    return delta if out is None else out.add_(delta)
+        h = h * rank_mask.index_select(0, e.view(-1)).view(G, 1, k, r)
+    h = (h * coef.view(G, 1, k, 1)).reshape(G, group_rows, k * r)
+    Bg = B.index_select(0, e.view(-1))  # [G k, d_out, r]
+    Bg = Bg.view(G, d_out, r) if k == 1 else Bg.view(G, k, d_out, r).permute(0, 2, 1, 3).reshape(G, d_out, k * r)
+    if out is None:
+        return torch.bmm(h, Bg.transpose(1, 2)).view(T, d_out)
+    out.view(G, group_rows, d_out).baddbmm_(h, Bg.transpose(1, 2))  # no separate delta to add
+    return out

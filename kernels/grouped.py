@@ -272,17 +272,21 @@ def routed_lora_grouped(
     rank_mask: Tensor | None = None,
     out: Tensor | None = None,
     gather: bool | None = None,
+    group_rows: int = 1,
 ) -> Tensor:
     """Grouped (sorted, segmented) routed LoRA delta; see the module docstring.
 
     Dense gates ``[T, E]`` are treated as ``k = E`` (every expert selected). With ``out``
     (``[T, d_out]``, x's dtype) the delta is added into ``out`` in place and ``out`` returned.
-    Decisions with few rows per active expert run the gathered form instead (:func:`use_gather`;
-    ``gather=True``/``False`` forces one form).
+    ``group_rows > 1``: ``gates``/``indices`` are ``[T / group_rows, k]``, one decision per
+    group of consecutive rows (a per-example router's sequences). Decisions with few gathered
+    weights per active expert run the gathered form instead (:func:`use_gather`, counting
+    group-expert pairs: a group's experts are gathered once; ``gather=True``/``False`` forces
+    one form).
     """
     E, d_out, r = B.shape
     if indices is None:
-        indices = torch.arange(E, device=x.device).expand(x.shape[0], E)
+        indices = torch.arange(E, device=x.device).expand(gates.shape[0], E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
     plan = None
@@ -290,7 +294,9 @@ def routed_lora_grouped(
         plan = routing_plan(indices, E)
         gather = use_gather(len(plan.order), max(len(plan.experts), 1), r, x.shape[1], d_out)
     if gather:
-        return routed_lora_gather(x, A, B, gates.to(x.dtype), indices, s, mask, out)
+        return routed_lora_gather(x, A, B, gates.to(x.dtype), indices, s, mask, out, group_rows)
+    if group_rows != 1:
+        gates, indices, plan = gates.repeat_interleave(group_rows, 0), indices.repeat_interleave(group_rows, 0), None
     plan = plan or routing_plan(indices, E)
     if out is not None and out._base is not None:
         # autograd cannot rebase a view's history onto a custom Function that marks it dirty

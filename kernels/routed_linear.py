@@ -120,9 +120,12 @@ def expand(
     scaling: float | Tensor = 1.0,
     out: Tensor | None = None,
     rank_mask: Tensor | None = None,
+    group_rows: int = 1,
 ) -> Tensor:
     """Step 3: add the routed delta ``sum_e g_e s_e B_e (m_e * A_e x)`` into ``out`` (in place;
     returned) or return it (``out=None``). ``shrink`` is step 1's (dense form), else ``None``.
+    ``group_rows``: the decision is per group of that many consecutive rows (per example: a
+    sequence's tokens), which the grouped form gathers per group instead of per token.
 
     ``gates``/``indices`` are a router's decision (``[T, E]`` dense, or ``[T, k]`` with indices,
     ``-1`` = none), trusted as routers make them: shapes are checked, index values are not (a
@@ -130,14 +133,17 @@ def expand(
     """
     from . import check_inputs, routed_lora
 
-    check_inputs(x, A, B, gates, indices, scaling, rank_mask, check_values=False)
+    check_inputs(x, A, B, gates, indices, scaling, rank_mask, check_values=False, group_rows=group_rows)
+    if group_rows != 1 and not (plan.backend == "torch" and plan.grouped):
+        gates = gates.repeat_interleave(group_rows, 0)
+        indices = None if indices is None else indices.repeat_interleave(group_rows, 0)
     if plan.backend != "torch":
         return routed_lora(x, A, B, gates, indices, scaling, plan.backend, rank_mask, out)
     if plan.grouped:
         # the grouped form scatter-adds rows: into a contiguous output, not into a column block of
         # the wider projection buffer (index_add_ into strided rows is much slower)
         return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask,
-                                   None if out is None else out.contiguous())
+                                   None if out is None else out.contiguous(), group_rows=group_rows)
     if shrink is None:
         shrink = shared_input_linear(x, dense_shrink_weight(A))
     return dense_gate_expand(shrink, B, gates, indices, scaling, rank_mask, out)

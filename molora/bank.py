@@ -15,6 +15,7 @@ when stacked for the kernel; the padding is a constant, so it never trains.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -158,24 +159,30 @@ class ExpertBank(nn.Module):
         and ``B [E, d_out, r_max]``; lower-rank experts are zero-padded (exact: padded rank
         components contribute ``0``).
 
-        A bank none of whose parameters requires grad (composed pretrained adapters, an adapter
-        pool) keeps its stacked copy until a parameter is replaced or written in place (its
-        version counter moves), so a forward does no per-expert work; the copy costs the bank's
-        size once more in memory. Trainable banks stack on every call (the stack is part of
-        the autograd graph)."""
-        sources = [self.A_shared] if self.shared_a else list(self.A)
-        sources += list(self.B)
-        if any(p.requires_grad for p in sources) or torch.compiler.is_compiling():
+        Where the stack needs no autograd graph (no parameter requires grad, as for composed
+        pretrained adapters or an adapter pool, or grad mode is off, as in evaluation) the bank
+        keeps its stacked copy until a parameter is replaced or written in place (its version
+        counter moves), so a forward does no per-expert work; the copy costs the bank's size
+        once more in memory. Under grad mode with trainable experts the stack is made per call,
+        in the graph."""
+        if torch.compiler.is_compiling():
             return self._stack()
-        # data_ptr: Module.to() swaps a parameter's .data without moving its version
-        key = (torch.is_inference_mode_enabled(), *((p, p._version, p.data_ptr(), p.dtype) for p in sources))
+        # the ParameterLists' own dicts: their __iter__ costs ~2 us a parameter, the bank's
+        # whole forward budget at E = 1024
+        sources = [self.A_shared] if self.shared_a else list(self.A._parameters.values())
+        sources += self.B._parameters.values()
+        if torch.is_grad_enabled() and any(map(_requires_grad, sources)):
+            return self._stack()
+        # data_ptr and dtype: Module.to() swaps a parameter's .data without moving its version
+        key = (torch.is_inference_mode_enabled(), tuple(map(id, sources)), tuple(map(_version, sources)),
+               tuple(map(Tensor.data_ptr, sources)), tuple(map(_dtype, sources)))
         cached = self._stacked_cache
-        if cached is not None and len(cached[0]) == len(key) and cached[0][0] == key[0] and all(
-                p is q and rest == other for (p, *rest), (q, *other) in zip(key[1:], cached[0][1:])):
-            return cached[1]
+        # the key's ids are of live parameters: the cache holds them, so none is reused meanwhile
+        if cached is not None and cached[0] == key:
+            return cached[2]
         value = self._stack()
         # one tuple assignment: a thread reading the cache sees a whole (key, value) pair
-        self._stacked_cache = (key, value)
+        self._stacked_cache = (key, sources, value)
         return value
 
     def _stack(self) -> tuple[Tensor, Tensor]:
@@ -231,6 +238,11 @@ class ExpertBank(nn.Module):
     def extra_repr(self) -> str:
         kind = f"shared_a(r={self.A_shared.shape[0]})" if self.shared_a else f"ranks={self.ranks}"
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, {kind}"
+
+
+_requires_grad = operator.attrgetter("requires_grad")
+_version = operator.attrgetter("_version")
+_dtype = operator.attrgetter("dtype")
 
 
 def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:

@@ -136,24 +136,22 @@ class RoutedLoRALinear(nn.Module):
         local = torch.where(d.indices >= 0, self._global_to_local[d.indices.clamp_min(0)], d.indices)
         return RoutingDecision(d.gates, local, d.logits, d.per_example)
 
-    def _broadcast(self, d: RoutingDecision, x: Tensor, tokens: int) -> tuple[Tensor, Tensor | None]:
-        """Per-example decisions ``[B, .]`` become per-token ``[tokens, .]`` (x's leading dim is the batch)."""
+    def _broadcast(self, d: RoutingDecision, x: Tensor, tokens: int) -> tuple[Tensor, Tensor | None, int]:
+        """The decision's gates and indices with the rows of x each of them covers: per token
+        (``1``), or per example for per-example decisions (``[B, .]`` over x's ``[B, ...]``
+        leading batch dim: each covers its example's ``tokens / B`` consecutive rows)."""
         gates, indices = d.gates, d.indices
         if not d.per_example:
             if gates.shape[0] != tokens:
                 raise RoutingError(f"module {self.name!r}: router gave {gates.shape[0]} rows for {tokens} tokens")
-            return gates, indices
+            return gates, indices, 1
         batch = x.shape[0] if x.dim() > 1 else 1
         if gates.shape[0] != batch:
             raise RoutingError(
                 f"module {self.name!r}: routing signals are for {gates.shape[0]} examples but the input "
                 f"{tuple(x.shape)} has batch size {batch}"
             )
-        per = tokens // batch if batch else 0
-        if per != 1:
-            gates = gates.repeat_interleave(per, dim=0)
-            indices = None if indices is None else indices.repeat_interleave(per, dim=0)
-        return gates, indices
+        return gates, indices, tokens // batch if batch else 1
 
     def _record(self, scope: ForwardScope | None, signals: RoutingSignals, d: RoutingDecision, x: Tensor) -> None:
         """Put this call's decision into its forward scope, with the padding mask ``[batch, seq]``
@@ -194,9 +192,10 @@ class RoutedLoRALinear(nn.Module):
         if decision is None:
             decision = self._decide(x, signals, scope, proj.logits)
         self._record(scope, signals, decision, x)
-        gates, indices = self._broadcast(decision, x, x2.shape[0])
+        gates, indices, group_rows = self._broadcast(decision, x, x2.shape[0])
         # 3. the routed delta, added into the base output
-        y = kernels.expand(xd, plan, proj.shrink, A, B, gates.to(B.dtype), indices, self.bank.scaling, out=out)
+        y = kernels.expand(xd, plan, proj.shrink, A, B, gates.to(B.dtype), indices, self.bank.scaling, out=out,
+                           group_rows=group_rows)
         if out is None:
             y = result + y.to(result.dtype)
         return y.view(*x.shape[:-1], self.bank.d_out)

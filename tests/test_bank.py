@@ -137,3 +137,7 @@ def test_frozen_bank_restacks_only_when_its_weights_change():
     bank.set_trainable(True)
     A, B = bank.stacked()
     assert A.requires_grad and B.grad_fn is not None and bank.stacked()[1] is not B
+    with torch.no_grad():  # evaluation of a trainable bank: no graph, so the copy is kept
+        kept = bank.stacked()
+        assert bank.stacked()[1] is kept[1] and kept[1].grad_fn is None
+    assert bank.stacked()[1].grad_fn is not None  # grad mode again: a fresh stack in the graph

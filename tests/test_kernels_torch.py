@@ -228,3 +228,38 @@ def test_active_experts_only():
     plan = routing_plan(idx, 1024)
     assert plan.experts == [3, 900] and plan.counts == [1, 2]
     assert plan.pair_experts.tolist() == [3, 900, 900]
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_group_decisions_equal_per_token_float64_loop(gather, shared, k):
+    """``group_rows``: one decision per group of consecutive rows (a per-example router's
+    sequences) gives, with and without out, what a float64 loop over the rows with the group's
+    decision gives, in both forms, with dropped slots and a rank mask; gradients too."""
+    groups, rows = 5, 7
+    x, A, B, gates, idx, s, _ = make_case(T=groups, E=6, r=4, k=k, shared=shared, routing="dropped", seed=k)
+    x = torch.randn(groups * rows, x.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = (torch.rand(6, 4, generator=torch.Generator().manual_seed(2)) > 0.3).double()
+    ref = torch.zeros(groups * rows, B.shape[1], dtype=torch.float64)
+    for t in range(groups * rows):
+        for j in range(k):
+            e = int(idx[t // rows, j])
+            if e >= 0:
+                a = A if shared else A[e]
+                ref[t] += gates[t // rows, j] * s[e] * (B[e] @ (mask[e] * (a @ x[t])))
+    xg, Bg = x.clone().requires_grad_(), B.clone().requires_grad_()
+    got = routed_lora_grouped(xg, A, Bg, gates, idx, s, mask, gather=gather, group_rows=rows)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    out = torch.ones_like(ref)
+    torch.testing.assert_close(routed_lora_grouped(x, A, B, gates, idx, s, mask, out=out, gather=gather, group_rows=rows),
+                               ref + 1, rtol=1e-10, atol=1e-12)
+    got.sum().backward()
+    xr, Br = x.clone().requires_grad_(), B.clone().requires_grad_()
+    per_token = routed_lora_grouped(xr, A, Br, gates.repeat_interleave(rows, 0), idx.repeat_interleave(rows, 0), s, mask,
+                                    gather=not gather)
+    per_token.sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Bg.grad, Br.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not cover"):
+        routed_lora_grouped(x[:-1], A, B, gates, idx, s, gather=True, group_rows=rows)
