@@ -362,11 +362,14 @@ class MoLoRAModel(nn.Module):
 
         return load_checkpoint(base_model, directory)
 
-    def export_peft(self, directory: str, weights: Mapping[str, float] | Sequence[float]) -> None:
-        """Write the static mixture ``sum_e w_e s_e B_e A_e`` as one PEFT LoRA adapter (exact)."""
+    def export_peft(self, directory: str, weights: Mapping[str, float] | Sequence[float], combination: str = "cat",
+                    **options: Any) -> None:
+        """Write the static mixture ``sum_e w_e s_e B_e A_e`` as one PEFT LoRA adapter, merged by
+        ``combination`` ("cat": exact; "svd", "ties", "dare_ties", ...; options ``density``,
+        ``majority_sign_method``, ``svd_rank``, ``svd_clamp``, ``seed``): :func:`molora.export.export_peft`."""
         from molora.export import export_peft
 
-        export_peft(self, directory, weights)
+        export_peft(self, directory, weights, combination, **options)
 
     def unload(self) -> nn.Module:
         """Put the original base layers back (merged mixtures stay folded in) and return the base model."""
