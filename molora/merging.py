@@ -265,13 +265,21 @@ def svd_factors(delta: Tensor, rank: int, clamp: float | None = None) -> tuple[T
 
     ``clamp`` (a quantile ``q``; PEFT's ``svd_clamp``, after kohya-ss ``svd_merge_lora``): with
     ``h`` the ``q``-quantile of the signed entries of ``B`` and ``A`` together, both are clamped to
-    ``[-h, h]``. As the split differs from PEFT's, so does what a clamp cuts.
+    ``[-h, h]``. The signs of the singular pairs are fixed (the largest ``|entry|`` of each column
+    of ``U`` is positive), so the clamp does not depend on the SVD routine's sign choice. As the
+    split differs from PEFT's, so does what a clamp cuts.
     """
     r = min(int(rank), delta.shape[0], delta.shape[1])
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, Vh = U[:, :r], Vh[:r]
+    # Each pair (u_k, v_k) is defined up to a common sign, and a quantile of signed entries is not:
+    # fix it so the largest |entry| of u_k is positive (the product is unchanged).
+    flip = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    flip[flip == 0] = 1
+    U, Vh = U * flip, Vh * flip.reshape(-1, 1)
     root = S[:r].sqrt()
-    B = U[:, :r] * root
-    A = root[:, None] * Vh[:r]
+    B = U * root
+    A = root[:, None] * Vh
     if clamp is not None:
         h = torch.quantile(torch.cat([B.reshape(-1), A.reshape(-1)]), float(clamp))
         B, A = B.clamp(-h, h), A.clamp(-h, h)
