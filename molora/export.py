@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save as st_save
 
+from molora.bank import lora_scaling
 from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
 from molora.merging import TENSOR_RULES, merge_module, merge_options
@@ -61,7 +62,7 @@ def export_peft(
     options = merge_options(combination, density=density, majority_sign_method=majority_sign_method,
                             svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, where="export_peft")
     w_all = mixture_weights(weights, model.expert_names, "export_peft")
-    per_layer = model.layer_weights(w_all)
+    per_layer = model.layer_weights(w_all, dtype=torch.float64)
     folder = Path(directory) if isinstance(directory, (str, os.PathLike)) else None
     if folder is None or not os.fspath(folder):
         raise MoLoRAError(f"export_peft: directory must be a folder path; got {directory!r}")
@@ -90,8 +91,9 @@ def export_peft(
             raise MoLoRAError(f"{where}: combination {options.combination!r} merges A and B entry by entry and needs "
                               f"experts of equal rank; got ranks {dict(zip(names, expert_ranks))} (use 'cat' or an SVD "
                               "combination)")
-        A, B = merge_module(As, Bs, [float(w[e]) for e in experts], [float(bank.scaling[e]) for e in experts],
-                            options, generator)
+        # The scalings from alpha and rank in float64 (bank.scaling is their float32 copy).
+        scalings = [lora_scaling(bank.alphas[e], bank.ranks[e], bank.rslora[e]) for e in experts]
+        A, B = merge_module(As, Bs, [float(w[e]) for e in experts], scalings, options, generator)
         for ab, t in (("lora_A", A), ("lora_B", B)):
             key = f"base_model.model.{name}.{ab}.weight"
             state[key] = finite_tensor(t.float().contiguous(), where, f"{ab} (tensor {key!r})")

@@ -215,12 +215,13 @@ class MoLoRAModel(nn.Module):
                 layer.disabled = p
 
     # ------------------------------------------------------------------ merging
-    def layer_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
+    def layer_weights(self, weights: Mapping[str, float] | Sequence[float], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence;
-        :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path."""
+        :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path
+        (``dtype``: float64 keeps the weights as given, as export's float64 merges need)."""
         from molora.checks import mixture_weights
 
-        w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=torch.float32)
+        w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=dtype)
         return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}
 
     @property

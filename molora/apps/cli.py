@@ -172,7 +172,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     weights = parse_pairs(args.weight, "weight", float)  # checked before the (slow) model load
     options = dict(density=args.density, majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
                    svd_clamp=args.svd_clamp, seed=args.seed)
-    merge_options(args.combination, **options, where="export-peft")
+    merge_options(args.combination, **options, where="export_peft")
     model = molora.MoLoRAModel.from_pretrained(load_base(args.base, args.model_class), args.checkpoint)
     model.export_peft(args.out, weights, args.combination, **options)
     print(f"exported the mixture {weights} ({args.combination}) as a PEFT LoRA adapter -> {args.out}")
