@@ -1,4 +1,4 @@
-"""Exporting a static mixture of experts as one PEFT LoRA adapter."""
+"""Exporting a static mixture of experts as one PEFT LoRA adapter (merged by :mod:`molora.merging`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save as st_save
 
+from molora.bank import lora_scaling
 from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
+from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
 
 if TYPE_CHECKING:
@@ -21,48 +23,81 @@ if TYPE_CHECKING:
     from molora.model import MoLoRAModel
 
 
-def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mapping[str, float] | Sequence[float]) -> None:
-    """Write ``delta W = sum_e w_e s_e B_e A_e`` per layer as one PEFT LoRA adapter, exactly.
+def export_peft(
+    model: MoLoRAModel,
+    directory: str | os.PathLike,
+    weights: Mapping[str, float] | Sequence[float],
+    combination: str = "cat",
+    *,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    seed: int = 0,
+) -> None:
+    """Write the static mixture ``sum_e w_e s_e B_e A_e`` of every layer as one PEFT LoRA adapter,
+    merged by ``combination`` (:mod:`molora.merging`: the combination types of PEFT's
+    ``add_weighted_adapter``).
 
-    PEFT's ``add_weighted_adapter(combination_type="cat")`` construction: the scaled ``A``s are
-    stacked along the rank axis and the ``B``s side by side,
+    ``"cat"`` (default) is exact: the scaled ``A``s are stacked along the rank axis and the ``B``s
+    side by side, ``A' = [w_1 s_1 A_1; ...]``, ``B' = [B_1, ...]``, so ``B' A'`` is the mixture and
+    ranks add up. ``"svd"`` truncates the exact delta to ``svd_rank`` (default: the module's largest
+    expert rank); ``"linear"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"`` and
+    ``"magnitude_prune"`` merge the ``A``s and the ``B``s separately (equal ranks per module; not
+    the mixture's delta); their ``"_svd"`` forms apply the rule to the full deltas, then SVD.
+    ``density`` (in ``(0, 1]``) is what TIES/DARE/magnitude pruning keep, ``majority_sign_method``
+    (``"total"``/``"frequency"``) how TIES elects signs, ``svd_clamp`` a quantile clamp of the SVD
+    factors, ``seed`` seeds DARE's drops (the same seed writes the same adapter).
 
-        A' = [w_1 s_1 A_1; ...; w_n s_n A_n]     B' = [B_1, ..., B_n]     B' A' = sum_e w_e s_e B_e A_e,
+    Each module's rank is recorded in ``rank_pattern`` and its alpha equals its rank (scaling 1,
+    no rsLoRA), whatever the experts used. Experts with weight 0 are left out (they take no part in
+    TIES's sign election either); a module whose experts all have weight 0 is not targeted.
 
-    so ranks add up (per module through ``rank_pattern``) and the adapter's scaling is 1
-    (``lora_alpha = r``). Experts with weight 0 are left out; a module whose experts all have
-    weight 0 is not targeted.
-
-    ``weights`` maps expert names to weights (missing = 0) or lists one per expert; a NaN/inf
-    weight, an unknown expert name or a wrong count is a MoLoRAError naming it
-    (:func:`molora.checks.mixture_weights`), and so is an expert whose factors hold NaN/inf:
-    nothing non-finite is ever written.
+    ``weights`` maps expert names to weights (missing = 0) or lists one per expert. Bad input is a
+    MoLoRAError naming it, raised before anything is written: an unknown combination or a
+    parameter it does not use, a density outside ``(0, 1]``, ``svd_rank < 1``, a NaN/inf weight
+    (:func:`molora.checks.mixture_weights`), an unknown expert, unequal ranks for the factor-wise
+    rules, an expert whose factors hold NaN/inf: nothing non-finite is ever written.
     """
+    options = merge_options(combination, density=density, majority_sign_method=majority_sign_method,
+                            svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, where="export_peft")
     w_all = mixture_weights(weights, model.expert_names, "export_peft")
-    per_layer = model.layer_weights(w_all)
+    per_layer = model.layer_weights(w_all, dtype=torch.float64)
     folder = Path(directory) if isinstance(directory, (str, os.PathLike)) else None
     if folder is None or not os.fspath(folder):
         raise MoLoRAError(f"export_peft: directory must be a folder path; got {directory!r}")
     if folder.exists() and not folder.is_dir():
         raise MoLoRAError(f"export_peft: {folder} exists and is not a folder")
+    # One generator for the whole export, visited in module order: a seed fixes every drop.
+    generator = torch.Generator().manual_seed(options.seed) if options.random else None
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False
     for name, layer in model.routed_layers().items():
         bank, w = layer.bank, per_layer[name]
-        As, Bs = [], []
-        for e in range(bank.num_experts):
-            if float(w[e]) != 0.0:
-                A = bank.A_shared if bank.shared_a else bank.A[e]
-                As.append(A.detach().float().cpu() * (float(w[e]) * float(bank.scaling[e])))
-                Bs.append(bank.B[e].detach().float().cpu())
-        if not As:
+        where = f"export_peft: module {name!r}"
+        experts = [e for e in range(bank.num_experts) if float(w[e]) != 0.0]
+        if not experts:
             continue
-        for ab, t in (("lora_A", torch.cat(As, dim=0)), ("lora_B", torch.cat(Bs, dim=1))):
-            key = f"base_model.model.{name}.{ab}.weight"
+        names = [model.expert_names[layer.expert_ids[e]] for e in experts]
+        As = [bank.A_shared if bank.shared_a else bank.A[e] for e in experts]
+        Bs = [bank.B[e] for e in experts]
+        for n, a, b in zip(names, As, Bs):
             # NaN/inf experts (a diverged training run) would write an adapter PEFT loads silently.
-            state[key] = finite_tensor(t.contiguous(), f"export_peft: module {name!r}", f"{ab} (tensor {key!r})")
-        ranks[name] = sum(a.shape[0] for a in As)
+            finite_tensor(a.detach(), where, f"lora_A of expert {n!r}")
+            finite_tensor(b.detach(), where, f"lora_B of expert {n!r}")
+        expert_ranks = [int(b.shape[1]) for b in Bs]
+        if options.combination in TENSOR_RULES and len(set(expert_ranks)) > 1:
+            raise MoLoRAError(f"{where}: combination {options.combination!r} merges A and B entry by entry and needs "
+                              f"experts of equal rank; got ranks {dict(zip(names, expert_ranks))} (use 'cat' or an SVD "
+                              "combination)")
+        # The scalings from alpha and rank in float64 (bank.scaling is their float32 copy).
+        scalings = [lora_scaling(bank.alphas[e], bank.ranks[e], bank.rslora[e]) for e in experts]
+        A, B = merge_module(As, Bs, [float(w[e]) for e in experts], scalings, options, generator)
+        for ab, t in (("lora_A", A), ("lora_B", B)):
+            key = f"base_model.model.{name}.{ab}.weight"
+            state[key] = finite_tensor(t.float().contiguous(), where, f"{ab} (tensor {key!r})")
+        ranks[name] = int(A.shape[0])
         transposed |= layer.transposed
     if not state:
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")

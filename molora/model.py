@@ -215,12 +215,13 @@ class MoLoRAModel(nn.Module):
                 layer.disabled = p
 
     # ------------------------------------------------------------------ merging
-    def layer_weights(self, weights: Mapping[str, float] | Sequence[float]) -> dict[str, Tensor]:
+    def layer_weights(self, weights: Mapping[str, float] | Sequence[float], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence;
-        :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path."""
+        :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path
+        (``dtype``: float64 keeps the weights as given, as export's float64 merges need)."""
         from molora.checks import mixture_weights
 
-        w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=torch.float32)
+        w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=dtype)
         return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}
 
     @property
@@ -362,11 +363,14 @@ class MoLoRAModel(nn.Module):
 
         return load_checkpoint(base_model, directory)
 
-    def export_peft(self, directory: str, weights: Mapping[str, float] | Sequence[float]) -> None:
-        """Write the static mixture ``sum_e w_e s_e B_e A_e`` as one PEFT LoRA adapter (exact)."""
+    def export_peft(self, directory: str, weights: Mapping[str, float] | Sequence[float], combination: str = "cat",
+                    **options: Any) -> None:
+        """Write the static mixture ``sum_e w_e s_e B_e A_e`` as one PEFT LoRA adapter, merged by
+        ``combination`` ("cat": exact; "svd", "ties", "dare_ties", ...; options ``density``,
+        ``majority_sign_method``, ``svd_rank``, ``svd_clamp``, ``seed``): :func:`molora.export.export_peft`."""
         from molora.export import export_peft
 
-        export_peft(self, directory, weights)
+        export_peft(self, directory, weights, combination, **options)
 
     def unload(self) -> nn.Module:
         """Put the original base layers back (merged mixtures stay folded in) and return the base model."""

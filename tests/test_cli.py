@@ -45,6 +45,26 @@ def test_compose_then_export(tmp_path, capsys):
     torch.testing.assert_close(peft_output(base, tmp_path / "mix", inputs), routed, atol=1e-5, rtol=1e-5)
 
 
+def test_export_combination_flags_equal_the_python_call(cli_files):
+    """--combination/--density/--svd-rank/--seed write what export_peft writes with the same options."""
+    from safetensors.torch import load_file
+
+    f, out = cli_files, cli_files["root"] / "combo"
+    for combination, flags, opts in (("dare_ties_svd", ["--density", "0.5", "--svd-rank", "2", "--seed", "3"],
+                                      dict(density=0.5, svd_rank=2, seed=3)),
+                                     ("ties", ["--density", "0.4", "--majority-sign-method", "frequency"],
+                                      dict(density=0.4, majority_sign_method="frequency"))):
+        argv = ["export-peft", "--base", f["base"], "--checkpoint", f["ckpt"], "--weight", "a=0.6", "--weight", "b=-0.3",
+                "--combination", combination, *flags, "--out", str(out / combination)]
+        assert main(argv) == 0
+        model = molora.MoLoRAModel.from_pretrained(tiny_bert(), f["ckpt"])
+        model.export_peft(out / f"{combination}-py", {"a": 0.6, "b": -0.3}, combination, **opts)
+        cli, py = (load_file(str(out / d / "adapter_model.safetensors")) for d in (combination, f"{combination}-py"))
+        assert cli.keys() == py.keys() and all(torch.equal(cli[k], py[k]) for k in cli)
+        if combination.endswith("_svd"):
+            assert {t.shape[0] for k, t in cli.items() if "lora_A" in k} == {2}
+
+
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     from transformers import BertConfig, BertModel
 
@@ -245,9 +265,9 @@ def _compose(f, *extra, adapters=None):
             str(f["root"] / "out"), *extra]
 
 
-def _export(f, *weights, checkpoint=None):
+def _export(f, *weights, checkpoint=None, extra=()):
     return ["export-peft", "--base", f["base"], "--checkpoint", checkpoint or f["ckpt"],
-            *[x for w in weights for x in ("--weight", w)], "--out", str(f["root"] / "mix")]
+            *[x for w in weights for x in ("--weight", w)], "--out", str(f["root"] / "mix"), *extra]
 
 
 def _checkpoint_cmd(cmd, f, *extra):
@@ -283,6 +303,21 @@ BAD_INPUTS = {
     "export: unknown expert": (lambda f: _export(f, "zz=1"), "export-peft", r"unknown experts ['zz']; experts are ['a', 'b']"),
     "export: no =": (lambda f: _export(f, "a"), "export-peft", "must look like NAME=VALUE"),
     "export: repeated expert": (lambda f: _export(f, "a=1", "a=2"), "export-peft", "weight name 'a' is given twice"),
+    "export: unknown --combination": (lambda f: _export(f, "a=1", extra=["--combination", "tie"]), "export-peft",
+                                      "argument --combination: invalid choice: 'tie'"),
+    "export: --density 0": (lambda f: _export(f, "a=1", extra=["--combination", "ties", "--density", "0"]), "export-peft",
+                            "argument --density: must be in (0, 1]"),
+    "export: --density nan": (lambda f: _export(f, "a=1", extra=["--density", "nan"]), "export-peft",
+                              "argument --density: must be a finite number"),
+    "export: ties without --density": (lambda f: _export(f, "a=1", extra=["--combination", "ties"]), "export-peft",
+                                       "combination 'ties' needs a density"),
+    "export: --density with cat": (lambda f: _export(f, "a=1", extra=["--density", "0.5"]), "export-peft",
+                                   "density is used by"),
+    "export: --svd-rank 0": (lambda f: _export(f, "a=1", extra=["--combination", "svd", "--svd-rank", "0"]), "export-peft",
+                             "argument --svd-rank: must be >= 1"),
+    "export: --svd-rank with ties": (lambda f: _export(f, "a=1", extra=["--combination", "ties", "--density", "0.5",
+                                                                       "--svd-rank", "2"]), "export-peft",
+                                     "svd_rank is used by"),
     "export: missing checkpoint": (lambda f: _export(f, "a=1", checkpoint=str(f["root"] / "nope")), "export-peft",
                                    "no molora checkpoint"),
     # stats, train-router

@@ -167,10 +167,15 @@ def _compose(args: argparse.Namespace) -> int:
 def _export_peft(args: argparse.Namespace) -> int:
     import molora
 
+    from molora.merging import merge_options
+
     weights = parse_pairs(args.weight, "weight", float)  # checked before the (slow) model load
+    options = dict(density=args.density, majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
+                   svd_clamp=args.svd_clamp, seed=args.seed)
+    merge_options(args.combination, **options, where="export_peft")
     model = molora.MoLoRAModel.from_pretrained(load_base(args.base, args.model_class), args.checkpoint)
-    model.export_peft(args.out, weights)
-    print(f"exported the mixture {weights} as a PEFT LoRA adapter -> {args.out}")
+    model.export_peft(args.out, weights, args.combination, **options)
+    print(f"exported the mixture {weights} ({args.combination}) as a PEFT LoRA adapter -> {args.out}")
     return 0
 
 
@@ -436,6 +441,8 @@ def add_integration_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from molora.merging import COMBINATIONS
+
     parser = _Parser(prog="molora", description="Mixtures of LoRA experts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -462,10 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=_compose)
 
     exp = sub.add_parser("export-peft", help="a static mixture of a checkpoint's experts -> one PEFT LoRA adapter",
-                         description="Write sum_e w_e s_e B_e A_e exactly as one PEFT LoRA adapter (ranks add up).")
+                         description="Write sum_e w_e s_e B_e A_e as one PEFT LoRA adapter: exactly with --combination cat (ranks "
+                                     "add up), or merged by svd, ties, dare_ties, ... (PEFT's add_weighted_adapter types).")
     _add_base(exp)
     exp.add_argument("--checkpoint", required=True, help="molora checkpoint folder")
     exp.add_argument("--weight", action="append", required=True, metavar="EXPERT=W", help="an expert's weight (repeat)")
+    exp.add_argument("--combination", choices=COMBINATIONS, default="cat",
+                     help="how the experts merge (default: cat, exact; see README 'Exporting to PEFT')")
+    exp.add_argument("--svd-rank", type=POSITIVE_INT, default=None,
+                     help="rank of the SVD combinations (default: the module's largest expert rank)")
+    exp.add_argument("--svd-clamp", type=_float_in(0.5, 1.0, low_open=True), default=None,
+                     help="quantile clamp of the SVD factors, in (0.5, 1]")
+    exp.add_argument("--density", type=_float_in(0.0, 1.0, low_open=True), default=None,
+                     help="fraction of entries kept by ties / dare_* / magnitude_prune, in (0, 1]")
+    exp.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
+                     help="TIES sign election (default: total)")
+    exp.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="seed of DARE's random drops (default: 0)")
     exp.add_argument("--out", required=True, help="PEFT adapter folder to write")
     exp.set_defaults(func=_export_peft)
 
