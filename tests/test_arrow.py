@@ -15,11 +15,12 @@ import molora
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
 from molora.bank import ExpertBank
 from molora.context import RoutingSignals
-from molora.errors import MoLoRAError
+from molora.errors import AdapterError, MoLoRAError
+from molora.genknowsub import subtract_general_knowledge
 from molora.layer import build_routed_layer
 from molora.routers import ArrowRouter
 
-from helpers import assert_same_snapshot, snapshot
+from helpers import assert_same_snapshot, make_peft_adapter, snapshot
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("peft.tuners.lora.arrow")  # peft >= 0.17
@@ -66,11 +67,19 @@ def adapters(tmp_path_factory):
     return paths
 
 
-def _peft_arrow(paths, top_k, temperature):
+@pytest.fixture(scope="module")
+def general(tmp_path_factory):
+    """Two general-knowledge adapters for GenKnowSub (same rank and modules as the task ones)."""
+    base, root = tiny_llama(), tmp_path_factory.mktemp("general")
+    return [str(make_peft_adapter(base, root / f"general{i}", seed=50 + i, r=RANK, alpha=8, target_modules=TARGETS))
+            for i in range(2)]
+
+
+def _peft_arrow(paths, top_k, temperature, general_paths=None):
     from peft import ArrowConfig, create_arrow_model
 
-    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
-    return create_arrow_model(tiny_llama(), paths, cfg).eval()
+    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0, use_gks=general_paths is not None)
+    return create_arrow_model(tiny_llama(), paths, cfg, general_adapter_paths=general_paths).eval()
 
 
 def _svd_prototype(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -108,6 +117,50 @@ def test_default_is_three_experts_per_token(adapters):
     ref = _peft_arrow(adapters, 3, 1.0)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- GenKnowSub
+def test_genknowsub_equals_peft_use_gks(adapters, general):
+    ref = _peft_arrow(adapters, 2, 0.5, general)
+    model = molora.compose(tiny_llama(), adapters, router="arrow", top_k=2, temperature=0.5, general_adapters=general)
+    plain = molora.compose(tiny_llama(), adapters, router="arrow", top_k=2, temperature=0.5)
+    with torch.no_grad():
+        want, got = ref(input_ids=_ids()).logits, model(input_ids=_ids()).logits
+        assert (got - plain(input_ids=_ids()).logits).abs().max() > 1e-2  # the subtraction matters
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert model.expert_names == [f"task{i}" for i in range(E)]  # the general adapters are not experts
+
+
+def test_genknowsub_subtracts_the_mean_factors(adapters, general):
+    from safetensors.torch import load_file
+
+    def factors(path):
+        return {k: v.double() for k, v in load_file(f"{path}/adapter_model.safetensors").items()}
+
+    task, gen = factors(adapters[1]), [factors(g) for g in general]
+    model = molora.compose(tiny_llama(), adapters, general_adapters={"g0": general[0], "g1": general[1]})
+    layer = model.routed_layers()["model.layers.1.mlp.down_proj"]
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_{}.weight"
+    for ab, got in (("A", layer.bank.A[1]), ("B", layer.bank.B[1])):
+        want = task[key.format(ab)] - (gen[0][key.format(ab)] + gen[1][key.format(ab)]) / 2
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+
+
+def test_genknowsub_refuses_other_ranks_and_missing_modules(adapters, tmp_path):
+    from molora.peft_io import load_peft_adapter
+
+    base = tiny_llama()
+    other_rank = make_peft_adapter(base, tmp_path / "r2", seed=60, r=2, target_modules=TARGETS)
+    fewer = make_peft_adapter(base, tmp_path / "q", seed=61, r=RANK, target_modules=["q_proj"])
+    tasks = [load_peft_adapter(adapters[0], "t0")]
+    with pytest.raises(AdapterError, match=r"task adapter 't0' has lora_A \[4, 48\].*module 'model.layers.0.mlp.down_proj'.*have \[2, 48\].*same rank"):
+        subtract_general_knowledge(tasks, [load_peft_adapter(other_rank, "r2")])
+    with pytest.raises(AdapterError, match=r"general adapters \['q'\] do not target module 'model.layers.0.mlp.down_proj'"):
+        subtract_general_knowledge(tasks, [load_peft_adapter(fewer, "q")])
+    before = snapshot(base)
+    with pytest.raises(AdapterError, match="same rank"):
+        molora.compose(base, adapters, router="arrow", general_adapters=[str(other_rank)])
+    assert_same_snapshot(before, snapshot(base))
 
 
 # ---------------------------------------------------------------------- prototypes
@@ -270,7 +323,7 @@ def test_bad_router_values_are_named(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"top_k": 5}, r"top_k must be in \[1, num_experts=4\]; got 5"), ({"temperature": 0}, r"temperature .*got 0"),
-     ({"use_gks": True}, r"use_gks")],
+     ({"use_gks": True}, r"no use_gks flag; GenKnowSub runs when general_adapters")],
 )
 def test_compose_refuses_bad_values_and_changes_nothing(adapters, kwargs, match):
     base = tiny_llama()
