@@ -339,3 +339,14 @@ def test_top_k_above_a_layers_experts_names_the_module():
     with pytest.raises(MoLoRAError, match=r"module 'hand'.*top_k .*got 3"):
         build_routed_layer(nn.Linear(2, 1), name="hand", bank=layer_bank, router={"name": "arrow", "config": {"top_k": 3}},
                            expert_ids=range(2), num_global_experts=2)
+
+
+def test_generate_equals_peft(adapters):
+    """Per-token routing through decoding: every new token is routed on its own (KV cache on)."""
+    ref = _peft_arrow(adapters, 2, 1.0)
+    model = molora.compose(tiny_llama(), adapters, router="arrow", top_k=2).eval()
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        want = ref.generate(input_ids=_ids(), **kwargs)
+        got = model.generate(input_ids=_ids(), **kwargs)
+    assert got.shape == (2, 12) and torch.equal(got, want)
