@@ -12,6 +12,7 @@ from molora.bank import ExpertBank
 from molora.checks import unique_names
 from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
+from molora.genknowsub import subtract_general_knowledge
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter
@@ -28,6 +29,7 @@ def compose(
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     adapter_dtype: str = "float32",
+    general_adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
     **router_kwargs_: Any,
 ) -> MoLoRAModel:
     """Load N PEFT LoRA adapters as the experts of a routed model.
@@ -43,11 +45,20 @@ def compose(
         base_model: the model the adapters were trained on.
         adapters: ``{name: folder}``, or folders (named after their last path component).
         router: router name (``soft``, ``topk``, ``task``, ...); ``router_kwargs_`` go to it.
-        top_k: experts per token for ``router="topk"``.
+        top_k: experts per token for the top-k routers (``"topk"``, ``"arrow"``, ...).
         trainable_experts: leave the experts trainable (default: frozen; only routers train).
+        general_adapters: general-knowledge adapters (folders or ``{name: folder}``) whose mean
+            factors are subtracted from every adapter's first (GenKnowSub, PEFT's ``use_gks``;
+            :mod:`molora.genknowsub`); they are not experts themselves.
     """
+    if "use_gks" in router_kwargs_:
+        raise MoLoRAError("compose: there is no use_gks flag; GenKnowSub runs when general_adapters=[folders] "
+                          "are given")
     adapters = named_adapters(adapters)
     loaded = [load_peft_adapter(path, name) for name, path in adapters.items()]
+    if general_adapters is not None:
+        general = named_adapters(general_adapters, "compose general_adapters")
+        loaded = subtract_general_knowledge(loaded, [load_peft_adapter(path, name) for name, path in general.items()])
     names = [a.name for a in loaded]
     config = MoLoRAConfig(
         target_modules=sorted({m for a in loaded for m in a.modules}),

@@ -1,7 +1,7 @@
 """Pick the best single expert for a new task from a few shots: top-1 retrieval by key similarity.
 
 Each expert ``e`` has a key, the mean of its normalised example embeddings
-(:meth:`molora.routers.RetrievalRouter.fit_keys`, LoraRetriever / Arrow). A new task's shots give
+(:meth:`molora.routers.RetrievalRouter.fit_keys`, LoraRetriever). A new task's shots give
 a query ``q = mean_i x_i / ||x_i||``; the chosen expert is
 
     e* = argmax_e cos(q, key_e)

@@ -80,6 +80,8 @@ class RoutedLoRALinear(nn.Module):
             self.base_layer.requires_grad_(False)
         self.bank = bank
         self.router = router
+        if router is not None and router.reads_experts:
+            router.sync_experts(bank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
         self.transposed = transposed
@@ -174,6 +176,8 @@ class RoutedLoRALinear(nn.Module):
         xk = x2.to(B.dtype)
         xd = self.dropout(xk)
         base = self._fusable_base(x, B.dtype, args, kwargs)
+        if self.router is not None and self.router.reads_experts:
+            self.router.sync_experts(self.bank)
         router_weight = self._fusable_router_weight(B.dtype)
         # a router that scores its own input (or a shared one, deciding from the call's signals)
         # decides first, so that its k picks the form; a linear router's logits come from step 1
@@ -327,7 +331,12 @@ def build_routed_layer(
                               f"but the base layer is [{d_out} x {d_in}]")
         bank = ExpertBank.from_spec(bank, dtype=dtype, device=device)
     if isinstance(router, dict):
-        router = build_router(router["name"], num_experts=bank.num_experts, d_in=d_in, **router["config"])
+        try:
+            router = build_router(router["name"], num_experts=bank.num_experts, d_in=d_in, **router["config"])
+        except MoLoRAError:
+            raise
+        except ValueError as exc:  # e.g. a top_k above the experts this layer holds
+            raise MoLoRAError(f"module {name!r}: {exc}") from None
         router = router.to(device=device, dtype=dtype)
     return RoutedLoRALinear(base_layer, bank, router, dropout=dropout, name=name, expert_ids=expert_ids,
                             num_global_experts=num_global_experts, freeze_base=False)

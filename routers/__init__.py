@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arrow import ArrowRouter
 from .base import Router, RoutingDecision
 from .cluster import ClusterRouter
 from .retrieval import RetrievalRouter
@@ -23,7 +24,7 @@ ROUTERS: dict[str, type[Router]] = {
     cls.name: cls
     for cls in (
         SoftRouter, TopKRouter, TopPRouter, SwitchRouter, TaskRouter, StaticRouter,
-        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter, GlobalWeightsRouter,
+        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter, GlobalWeightsRouter, ArrowRouter,
     )
 }
 
@@ -51,7 +52,7 @@ def build_router(name: str, *, num_experts: int, d_in: int, **kwargs: Any) -> Ro
 
 
 __all__ = [
-    "ROUTERS", "ClusterRouter", "GlobalWeightsRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
+    "ROUTERS", "ArrowRouter", "ClusterRouter", "GlobalWeightsRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
     "SwitchRouter", "TLoRARouter", "TaskRouter", "TimeStepRouter", "TopKRouter", "TopPRouter",
     "build_router", "register_router", "router_class",
 ]

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from molora.context import RoutingSignals
 from molora.errors import RoutingError
+
+if TYPE_CHECKING:
+    from molora.bank import ExpertBank
 
 
 @dataclasses.dataclass
@@ -62,6 +65,9 @@ class Router(nn.Module):
 
     name: ClassVar[str] = ""
     shared: ClassVar[bool] = False
+    #: The router derives state from its layer's expert weights (Arrow's prototypes): the routed
+    #: layer then calls :meth:`sync_experts` with its bank when built and before each decision.
+    reads_experts: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, d_in: int) -> None:
         super().__init__()
@@ -73,6 +79,9 @@ class Router(nn.Module):
     def get_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor kwargs (besides num_experts and d_in)."""
         return {}
+
+    def sync_experts(self, bank: ExpertBank) -> None:
+        """Bring state derived from the layer's experts up to date (only if :attr:`reads_experts`)."""
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:  # pragma: no cover - abstract
         raise NotImplementedError

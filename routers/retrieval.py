@@ -32,7 +32,9 @@ One decision per example (context level), shared by all layers. The query ``q`` 
 * ``source="hidden"``: the model's own hidden states, i.e. the input of the first routed layer of
   the forward pass pooled over the attention mask (``key_dim`` = that layer's ``d_in``).
 
-Follows LoraRetriever (Zhao et al., 2024; default k = 3), CoLoR and PEFT's Arrow routing. All
+Follows LoraRetriever (Zhao et al., 2024; default k = 3) and CoLoR. (Arrow, which needs no
+example data and routes each token by the experts' singular vectors, is
+:mod:`molora.routers.arrow`.) All
 keys are compared in one ``[B, key_dim] x [key_dim, E]`` matmul followed by ``topk``, so a bank
 of thousands of experts costs one small GEMM per forward (see ``benchmarks/retrieval.py``).
 

@@ -1,5 +1,5 @@
 """torch.compile(fullgraph=True) of a routed model: one graph, no break, for the static, task,
-soft and top-k routers (also top-k over many experts, where eager runs the grouped form), and
+soft, top-k and Arrow routers (also top-k over many experts, where eager runs the grouped form), and
 the compiled forward and backward equal eager."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ CASES = {
     "soft": dict(router="soft", num_experts=3),
     "topk": dict(router="topk", top_k=2, num_experts=4),
     "topk-many": dict(router="topk", top_k=2, num_experts=32),  # eager: the grouped form
+    "arrow": dict(router="arrow", top_k=2, num_experts=4),
 }
 
 

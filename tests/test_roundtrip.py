@@ -80,6 +80,7 @@ CASES = {
     "cluster": ({"router_kwargs": {"key_dim": CTX, "universal_expert": 3, "universal_gate": 0.5}}, {"embeddings": _emb()},
                 lambda m: _centroids(m.shared_router)),
     "weights": ({"router_kwargs": {"normalize": "softmax"}}, {}, None),
+    "arrow": ({"top_k": 2, "router_kwargs": {"temperature": 0.5}}, {}, None),
 }
 
 
@@ -183,7 +184,7 @@ def test_install_router(tmp_path, kind):
     assert len(routers) == {"per_layer": 4, "shared": 1, "weights": 1}[kind]  # "shared": one router object again
 
 
-@pytest.mark.parametrize("case", ["soft", "topk", "task", "static", "retrieval", "weights", "timestep"])
+@pytest.mark.parametrize("case", ["soft", "topk", "task", "static", "retrieval", "weights", "timestep", "arrow"])
 def test_add_expert_then_round_trip(tmp_path, case):
     model, signals = _build(case)
     if case == "timestep":  # the interval layout does not grow
