@@ -76,7 +76,12 @@ class MoLoRAModel(nn.Module):
     per forward, and what the layers decided is read back by :meth:`aux_loss`,
     :meth:`routing_stats` and :meth:`last_routing` in the same thread. The model owns every
     change to itself (routers, experts, merges, weights); each checks everything before it
-    changes anything and keeps :attr:`config` in step, so that a checkpoint saves what runs.
+    changes anything and keeps :attr:`molora_config` in step, so that a checkpoint saves what runs.
+
+    As with PEFT's ``PeftModel``, ``model.config`` is the *base model's* config (attribute
+    access falls through to the base model), so transformers code and users read and set it as
+    on the base (``model.config.use_cache = False``); the MoLoRA configuration is
+    :attr:`molora_config`.
     """
 
     def __init__(
@@ -90,7 +95,7 @@ class MoLoRAModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = base_model
-        self.config = config
+        self.molora_config = config
         self.expert_names = list(expert_names)
         self.shared_router = shared_router
         base_model.requires_grad_(False)
@@ -178,8 +183,8 @@ class MoLoRAModel(nn.Module):
         for layer in self.routed_layers().values():
             layer.router = None
             layer.set_shared_router(router)
-        self.config.router = router.name
-        self.config.router_kwargs = {}
+        self.molora_config.router = router.name
+        self.molora_config.router_kwargs = {}
 
     def set_layer_routers(self, make: Any, name: str, kwargs: Mapping[str, Any] | None = None) -> None:
         """Give every routed layer its own router ``make(module_path, layer)`` (built for all
@@ -197,7 +202,7 @@ class MoLoRAModel(nn.Module):
             layer.router = routers[path]
             layer.set_shared_router(None)
         self.shared_router = None
-        self.config.router, self.config.router_kwargs = name, dict(kwargs or {})
+        self.molora_config.router, self.molora_config.router_kwargs = name, dict(kwargs or {})
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -309,7 +314,7 @@ class MoLoRAModel(nn.Module):
             raise MoLoRAError(f"add_expert: the name must be a non-empty string; got {name!r}")
         if name in self.expert_names:
             raise MoLoRAError(f"an expert named {name!r} exists already; experts are {self.expert_names}")
-        cfg = self.config
+        cfg = self.molora_config
         rank = cfg.rank if rank is None else rank
         alpha = cfg.alpha if alpha is None else alpha
         init = init or cfg.init

@@ -615,7 +615,7 @@ def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "config": model.config.to_dict(),
+        "config": model.molora_config.to_dict(),
         "expert_names": model.expert_names,
         "shared_router": None if shared is None else {"name": shared.name, "d_in": shared.d_in, "config": shared.get_config()},
         "layers": layers,

@@ -81,3 +81,24 @@ def test_t5_with_wo_equals_peft_forward_and_generate(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, base_out, atol=1e-3), "the adapter must change the output"
     assert torch.equal(got_gen, want_gen)
+
+
+# ---------------------------------------------------------------------- 2. model.config
+def test_config_is_the_base_models(gpt2, tmp_path):
+    """``model.config`` is the base config (as for PEFT's PeftModel): ``use_cache = False`` acts on
+    the base's forward, ``vocab_size`` reads; MoLoRA's config is ``molora_config`` and round-trips."""
+    base_config = gpt2.config
+    cfg = MoLoRAConfig(target_modules=["c_attn"], num_experts=2, rank=2, router="topk", top_k=1)
+    model = get_molora_model(gpt2, cfg)
+    assert model.config is base_config and model.molora_config is cfg
+    assert model.config.vocab_size == 101
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(input_ids=ids).past_key_values is not None
+        model.config.use_cache = False
+        assert base_config.use_cache is False
+        assert model(input_ids=ids).past_key_values is None  # the base model read it
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = molora.MoLoRAModel.from_pretrained(copy.deepcopy(model.unload()), tmp_path / "ckpt")
+    assert loaded.molora_config.to_dict() == cfg.to_dict()
+    assert loaded.config.vocab_size == 101 and not isinstance(loaded.config, MoLoRAConfig)
