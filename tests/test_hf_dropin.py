@@ -102,3 +102,115 @@ def test_config_is_the_base_models(gpt2, tmp_path):
     loaded = molora.MoLoRAModel.from_pretrained(copy.deepcopy(model.unload()), tmp_path / "ckpt")
     assert loaded.molora_config.to_dict() == cfg.to_dict()
     assert loaded.config.vocab_size == 101 and not isinstance(loaded.config, MoLoRAConfig)
+
+
+# ---------------------------------------------------------------------- 3. a plain transformers.Trainer
+def tiny_cls_base():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    return BertForSequenceClassification(cfg)
+
+
+EXPERT_TYPES = [0, 0, 1, 1]
+
+
+def routed_classifier():
+    cfg = MoLoRAConfig(target_modules=["query", "value"], num_experts=4, rank=2, alpha=4, router="soft",
+                       aux_loss_coef=0.5, localized_loss_coef=0.3, expert_types=EXPERT_TYPES, modules_to_save=["classifier"])
+    model = get_molora_model(tiny_cls_base(), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero B and router weights: experts and routing differ from the start
+        for layer in model.routed_layers().values():
+            for b in layer.bank.B:
+                b.normal_(0, 0.1)
+            for w in layer.router.parameters():
+                w.normal_(0, 0.5)
+    return model
+
+
+def cls_rows(n=8, seq=6):
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[::3, -2:] = 0
+    return {"input_ids": torch.randint(1, 101, (n, seq), generator=g), "attention_mask": mask,
+            "labels": torch.randint(0, 3, (n,), generator=g), "task_ids": torch.tensor([0, 1] * (n // 2))}
+
+
+def reference_loss(model, rows):
+    """CE of the base forward + 0.5 * Switch/GShard + 0.3 * LoRAMoE localized loss, from the
+    routers' recorded logits, computed here with the loss functions (not by the model's forward)."""
+    from molora.routers.losses import load_balancing_loss, localized_balancing_loss
+
+    with torch.no_grad(), model.routing(task_ids=rows["task_ids"]):
+        logits = model.base_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        router_logits = [r.decision.logits for r in model.last_routing().values()]
+    ce = torch.nn.functional.cross_entropy(logits, rows["labels"])
+    mask = rows["attention_mask"]
+    aux = 0.5 * load_balancing_loss(router_logits, 1, mask) \
+        + 0.3 * localized_balancing_loss(router_logits, rows["task_ids"], EXPERT_TYPES, 0.1, mask)
+    return ce, aux
+
+
+def test_forward_takes_routing_keywords_and_returns_the_aux_loss():
+    """``model(..., task_ids=...)`` routes as ``with model.routing(task_ids=...)``; with labels,
+    ``output.loss = CE + aux`` and ``output.aux_loss = aux``; without labels nothing is added."""
+    model = routed_classifier().train()
+    rows = cls_rows()
+    ce, aux = reference_loss(model, rows)
+    assert aux.item() > 0.05
+    out = model(**rows)
+    torch.testing.assert_close(out.aux_loss, aux, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, ce + aux, rtol=1e-5, atol=1e-6)
+    half = model(**rows, aux_loss_weight=0.5)
+    torch.testing.assert_close(half.loss, ce + 0.5 * aux, rtol=1e-5, atol=1e-6)
+    other = model(**{**rows, "task_ids": 1 - rows["task_ids"]})
+    assert not torch.allclose(other.aux_loss, out.aux_loss), "task_ids must reach the localized loss"
+    free = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], task_ids=rows["task_ids"])
+    assert free.loss is None and "aux_loss" not in free
+    with pytest.raises(molora.MoLoRAError, match="modules_to_save"):
+        get_molora_model(tiny_cls_base(), MoLoRAConfig(target_modules=["query"], modules_to_save=["nohead"]))
+
+
+def test_plain_trainer_trains_and_saves_the_head(tmp_path):
+    """A plain transformers.Trainer (no molora subclass): the dataset's task_ids column reaches the
+    routers, the logged loss is CE + aux computed independently, label names come from the base,
+    and the trained head (modules_to_save) is saved with the checkpoint and reloads equal."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    model = routed_classifier()
+    rows = cls_rows()
+    ce, aux = reference_loss(copy.deepcopy(model).train(), rows)
+    head_before = model.base_model.classifier.weight.detach().clone()
+    ds = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in rows.items()},
+                                     "text": [f"example {i}" for i in range(len(rows["labels"]))]})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3,
+                             learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                             report_to=[], use_cpu=True, logging_steps=1, save_strategy="steps", save_steps=3,
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, data_collator=default_data_collator)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3
+    # one batch holds the whole data set, so the first step's loss does not depend on the order
+    assert losses[0] == pytest.approx(float(ce + aux), abs=2e-4)
+    assert abs(losses[0] - float(ce)) > 0.05, "the aux term must be in the logged loss"
+    assert "eval_loss" in trainer.evaluate()
+
+    head = model.base_model.classifier.weight.detach().clone()
+    assert not torch.allclose(head, head_before), "the head must train"
+    saved = load_file(str(tmp_path / "out" / "checkpoint-3" / "model.safetensors"))
+    assert torch.equal(saved["base_model.classifier.weight"], head)
+    model.save_pretrained(tmp_path / "molora")
+    loaded = molora.MoLoRAModel.from_pretrained(tiny_cls_base(), tmp_path / "molora").eval()
+    assert torch.equal(loaded.base_model.classifier.weight, head)
+    assert loaded.base_model.classifier.weight.requires_grad
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**rows).logits, model(**rows).logits, rtol=0, atol=0)

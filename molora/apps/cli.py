@@ -364,7 +364,7 @@ def router_loss(model, tok, model_class: str, max_length: int):
         else:
             labels = torch.tensor([r["label"] for r in rows])
         with m.routing(**signals):
-            return m(**inputs, labels=labels).loss + m.aux_loss()
+            return m(**inputs, labels=labels).loss  # the model's forward adds m.aux_loss() to it
 
     return loss_fn
 
