@@ -53,6 +53,11 @@ class MoLoRAConfig:
             ``alpha``; a module whose path matches ``(.*\\.)?<pattern>$`` (PEFT's
             ``rank_pattern`` rule) takes those values, the first matching pattern winning. A
             layer with ``n < num_experts`` experts holds the model's first ``n`` experts.
+        modules_to_save: whole modules of the base model that train with the experts and are
+            saved with the checkpoint, e.g. a new classification head (``["classifier"]``):
+            PEFT's ``modules_to_save`` names and matching rules (a path equal to an entry or
+            ending with ``"." + entry``). They are trained in place (PEFT trains a copy), so
+            :meth:`~molora.MoLoRAModel.disable_adapters` and ``unload`` keep the trained module.
     """
 
     target_modules: list[str] | str
@@ -75,6 +80,7 @@ class MoLoRAConfig:
     localized_alpha: float = 0.1
     expert_types: list[int] | None = None
     layer_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         where = "MoLoRAConfig"
@@ -122,6 +128,10 @@ class MoLoRAConfig:
         if self.localized_loss_coef > 0 and self.expert_types is None:
             raise MoLoRAError(f"{where}: localized_loss_coef > 0 needs expert_types (the type of each expert)")
         self._check_layer_overrides()
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, (list, tuple)):
+                raise MoLoRAError(f"{where}: modules_to_save must be a list of module names; got {self.modules_to_save!r}")
+            self.modules_to_save = unique_names(self.modules_to_save, where, what="modules_to_save") or None
         if not isinstance(self.adapter_dtype, str):
             raise MoLoRAError(f"{where}: adapter_dtype must be a dtype name such as 'float32'; got {self.adapter_dtype!r}")
         self.torch_dtype  # validates adapter_dtype
@@ -208,6 +218,15 @@ class MoLoRAConfig:
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    @property
+    def has_aux_loss(self) -> bool:
+        """Whether any balancing-loss coefficient is set (:meth:`~molora.MoLoRAModel.aux_loss` is not 0)."""
+        return any((self.aux_loss_coef, self.z_loss_coef, self.entropy_loss_coef, self.localized_loss_coef))
+
+    def saves_module(self, module_name: str) -> bool:
+        """Whether ``module_name`` is one of :attr:`modules_to_save` (PEFT's matching rules)."""
+        return any(module_name == t or module_name.endswith("." + t) for t in self.modules_to_save or ())
 
     def names(self) -> list[str]:
         return list(self.expert_names) if self.expert_names else [f"expert_{i}" for i in range(self.num_experts)]

@@ -3,7 +3,8 @@ molora-only checkpoints.
 
 :class:`MoLoRATrainer` is ``transformers.Trainer`` with three changes:
 
-* **loss**: ``loss = task_loss + model.aux_loss()`` where ``aux_loss`` is the configured
+* **loss**: ``loss = task_loss + model.aux_loss()`` (added by the model's forward, which puts it in
+  ``output.loss`` and ``output.aux_loss``; a plain Trainer gets that too) where ``aux_loss`` is the configured
   balancing losses of the forward that produced ``task_loss`` (Mixtral/GShard, Switch, z-loss,
   ... with the coefficients of :class:`~molora.MoLoRAConfig`; see
   :func:`molora.routers.losses.model_aux_loss`). Transformers' Mixtral adds its router loss to
@@ -27,8 +28,8 @@ molora-only checkpoints.
 
 from __future__ import annotations
 
-import inspect
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,6 @@ from molora.stats import RoutingTally
 
 try:
     from transformers import Trainer
-    from transformers.utils import can_return_loss, find_labels
 except ImportError as exc:  # pragma: no cover - transformers is a dependency
     raise ImportError("molora.integrations needs transformers (pip install transformers)") from exc
 
@@ -74,7 +74,7 @@ def load_molora_weights(model: MoLoRAModel, directory: str | os.PathLike) -> Non
     meta, tensors = read_checkpoint(directory)
     if meta["expert_names"] != model.expert_names:
         raise CheckpointError(f"{directory}: experts {meta['expert_names']} differ from the model's {model.expert_names}")
-    load_adapter_tensors(adapter_modules(model.routed_layers(), model.shared_router), tensors)
+    load_adapter_tensors(adapter_modules(model.routed_layers(), model.shared_router, model.saved_modules()), tensors)
 
 
 class MoLoRATrainerMixin:
@@ -89,25 +89,7 @@ class MoLoRATrainerMixin:
         super().__init__(*args, **kwargs)
         self.molora_model = find_molora_model(self.model)
         self.routing_log = routing_log
-        # MoLoRAModel.forward takes **kwargs, which the Trainer reads as "the model normalises
-        # its loss by num_items_in_batch"; what counts is whether the wrapped base model does.
-        base = self.molora_model.base_model
-        if hasattr(base, "accepts_loss_kwargs"):
-            self.model_accepts_loss_kwargs = bool(base.accepts_loss_kwargs)
-        else:
-            params = inspect.signature(base.forward).parameters.values()
-            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
-        if self.args.label_names is None:  # found from the base model's forward, as for a plain Trainer
-            self.label_names = find_labels(type(base))
-        self.can_return_loss = can_return_loss(type(base))
         self._reset_routing_window()
-
-    # ------------------------------------------------------------------ data columns
-    def _set_signature_columns_if_needed(self) -> None:
-        # Keep the dataset columns the *base* model's forward takes (MoLoRAModel.forward is *args/**kwargs).
-        if self._signature_columns is None:
-            params = inspect.signature(self.molora_model.base_model.forward).parameters
-            self._signature_columns = list(params) + list({"label", "label_ids", *self.label_names})
 
     # ------------------------------------------------------------------ loss
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
@@ -118,15 +100,34 @@ class MoLoRATrainerMixin:
             return bool(flag)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
 
+    def _device_loss_scale(self, num_items_in_batch: Any) -> float:
+        """The factor ``Trainer.compute_loss`` multiplies the model's loss by when it averages
+        tokens across devices (1 otherwise); mirrors ``compute_loss``."""
+        if not (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return 1.0
+        if self.args.n_gpu > 1:
+            return float(self.args.n_gpu)
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return float(max(self.accelerator.num_processes // tp, 1))
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
-        """``task_loss + model.aux_loss()`` (the aux term per micro-batch, averaged under accumulation)."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux = self.molora_model.aux_loss().to(loss.device)
-        term = aux
+        """``task_loss + model.aux_loss()``, the aux term per micro-batch (averaged under accumulation).
+
+        The model adds the aux term to the loss it returns (:meth:`MoLoRAModel.forward`); this
+        passes the weight that makes it count once per optimizer step. When the Trainer computes
+        the task loss itself (label smoothing, ``compute_loss_func``) the term is added here."""
+        weight = 1.0
         if model.training and self._loss_scaled_for_ga(num_items_in_batch):
-            term = aux / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        loss = loss + term
+            weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        # as Trainer.compute_loss decides whether the loss is the model's or its own
+        trainer_loss = self.compute_loss_func is not None or (self.label_smoother is not None and "labels" in inputs)
+        inputs = {**inputs, "aux_loss_weight": weight / self._device_loss_scale(num_items_in_batch)}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
+        if aux is None or trainer_loss:  # the loss does not hold the model's aux term: add it here
+            aux = (self.molora_model.aux_loss() if aux is None else aux).to(loss.device)
+            loss = loss + weight * aux
         if model.training:
             self._accumulate_routing(aux)
         return (loss, outputs) if return_outputs else loss

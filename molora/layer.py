@@ -108,6 +108,44 @@ class RoutedLoRALinear(nn.Module):
         self.expert_ids, self.num_global_experts = ids, num_global_experts
         self._identity_map = ids == list(range(num_global_experts))
 
+    # ------------------------------------------------------------------ the wrapped layer's face
+    # Model code reads these on the modules it built (T5's feed-forward casts its input to
+    # ``wo.weight.dtype``; GPT-2 splits ``c_attn`` by ``nf``): a routed layer answers with the
+    # wrapped base layer's own attributes, in its own layout (as PEFT's LoRA layers do), so the
+    # model runs unchanged. While merged, ``weight`` is the merged base weight.
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (``[d_out, d_in]``; ``Conv1D``: ``[d_in, d_out]``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias (``None`` when it has none)."""
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return base_features(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return base_features(self.base_layer)[1]
+
+    @property
+    def nf(self) -> int:
+        """``Conv1D``'s output size (an AttributeError for an ``nn.Linear`` base, which has none)."""
+        return self._conv1d_attr("nf")
+
+    @property
+    def nx(self) -> int:
+        """``Conv1D``'s input size (an AttributeError for an ``nn.Linear`` base, which has none)."""
+        return self._conv1d_attr("nx")
+
+    def _conv1d_attr(self, name: str) -> int:
+        if not self.transposed:
+            raise AttributeError(f"module {self.name!r} wraps {type(self.base_layer).__name__}, which has no {name!r}")
+        return getattr(self.base_layer, name)
+
     # ------------------------------------------------------------------ routing
     def set_shared_router(self, router: Router | None) -> None:
         """Called by the model that owns the shared router (:meth:`MoLoRAModel.set_router`)."""

@@ -54,6 +54,77 @@ def find_targets(model: nn.Module, config: MoLoRAConfig) -> dict[str, nn.Module]
     return targets
 
 
+def find_modules_to_save(model: nn.Module, config: MoLoRAConfig, routed: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``config.modules_to_save`` names, by path (a module inside
+    another listed one is saved with it); MoLoRAError for an entry that matches nothing or a
+    module that holds, or sits inside, a routed layer (``routed``: their paths)."""
+    if not config.modules_to_save:
+        return {}
+    found = {name: m for name, m in model.named_modules() if name and config.saves_module(name)}
+    missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        raise MoLoRAError(f"modules_to_save {missing} match no module of {type(model).__name__}; "
+                          f"its top-level modules are {[n for n, _ in model.named_children()][:8]}")
+    found = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
+    for name in found:
+        inner = [p for p in routed if p == name or p.startswith(name + ".") or name.startswith(p + ".")]
+        if inner:
+            raise MoLoRAError(f"modules_to_save: module {name!r} holds or is a routed layer ({inner[0]!r}); "
+                              f"save whole modules that no target_modules entry reaches (e.g. a new head)")
+        if name == SHARED_ROUTER_KEY:
+            raise MoLoRAError(f"modules_to_save: a module named {name!r} collides with the checkpoint key of the shared router")
+    return found
+
+
+SHARED_ROUTER_KEY = "shared_router"
+ROUTING_KEYWORDS = ("task_ids", "timesteps", "embeddings")
+
+
+def forward_signature(base_class: type) -> inspect.Signature:
+    """The signature :class:`MoLoRAModel` shows for a base of class ``base_class``: the base
+    forward's (``self`` first, as on a class), with the routing signals and ``aux_loss_weight``
+    as keyword-only parameters before its ``**kwargs`` (names the base takes already stay the
+    base's in the listing; the call gives them to molora)."""
+    try:
+        params = list(inspect.signature(base_class.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                  inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+    names = {p.name for p in params}
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ROUTING_KEYWORDS if n not in names]
+    if "aux_loss_weight" not in names:
+        extra.append(inspect.Parameter("aux_loss_weight", inspect.Parameter.KEYWORD_ONLY, default=1.0, annotation=float))
+    tail = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return inspect.Signature([*head, *extra, *tail])
+
+
+_SIGNED: dict[tuple[type, type], type] = {}
+
+
+def _signed_class(cls: type, base_class: type) -> type:
+    """``cls`` with a ``forward`` that shows :func:`forward_signature` of ``base_class`` (one
+    class per pair, named as ``cls``). transformers reads what a model takes from its forward's
+    signature, on the instance (the dataset columns the Trainer keeps) and on the class (the
+    label names, ``find_labels``); a ``*args, **kwargs`` forward would hide every column."""
+    key = (cls, base_class)
+    signed = _SIGNED.get(key)
+    if signed is None:
+        plain = cls.forward
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return plain(self, *args, **kwargs)
+
+        forward.__signature__ = forward_signature(base_class)
+        forward.__doc__ = plain.__doc__
+        forward.__name__ = forward.__qualname__ = "forward"
+        signed = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+                                             "_signed_for": base_class})
+        _SIGNED[key] = signed
+    return signed
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     names = []
     for name, m in model.named_modules():
@@ -76,7 +147,12 @@ class MoLoRAModel(nn.Module):
     per forward, and what the layers decided is read back by :meth:`aux_loss`,
     :meth:`routing_stats` and :meth:`last_routing` in the same thread. The model owns every
     change to itself (routers, experts, merges, weights); each checks everything before it
-    changes anything and keeps :attr:`config` in step, so that a checkpoint saves what runs.
+    changes anything and keeps :attr:`molora_config` in step, so that a checkpoint saves what runs.
+
+    As with PEFT's ``PeftModel``, ``model.config`` is the *base model's* config (attribute
+    access falls through to the base model), so transformers code and users read and set it as
+    on the base (``model.config.use_cache = False``); the MoLoRA configuration is
+    :attr:`molora_config`.
     """
 
     def __init__(
@@ -88,12 +164,18 @@ class MoLoRAModel(nn.Module):
         expert_names: Sequence[str],
         shared_router: Router | None = None,
     ) -> None:
+        saved = find_modules_to_save(base_model, config, list(layers))  # checked before anything changes
         super().__init__()
+        if "_signed_for" not in type(self).__dict__:
+            self.__class__ = _signed_class(type(self), type(base_model))
         self.base_model = base_model
-        self.config = config
+        self.molora_config = config
         self.expert_names = list(expert_names)
         self.shared_router = shared_router
+        self._saved_paths = list(saved)
         base_model.requires_grad_(False)
+        for module in saved.values():
+            module.requires_grad_(True)
         for name, layer in layers.items():
             layer.set_shared_router(shared_router)
             base_model.set_submodule(name, layer)
@@ -126,8 +208,40 @@ class MoLoRAModel(nn.Module):
         scope = context.last_forward(self._scope_owner)
         return {} if scope is None else dict(scope.records)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, task_ids: Any = None, timesteps: Any = None, embeddings: Any = None,
+                aux_loss_weight: float = 1.0, **kwargs: Any) -> Any:
+        """The base model's forward, with its signature (:func:`forward_signature`), so that
+        transformers' ``Trainer`` sees the columns it takes.
+
+        ``task_ids``, ``timesteps``, ``embeddings``: routing signals of this call (as
+        ``with model.routing(...)``; a Trainer dataset column ``task_ids`` flows in so).
+
+        The balancing losses join the output as in transformers' MoE models (Mixtral's
+        ``loss += router_aux_loss_coef * aux_loss``): when the output carries a ``loss`` (labels
+        were given) and :attr:`molora_config` sets a coefficient, ``output.aux_loss`` is
+        :meth:`aux_loss` (the coefficients applied) and ``output.loss`` is the task loss plus
+        ``aux_loss_weight * aux_loss`` (a Trainer that rescales the loss for gradient
+        accumulation passes its weight; :class:`~molora.integrations.MoLoRATrainer` does).
+        Tuple outputs (``return_dict=False``) and loss-free calls are returned as the base gives them.
+        """
+        signals = {k: v for k, v in (("task_ids", task_ids), ("timesteps", timesteps), ("embeddings", embeddings))
+                   if v is not None}
+        if signals:
+            with self.routing(**signals):
+                output = self.base_model(*args, **kwargs)
+        else:
+            output = self.base_model(*args, **kwargs)
+        return self._with_aux_loss(output, aux_loss_weight)
+
+    def _with_aux_loss(self, output: Any, weight: float) -> Any:
+        """``output`` with ``aux_loss`` set and ``weight * aux_loss`` added to its ``loss`` (see :meth:`forward`)."""
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if loss is None or not self.molora_config.has_aux_loss:
+            return output
+        aux = self.aux_loss().to(loss.device)
+        output["aux_loss"] = aux
+        output["loss"] = loss + weight * aux
+        return output
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` in one generation scope (:mod:`molora.context`): routing
@@ -178,8 +292,8 @@ class MoLoRAModel(nn.Module):
         for layer in self.routed_layers().values():
             layer.router = None
             layer.set_shared_router(router)
-        self.config.router = router.name
-        self.config.router_kwargs = {}
+        self.molora_config.router = router.name
+        self.molora_config.router_kwargs = {}
 
     def set_layer_routers(self, make: Any, name: str, kwargs: Mapping[str, Any] | None = None) -> None:
         """Give every routed layer its own router ``make(module_path, layer)`` (built for all
@@ -197,7 +311,7 @@ class MoLoRAModel(nn.Module):
             layer.router = routers[path]
             layer.set_shared_router(None)
         self.shared_router = None
-        self.config.router, self.config.router_kwargs = name, dict(kwargs or {})
+        self.molora_config.router, self.molora_config.router_kwargs = name, dict(kwargs or {})
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -310,7 +424,7 @@ class MoLoRAModel(nn.Module):
             raise MoLoRAError(f"add_expert: the name must be a non-empty string; got {name!r}")
         if name in self.expert_names:
             raise MoLoRAError(f"an expert named {name!r} exists already; experts are {self.expert_names}")
-        cfg = self.config
+        cfg = self.molora_config
         rank = cfg.rank if rank is None else rank
         alpha = cfg.alpha if alpha is None else alpha
         init = init or cfg.init
@@ -347,7 +461,12 @@ class MoLoRAModel(nn.Module):
         """Only molora's tensors: experts and routers, keyed ``<module path>.<param>``."""
         from molora.persistence import adapter_modules, adapter_tensors
 
-        return adapter_tensors(adapter_modules(self.routed_layers(), self.shared_router))
+        return adapter_tensors(adapter_modules(self.routed_layers(), self.shared_router, self.saved_modules()))
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """The base modules that :attr:`MoLoRAConfig.modules_to_save` names, by path: trainable,
+        and saved and loaded with the checkpoint."""
+        return {path: self.base_model.get_submodule(path) for path in self._saved_paths}
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``molora_config.json`` and the weights file it names (``molora_model-<hash>.safetensors``)

@@ -615,7 +615,7 @@ def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "config": model.config.to_dict(),
+        "config": model.molora_config.to_dict(),
         "expert_names": model.expert_names,
         "shared_router": None if shared is None else {"name": shared.name, "d_in": shared.d_in, "config": shared.get_config()},
         "layers": layers,
@@ -724,14 +724,19 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 
 @contextlib.contextmanager
-def _restored_on_error(modules: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Undo what building layers does to the base modules (``requires_grad``) if loading fails."""
-    saved = [(p, p.requires_grad) for m in modules.values() for p in m.parameters()]
+def _restored_on_error(modules: Mapping[str, nn.Module], written: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Undo what loading does to the base modules if it fails: ``requires_grad`` of ``modules``
+    (the routed layers' bases), and the values of ``written`` (modules_to_save, loaded in place)."""
+    flags = [(p, p.requires_grad) for m in modules.values() for p in m.parameters()]
+    values = [(t, t.detach().clone()) for m in written.values() for t in m.state_dict(keep_vars=True).values()]
     try:
         yield
     except BaseException:
-        for p, flag in saved:
+        for p, flag in flags:
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for t, v in values:
+                t.copy_(v)
         raise
 
 
@@ -739,7 +744,7 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
     """Rebuild the routed layers a validated ``meta`` describes on ``base_model`` and load
     ``tensors``. The base fingerprint is checked and everything built before the base model is
     changed, so on any error it is left as it was."""
-    from molora.model import MoLoRAModel
+    from molora.model import MoLoRAModel, find_modules_to_save
 
     try:
         config = MoLoRAConfig.from_dict(meta["config"])
@@ -757,7 +762,11 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         if isinstance(modules[name], RoutedLoRALinear):
             raise CheckpointError(f"{where}: module {name!r} is already a routed LoRA layer: load into a plain base model")
     check_base_fingerprint(modules, meta.get("base_fingerprint"), where)
-    with _restored_on_error(modules):
+    try:
+        saved = find_modules_to_save(base_model, config, list(meta["layers"]))
+    except MoLoRAError as exc:
+        raise CheckpointError(f"{where}: field 'config.modules_to_save': {exc} (checkpoint made for {made_for})") from None
+    with _restored_on_error(modules, saved):
         # an X-LoRA-style router is rebuilt around the shared classifier once the layers exist
         layers = {name: _build_layer(modules[name], name, _without_xlora(spec), len(names), config, where, made_for)
                   for name, spec in meta["layers"].items()}
@@ -775,7 +784,7 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
             device = next(iter(layers.values())).bank.B[0].device if layers else None
             shared = shared.to(device=device, dtype=config.torch_dtype)
         try:
-            load_adapter_tensors(adapter_modules(layers, shared), tensors)
+            load_adapter_tensors(adapter_modules(layers, shared, saved), tensors)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: the weights do not fit the layout of field 'layers': {exc}") from None
         merges = {}
@@ -841,12 +850,15 @@ def load_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> MoLo
     return build_model(base_model, meta, tensors, str(Path(directory) / CONFIG_NAME))
 
 
-def adapter_modules(layers: Mapping[str, RoutedLoRALinear], shared_router: nn.Module | None) -> dict[str, nn.Module]:
-    """Where a checkpoint's tensors live: each routed layer under its module path, and the
-    model's shared router (if any) under ``shared_router``."""
+def adapter_modules(layers: Mapping[str, RoutedLoRALinear], shared_router: nn.Module | None,
+                    saved: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """Where a checkpoint's tensors live: each routed layer under its module path, the model's
+    shared router (if any) under ``shared_router``, and each module of
+    :attr:`~molora.MoLoRAConfig.modules_to_save` (``saved``) under its module path."""
     modules: dict[str, nn.Module] = dict(layers)
     if shared_router is not None:
         modules["shared_router"] = shared_router
+    modules.update(saved or {})
     return modules
 
 

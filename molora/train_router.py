@@ -96,7 +96,7 @@ def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity
         return
     first = next(iter(layers.values()))
     device = first.bank.B[0].device
-    dtype = model.config.torch_dtype
+    dtype = model.molora_config.torch_dtype
     if router == "weights":
         model.set_router(GlobalWeightsRouter(model.num_experts, first.bank.d_in, normalize=normalize).to(device))
         return
@@ -183,7 +183,7 @@ def train_router(
     model.set_experts_trainable(False)
     params = router_parameters(model)
     if not params:
-        raise MoLoRAError(f"molora.train_router: the model's routers ({model.config.router!r}) have no parameters to train")
+        raise MoLoRAError(f"molora.train_router: the model's routers ({model.molora_config.router!r}) have no parameters to train")
     for p in params:
         p.requires_grad_(True)
     if lr is None:

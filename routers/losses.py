@@ -207,7 +207,7 @@ def model_aux_loss(model: MoLoRAModel) -> Tensor:
     of the layers. The localized loss reads each decision's ``task_ids`` (the example types).
     Returns 0 when no coefficient is set or no router produced logits.
     """
-    cfg = model.config
+    cfg = model.molora_config
     coefs = {
         "aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef,
         "entropy": getattr(cfg, "entropy_loss_coef", 0.0), "localized": getattr(cfg, "localized_loss_coef", 0.0),

@@ -91,11 +91,12 @@ def snapshot(model: torch.nn.Module) -> dict:
     modules = {name: type(m).__name__ for name, m in model.named_modules()}
     hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
              for name, m in model.named_modules()}
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config):
-        config = copy.deepcopy(dataclasses.asdict(config))
-    elif hasattr(config, "to_dict"):
-        config = copy.deepcopy(config.to_dict())
+    def as_dict(config):
+        if dataclasses.is_dataclass(config):
+            return copy.deepcopy(dataclasses.asdict(config))
+        return copy.deepcopy(config.to_dict()) if hasattr(config, "to_dict") else config
+
+    config = (as_dict(getattr(model, "molora_config", None)), as_dict(getattr(model, "config", None)))
     extra = {k: copy.deepcopy(getattr(model, k)) for k in ("expert_names",) if k in getattr(model, "__dict__", {})}
     return {"state": state, "modules": modules, "hooks": hooks, "config": config, "extra": extra}
 

@@ -52,7 +52,7 @@ def test_layerwise_checkpoint_round_trip(tmp_path):
         expected = model(**inputs).last_hidden_state
     model.save_pretrained(tmp_path / "ckpt")
     restored = molora.MoLoRAModel.from_pretrained(tiny_bert(), tmp_path / "ckpt").eval()
-    assert restored.config.layer_overrides == OVERRIDES
+    assert restored.molora_config.layer_overrides == OVERRIDES
     with torch.no_grad():
         assert torch.equal(restored(**inputs).last_hidden_state, expected)
 

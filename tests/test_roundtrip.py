@@ -125,7 +125,7 @@ def round_trip(model: MoLoRAModel, signals: dict, folder) -> MoLoRAModel:
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    assert loaded.config.to_dict() == model.config.to_dict()
+    assert loaded.molora_config.to_dict() == model.molora_config.to_dict()
     assert loaded.expert_names == model.expert_names
     assert _routers(loaded) == _routers(model)
     if model.shared_router is None:

@@ -369,7 +369,7 @@ def router_loss(model, tok, model_class: str, max_length: int):
         else:
             labels = torch.tensor([r["label"] for r in rows])
         with m.routing(**signals):
-            return m(**inputs, labels=labels).loss + m.aux_loss()
+            return m(**inputs, labels=labels).loss  # the model's forward adds m.aux_loss() to it
 
     return loss_fn
 
@@ -382,7 +382,7 @@ def _train_router(args: argparse.Namespace) -> int:
     from molora.train_router import router_parameters, train_router
 
     if not router_parameters(model):
-        raise CLIError(f"the checkpoint's router {model.config.router!r} has no trainable parameters "
+        raise CLIError(f"the checkpoint's router {model.molora_config.router!r} has no trainable parameters "
                        "(compose with a learned router, e.g. --router soft)")
     result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
                           batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
