@@ -31,7 +31,9 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
 
     so ranks add up (per module through ``rank_pattern``) and the adapter's scaling is 1
     (``lora_alpha = r``). Experts with weight 0 are left out; a module whose experts all have
-    weight 0 is not targeted.
+    weight 0 is not targeted. Every expert kind exports through its bank's
+    :meth:`~molora.bank.BaseExpertBank.mixture_factors` (the factors the kernel sees; a bank
+    whose experts share ``B``, QR-LoRA's ``Q``, exports ``B = Q``, ``A = sum_e w_e s_e A_e``).
 
     ``weights`` maps expert names to weights (missing = 0) or lists one per expert; a NaN/inf
     weight, an unknown expert name or a wrong count is a MoLoRAError naming it
@@ -50,19 +52,14 @@ def export_peft(model: MoLoRAModel, directory: str | os.PathLike, weights: Mappi
     transposed = False
     for name, layer in model.routed_layers().items():
         bank, w = layer.bank, per_layer[name]
-        As, Bs = [], []
-        for e in range(bank.num_experts):
-            if float(w[e]) != 0.0:
-                A = bank.A_shared if bank.shared_a else bank.A[e]
-                As.append(A.detach().float().cpu() * (float(w[e]) * float(bank.scaling[e])))
-                Bs.append(bank.B[e].detach().float().cpu())
-        if not As:
+        factors = bank.mixture_factors(w)
+        if factors is None:
             continue
-        for ab, t in (("lora_A", torch.cat(As, dim=0)), ("lora_B", torch.cat(Bs, dim=1))):
+        for ab, t in (("lora_A", factors[0].cpu()), ("lora_B", factors[1].cpu())):
             key = f"base_model.model.{name}.{ab}.weight"
             # NaN/inf experts (a diverged training run) would write an adapter PEFT loads silently.
             state[key] = finite_tensor(t.contiguous(), f"export_peft: module {name!r}", f"{ab} (tensor {key!r})")
-        ranks[name] = sum(a.shape[0] for a in As)
+        ranks[name] = int(factors[0].shape[0])
         transposed |= layer.transposed
     if not state:
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")

@@ -27,6 +27,9 @@ CASES = {
     "soft": dict(router="soft", num_experts=3),
     "topk": dict(router="topk", top_k=2, num_experts=4),
     "topk-many": dict(router="topk", top_k=2, num_experts=32),  # eager: the grouped form
+    # expert kinds: their materialisation (triu of the stacked dR, bmm of the mixers) is in the graph
+    "qr_lora": dict(router="topk", top_k=2, num_experts=4, expert_kind="qr_lora"),
+    "moslora": dict(router="soft", num_experts=3, expert_kind="moslora"),
 }
 
 
