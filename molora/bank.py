@@ -177,7 +177,10 @@ class BaseExpertBank(nn.Module):
     def expert_factors(self, expert: int) -> tuple[Tensor, Tensor]:
         """``(A_e [r_e, d_in], B_e [d_out, r_e])`` of one expert as the kernel sees them (from
         :meth:`stacked`, unpadded): what merging and export write."""
-        A, B = self.stacked()
+        return self._unpadded(self.stacked(), expert)
+
+    def _unpadded(self, stack: tuple[Tensor, Tensor], expert: int) -> tuple[Tensor, Tensor]:
+        A, B = stack
         r = self.ranks[expert]
         return (A if A.dim() == 2 else A[expert])[:r], B[expert][:, :r]
 
@@ -186,9 +189,10 @@ class BaseExpertBank(nn.Module):
         scaled ``A``s of the experts with ``w_e != 0`` stacked along the rank axis, their ``B``s
         side by side (PEFT's ``combination_type="cat"``); ``None`` if every weight is 0."""
         As, Bs = [], []
+        stack = self.stacked()  # once for all experts
         for e in range(self.num_experts):
             if float(weights[e]) != 0.0:
-                A, B = self.expert_factors(e)
+                A, B = self._unpadded(stack, e)
                 As.append(A.detach().float() * (float(weights[e]) * float(self.scaling[e])))
                 Bs.append(B.detach().float())
         return (torch.cat(As, dim=0), torch.cat(Bs, dim=1)) if As else None
@@ -199,9 +203,10 @@ class BaseExpertBank(nn.Module):
         if w.shape != (self.num_experts,):
             raise ValueError(f"{type(self).__name__}: expected {self.num_experts} weights; got shape {tuple(w.shape)}")
         delta = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
+        stack = self.stacked() if self.num_experts else None
         for e in range(self.num_experts):
             if w[e] != 0:
-                A, B = self.expert_factors(e)
+                A, B = self._unpadded(stack, e)
                 delta += (float(w[e]) * float(self.scaling[e])) * (B.float() @ A.float())
         return delta
 

@@ -368,3 +368,42 @@ def test_frozen_kind_banks_keep_their_stacked_copy():
         with torch.no_grad():
             (bank.dR[0] if kind == "qr_lora" else bank.M[0]).mul_(2.0)
         assert bank.stacked() is not first  # a written source invalidates it
+
+
+def test_a_checkpoint_without_a_kind_loads_as_plain_lora(tmp_path):
+    """Checkpoints written before expert kinds existed have no ``kind`` field."""
+    import json
+
+    from molora.persistence import CONFIG_NAME
+
+    model = _lin_model("lora")
+    _randomize(model)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    model.save_pretrained(str(tmp_path / "ck"))
+    path = tmp_path / "ck" / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    del meta["layers"]["lin"]["bank"]["kind"]
+    del meta["config"]["expert_kind"]
+    path.write_text(json.dumps(meta))
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(16, 12))
+    base.lin.load_state_dict(model.routed_layers()["lin"].base_layer.state_dict())
+    loaded = molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
+    assert type(loaded.routed_layers()["lin"].bank) is ExpertBank
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+
+
+def test_kind_specific_refusals_change_nothing():
+    from molora.adapter_pool import AdapterPool
+
+    model = _lin_model("qr_lora", router="task")
+    with pytest.raises(MoLoRAError, match=r"add_expert 'x'.*own rank only; got rank 2, modules have \{'lin': 3\}"):
+        model.add_expert("x", rank=2)
+    assert model.expert_names == [f"expert_{i}" for i in range(4)] and model.routed_layers()["lin"].bank.num_experts == 4
+    with pytest.raises(MoLoRAError, match="AdapterPool: module 'lin' must hold every slot as a plain LoRA expert.*'qr_lora'"):
+        AdapterPool(model)
+    with pytest.raises(ValueError, match="shares its mixer"):
+        MoSLoRABank(8, 4, shared_a=True, shared_rank=2).add_expert(2, 1.0, M=torch.eye(2))
