@@ -190,7 +190,7 @@ class ContinualManager:
         return self._model.add_expert(name)
 
     def _zero(self) -> Tensor:
-        device = next(iter(self._model.routed_layers().values())).bank.B[0].device if self._model is not None else None
+        device = next(iter(self._model.routed_layers().values())).bank.device if self._model is not None else None
         return torch.zeros((), device=device)
 
     # ------------------------------------------------------------------ persistence

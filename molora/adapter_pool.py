@@ -71,9 +71,11 @@ class AdapterPool:
         self.model = model
         self.layers = model.routed_layers()
         for name, layer in self.layers.items():
-            if layer.bank.shared_a or len(set(layer.bank.ranks)) > 1 or layer.expert_ids != list(range(model.num_experts)):
-                raise MoLoRAError(f"AdapterPool: module {name!r} must hold every slot at one rank without a shared A; "
-                                  f"has ranks {layer.bank.ranks}, shared_a={layer.bank.shared_a}")
+            if layer.bank.kind != "lora" or layer.bank.shared_a or len(set(layer.bank.ranks)) > 1 \
+                    or layer.expert_ids != list(range(model.num_experts)):
+                raise MoLoRAError(f"AdapterPool: module {name!r} must hold every slot as a plain LoRA expert at one rank "
+                                  f"without a shared A; has kind {layer.bank.kind!r}, ranks {layer.bank.ranks}, "
+                                  f"shared_a={getattr(layer.bank, 'shared_a', False)}")
         self.num_slots = model.num_experts
         self.host_cache_bytes = int(host_cache_bytes)
         self.stats = LoadStats()

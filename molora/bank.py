@@ -10,6 +10,13 @@ Each expert is its own parameter, so experts can be frozen one by one (an optimi
 the bank can grow (continual learning) without invalidating optimizer references to the
 experts that were already there. Experts of different ranks are zero-padded to the largest rank
 when stacked for the kernel; the padding is a constant, so it never trains.
+
+Expert kinds (:mod:`molora.kinds`): every kind is a small parametrisation that yields the
+``(A_e, B_e, s_e)`` the routed kernel consumes, differentiably. :class:`BaseExpertBank` holds
+what all kinds share (ranks, scalings, freezing, the stacked cache, merging, the spec); a kind
+defines its parameters and :meth:`BaseExpertBank._stack`, the one place that turns them into the
+kernel's ``A`` and ``B``. Merging, export and persistence go through that place, so a new kind
+gets them for free. :class:`ExpertBank` is the plain LoRA / HydraLoRA kind (``"lora"``).
 """
 
 from __future__ import annotations
@@ -45,8 +52,202 @@ def init_lora_A(A: Tensor, init: str) -> None:
             raise ValueError(f"init must be one of {INITS}; got {init!r}")
 
 
-class ExpertBank(nn.Module):
-    """E LoRA experts for one base layer: ``delta_e(x) = s_e * B_e A_e x``.
+class BaseExpertBank(nn.Module):
+    """What every expert kind shares: E experts of ranks ``r_e`` with scalings ``s_e`` for one
+    base layer ``[d_out, d_in]``; ``delta_e(x) = s_e * B_e A_e x`` where ``(A_e, B_e)`` are what
+    the kind materialises from its parameters in :meth:`_stack`.
+
+    A kind (subclass) sets :attr:`kind`, registers its parameters, appends experts through
+    :meth:`_register`, and defines :meth:`_stack`, :meth:`_sources`, :meth:`expert_parameters`,
+    :meth:`shared_parameters` and :meth:`_from_spec`.
+    """
+
+    kind = "base"
+
+    def __init__(self, d_in: int, d_out: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.ranks: list[int] = []
+        self.alphas: list[float] = []
+        self.rslora: list[bool] = []
+        self._factory = {"dtype": dtype, "device": device}
+        self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+        self._stacked_cache: tuple | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    @property
+    def fixed_rank(self) -> int | None:
+        """The one rank every expert of this bank must have (a shared factor fixes it), else ``None``."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the bank's factors live (the scaling buffer's device while it has none)."""
+        sources = self._sources()
+        return sources[0].device if sources else self.scaling.device
+
+    def _register(self, rank: int, alpha: float, use_rslora: bool) -> int:
+        """Book an expert whose factors the kind has just appended; returns its index."""
+        self.ranks.append(rank)
+        self.alphas.append(float(alpha))
+        self.rslora.append(bool(use_rslora))
+        self._refresh_scaling()
+        return self.num_experts - 1
+
+    def _check_rank(self, rank: Any) -> int:
+        fixed = self.fixed_rank
+        if fixed is not None and rank != fixed:
+            raise ValueError(f"{type(self).__name__}: experts of this bank have rank {fixed} (a shared factor); got {rank!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{type(self).__name__}: rank must be a positive int; got {rank!r}")
+        return rank
+
+    def _given(self, name: str, t: Tensor, shape: tuple[int, ...], trainable: bool) -> nn.Parameter:
+        """A copy of a given factor, shape-checked, in the bank's dtype and device."""
+        _check_shape(name, t, shape, type(self).__name__)
+        dtype, device = self._factory["dtype"], self._factory["device"]
+        return nn.Parameter(t.detach().to(dtype=dtype or t.dtype, device=device or t.device).clone(),
+                            requires_grad=trainable)
+
+    def _empty(self, *shape: int) -> Tensor:
+        return torch.empty(*shape, **self._factory)
+
+    def _refresh_scaling(self) -> None:
+        values = [lora_scaling(a, r, s) for a, r, s in zip(self.alphas, self.ranks, self.rslora)]
+        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def expert_parameters(self, expert: int) -> list[nn.Parameter]:
+        """The parameters that belong to expert ``expert`` alone (shared factors are not among them)."""
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters shared by all experts (HydraLoRA's ``A``, a shared mixer)."""
+        return []
+
+    def set_trainable(self, trainable: bool, experts: Iterable[int] | None = None) -> None:
+        """Freeze (``False``) or unfreeze experts; ``None`` means all of them and the shared factors."""
+        ids = range(self.num_experts) if experts is None else list(experts)
+        for e in ids:
+            for p in self.expert_parameters(e):
+                p.requires_grad_(trainable)
+        if experts is None:
+            for p in self.shared_parameters():
+                p.requires_grad_(trainable)
+
+    def _sources(self) -> list[Tensor]:
+        """Every tensor :meth:`_stack` reads (the cache of :meth:`stacked` is keyed on them)."""
+        raise NotImplementedError
+
+    def _stack(self) -> tuple[Tensor, Tensor]:
+        """The kind's materialisation: ``A [E, r_max, d_in]`` (or a shared ``[r, d_in]``) and
+        ``B [E, d_out, r_max]``, differentiable in the kind's parameters, batched over experts."""
+        raise NotImplementedError
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """Experts stacked for the kernel: ``A [E, r_max, d_in]`` (or the shared ``[r, d_in]``)
+        and ``B [E, d_out, r_max]``; lower-rank experts are zero-padded (exact: padded rank
+        components contribute ``0``).
+
+        Where the stack needs no autograd graph (no source tensor requires grad, as for
+        composed pretrained adapters, an adapter pool or frozen experts of any kind, or grad mode
+        is off, as in evaluation) the bank keeps its stacked copy until a source is replaced or
+        written in place (its version counter moves), so a forward does no per-expert work; the
+        copy costs the bank's size once more in memory. Under grad mode with trainable experts
+        the stack is made per call, in the graph."""
+        if torch.compiler.is_compiling():
+            return self._stack()
+        sources = self._sources()
+        if torch.is_grad_enabled() and any(map(_requires_grad, sources)):
+            return self._stack()
+        # data_ptr and dtype: Module.to() swaps a parameter's .data without moving its version
+        key = (torch.is_inference_mode_enabled(), tuple(map(id, sources)), tuple(map(_version, sources)),
+               tuple(map(Tensor.data_ptr, sources)), tuple(map(_dtype, sources)))
+        cached = self._stacked_cache
+        # the key's ids are of live tensors: the cache holds them, so none is reused meanwhile
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        value = self._stack()
+        # one tuple assignment: a thread reading the cache sees a whole (key, value) pair
+        self._stacked_cache = (key, sources, value)
+        return value
+
+    def expert_factors(self, expert: int) -> tuple[Tensor, Tensor]:
+        """``(A_e [r_e, d_in], B_e [d_out, r_e])`` of one expert as the kernel sees them (from
+        :meth:`stacked`, unpadded): what merging and export write."""
+        return self._unpadded(self.stacked(), expert)
+
+    def _unpadded(self, stack: tuple[Tensor, Tensor], expert: int) -> tuple[Tensor, Tensor]:
+        A, B = stack
+        r = self.ranks[expert]
+        return (A if A.dim() == 2 else A[expert])[:r], B[expert][:, :r]
+
+    def mixture_factors(self, weights: Sequence[float] | Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(A' [R, d_in], B' [d_out, R])`` float32 with ``B' A' = sum_e w_e s_e B_e A_e``: the
+        scaled ``A``s of the experts with ``w_e != 0`` stacked along the rank axis, their ``B``s
+        side by side (PEFT's ``combination_type="cat"``); ``None`` if every weight is 0."""
+        As, Bs = [], []
+        stack = self.stacked()  # once for all experts
+        for e in range(self.num_experts):
+            if float(weights[e]) != 0.0:
+                A, B = self._unpadded(stack, e)
+                As.append(A.detach().float() * (float(weights[e]) * float(self.scaling[e])))
+                Bs.append(B.detach().float())
+        return (torch.cat(As, dim=0), torch.cat(Bs, dim=1)) if As else None
+
+    def delta_weight(self, weights: Sequence[float] | Tensor) -> Tensor:
+        """``sum_e w_e s_e B_e A_e`` as a ``[d_out, d_in]`` float32 matrix (for merging/export)."""
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape != (self.num_experts,):
+            raise ValueError(f"{type(self).__name__}: expected {self.num_experts} weights; got shape {tuple(w.shape)}")
+        delta = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
+        stack = self.stacked() if self.num_experts else None
+        for e in range(self.num_experts):
+            if w[e] != 0:
+                A, B = self._unpadded(stack, e)
+                delta += (float(w[e]) * float(self.scaling[e])) * (B.float() @ A.float())
+        return delta
+
+    def spec(self) -> dict[str, Any]:
+        """JSON description from which :meth:`from_spec` rebuilds an empty bank of this layout."""
+        return {
+            "kind": self.kind,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "shared_a": False,
+            "shared_rank": self.fixed_rank,
+            "ranks": list(self.ranks),
+            "alphas": list(self.alphas),
+            "rslora": list(self.rslora),
+            "trainable": [all(p.requires_grad for p in self.expert_parameters(e)) for e in range(self.num_experts)],
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None = None, device: Any = None,
+                  base_weight: Tensor | None = None) -> BaseExpertBank:
+        """A bank of fresh experts of that layout, of the kind ``spec["kind"]`` (default ``"lora"``).
+
+        ``base_weight`` (the base layer's ``[d_out, d_in]`` weight) is needed by kinds built from
+        it (QR-LoRA); without it they hold placeholders that a checkpoint's tensors fill."""
+        from molora.kinds import bank_class
+
+        return bank_class(spec.get("kind", "lora"))._from_spec(spec, dtype=dtype, device=device, base_weight=base_weight)
+
+    @classmethod
+    def _from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None, device: Any,
+                   base_weight: Tensor | None) -> BaseExpertBank:
+        raise NotImplementedError
+
+
+class ExpertBank(BaseExpertBank):
+    """E LoRA experts for one base layer: ``delta_e(x) = s_e * B_e A_e x`` (kind ``"lora"``).
 
     Args:
         d_in, d_out: the base layer's input and output features.
@@ -55,6 +256,8 @@ class ExpertBank(nn.Module):
         init: initialisation of the shared ``A`` (see :func:`init_lora_A`).
         dtype, device: of the parameters.
     """
+
+    kind = "lora"
 
     def __init__(
         self,
@@ -67,32 +270,21 @@ class ExpertBank(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.d_in, self.d_out = int(d_in), int(d_out)
+        super().__init__(d_in, d_out, dtype=dtype, device=device)
         self.shared_a = bool(shared_a)
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        self.ranks: list[int] = []
-        self.alphas: list[float] = []
-        self.rslora: list[bool] = []
-        self._factory = {"dtype": dtype, "device": device}
         if self.shared_a:
             if not shared_rank or shared_rank < 1:
-                raise ValueError(f"ExpertBank: shared_a needs shared_rank >= 1; got {shared_rank!r}")
-            self.A_shared = nn.Parameter(torch.empty(shared_rank, d_in, **self._factory))
+                raise ValueError(f"{type(self).__name__}: shared_a needs shared_rank >= 1; got {shared_rank!r}")
+            self.A_shared = nn.Parameter(self._empty(shared_rank, d_in))
             init_lora_A(self.A_shared, init)
         else:
             self.A_shared = None
-        self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
-        self._stacked_cache: tuple | None = None
 
     @property
-    def num_experts(self) -> int:
-        return len(self.B)
-
-    @property
-    def max_rank(self) -> int:
-        return max(self.ranks, default=0)
+    def fixed_rank(self) -> int | None:
+        return int(self.A_shared.shape[0]) if self.shared_a else None
 
     def add_expert(
         self,
@@ -111,121 +303,54 @@ class ExpertBank(nn.Module):
         ``B`` is zero, so a new expert starts as the identity delta (LoRA's convention).
         """
         if self.shared_a:
-            rank = self.A_shared.shape[0]
+            rank = self.fixed_rank
             if A is not None:
-                raise ValueError("ExpertBank: a shared-A bank takes per-expert B only")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"ExpertBank: rank must be a positive int; got {rank!r}")
-        dtype, device = self._factory["dtype"], self._factory["device"]
-        if not self.shared_a:
-            if A is None:
-                a = torch.empty(rank, self.d_in, dtype=dtype, device=device)
-                init_lora_A(a, init)
-            else:
-                _check_shape("A", A, (rank, self.d_in))
-                a = A.detach().to(dtype=dtype or A.dtype, device=device or A.device).clone()
-            self.A.append(nn.Parameter(a, requires_grad=trainable))
-        if B is None:
-            b = torch.zeros(self.d_out, rank, dtype=dtype, device=device)
-        else:
-            _check_shape("B", B, (self.d_out, rank))
-            b = B.detach().to(dtype=dtype or B.dtype, device=device or B.device).clone()
-        self.B.append(nn.Parameter(b, requires_grad=trainable))
-        self.ranks.append(rank)
-        self.alphas.append(float(alpha))
-        self.rslora.append(bool(use_rslora))
-        self._refresh_scaling()
-        return self.num_experts - 1
+                raise ValueError(f"{type(self).__name__}: a shared-A bank takes per-expert B only")
+        rank = self._check_rank(rank)
+        a = self._factors_a(rank, init, A, trainable)
+        b = self._given("B", B, (self.d_out, rank), trainable) if B is not None else \
+            nn.Parameter(torch.zeros(self.d_out, rank, **self._factory), requires_grad=trainable)
+        if a is not None:
+            self.A.append(a)
+        self.B.append(b)
+        return self._register(rank, alpha, use_rslora)
 
-    def _refresh_scaling(self) -> None:
-        values = [lora_scaling(a, r, s) for a, r, s in zip(self.alphas, self.ranks, self.rslora)]
-        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.B[0].device)
+    def _factors_a(self, rank: int, init: str, A: Tensor | None, trainable: bool) -> nn.Parameter | None:
+        """The new expert's own ``A`` (``None`` in a shared-A bank); checked before anything is appended."""
+        if self.shared_a:
+            return None
+        if A is not None:
+            return self._given("A", A, (rank, self.d_in), trainable)
+        a = self._empty(rank, self.d_in)
+        init_lora_A(a, init)
+        return nn.Parameter(a, requires_grad=trainable)
 
     def expert_parameters(self, expert: int) -> list[nn.Parameter]:
-        """The parameters that belong to expert ``expert`` alone (the shared A is not among them)."""
         return [self.B[expert]] if self.shared_a else [self.A[expert], self.B[expert]]
 
-    def set_trainable(self, trainable: bool, experts: Iterable[int] | None = None) -> None:
-        """Freeze (``False``) or unfreeze experts; ``None`` means all of them and the shared A."""
-        ids = range(self.num_experts) if experts is None else list(experts)
-        for e in ids:
-            for p in self.expert_parameters(e):
-                p.requires_grad_(trainable)
-        if experts is None and self.A_shared is not None:
-            self.A_shared.requires_grad_(trainable)
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.A_shared] if self.A_shared is not None else []
 
-    def stacked(self) -> tuple[Tensor, Tensor]:
-        """Experts stacked for the kernel: ``A [E, r_max, d_in]`` (or the shared ``[r, d_in]``)
-        and ``B [E, d_out, r_max]``; lower-rank experts are zero-padded (exact: padded rank
-        components contribute ``0``).
-
-        Where the stack needs no autograd graph (no parameter requires grad, as for composed
-        pretrained adapters or an adapter pool, or grad mode is off, as in evaluation) the bank
-        keeps its stacked copy until a parameter is replaced or written in place (its version
-        counter moves), so a forward does no per-expert work; the copy costs the bank's size
-        once more in memory. Under grad mode with trainable experts the stack is made per call,
-        in the graph."""
-        if torch.compiler.is_compiling():
-            return self._stack()
+    def _sources(self) -> list[Tensor]:
         # the ParameterLists' own dicts: their __iter__ costs ~2 us a parameter, the bank's
         # whole forward budget at E = 1024
-        sources = [self.A_shared] if self.shared_a else list(self.A._parameters.values())
-        sources += self.B._parameters.values()
-        if torch.is_grad_enabled() and any(map(_requires_grad, sources)):
-            return self._stack()
-        # data_ptr and dtype: Module.to() swaps a parameter's .data without moving its version
-        key = (torch.is_inference_mode_enabled(), tuple(map(id, sources)), tuple(map(_version, sources)),
-               tuple(map(Tensor.data_ptr, sources)), tuple(map(_dtype, sources)))
-        cached = self._stacked_cache
-        # the key's ids are of live parameters: the cache holds them, so none is reused meanwhile
-        if cached is not None and cached[0] == key:
-            return cached[2]
-        value = self._stack()
-        # one tuple assignment: a thread reading the cache sees a whole (key, value) pair
-        self._stacked_cache = (key, sources, value)
-        return value
+        return [*([self.A_shared] if self.shared_a else self.A._parameters.values()), *self.B._parameters.values()]
+
+    def _stack_a(self) -> Tensor:
+        """The experts' ``A`` stacked ``[E, r_max, d_in]`` (zero-padded), or the shared ``A``."""
+        if self.shared_a:
+            return self.A_shared
+        return _stack_padded(list(self.A), self.max_rank, rows=True)
 
     def _stack(self) -> tuple[Tensor, Tensor]:
-        r = self.max_rank
-        if self.shared_a:
-            A = self.A_shared
-        elif all(k == r for k in self.ranks):
-            A = torch.stack(list(self.A))
-        else:
-            A = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a in self.A])
-        if all(k == r for k in self.ranks):
-            B = torch.stack(list(self.B))
-        else:
-            B = torch.stack([F.pad(b, (0, r - b.shape[1])) for b in self.B])
-        return A, B
-
-    def delta_weight(self, weights: Sequence[float] | Tensor) -> Tensor:
-        """``sum_e w_e s_e B_e A_e`` as a ``[d_out, d_in]`` float32 matrix (for merging/export)."""
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        if w.shape != (self.num_experts,):
-            raise ValueError(f"ExpertBank: expected {self.num_experts} weights; got shape {tuple(w.shape)}")
-        delta = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.B[0].device)
-        for e in range(self.num_experts):
-            if w[e] != 0:
-                A = self.A_shared if self.shared_a else self.A[e]
-                delta += (float(w[e]) * float(self.scaling[e])) * (self.B[e].float() @ A.float())
-        return delta
+        return self._stack_a(), _stack_padded(list(self.B), self.max_rank, rows=False)
 
     def spec(self) -> dict[str, Any]:
-        """JSON description from which :meth:`from_spec` rebuilds an empty bank of this layout."""
-        return {
-            "d_in": self.d_in,
-            "d_out": self.d_out,
-            "shared_a": self.shared_a,
-            "shared_rank": None if self.A_shared is None else int(self.A_shared.shape[0]),
-            "ranks": list(self.ranks),
-            "alphas": list(self.alphas),
-            "rslora": list(self.rslora),
-            "trainable": [bool(b.requires_grad) for b in self.B],
-        }
+        return {**super().spec(), "shared_a": self.shared_a}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None = None, device: Any = None) -> ExpertBank:
+    def _from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None, device: Any,
+                   base_weight: Tensor | None) -> ExpertBank:
         """A bank of fresh experts (``A`` by ``spec["init"]``, default kaiming; ``B = 0``) of that layout."""
         init = spec.get("init", "kaiming")
         bank = cls(spec["d_in"], spec["d_out"], shared_a=spec["shared_a"], shared_rank=spec["shared_rank"], init=init,
@@ -245,6 +370,15 @@ _version = operator.attrgetter("_version")
 _dtype = operator.attrgetter("dtype")
 
 
-def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+def _stack_padded(factors: list[Tensor], r: int, *, rows: bool) -> Tensor:
+    """Stack per-expert factors, zero-padding the rank axis (rows of ``A``, columns of ``B``) to ``r``."""
+    if all(f.shape[0 if rows else 1] == r for f in factors):
+        return torch.stack(factors)
+    if rows:
+        return torch.stack([F.pad(f, (0, 0, 0, r - f.shape[0])) for f in factors])
+    return torch.stack([F.pad(f, (0, r - f.shape[1])) for f in factors])
+
+
+def _check_shape(name: str, t: Tensor, shape: tuple[int, ...], where: str = "ExpertBank") -> None:
     if tuple(t.shape) != shape:
-        raise ValueError(f"ExpertBank: {name} must have shape {list(shape)}; got {list(t.shape)}")
+        raise ValueError(f"{where}: {name} must have shape {list(shape)}; got {list(t.shape)}")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from molora.bank import INITS
+from molora.kinds import EXPERT_KINDS
 from molora.checks import finite_number, finite_tensor, positive_int, unique_names
 from molora.errors import MoLoRAError
 
@@ -33,7 +34,12 @@ class MoLoRAConfig:
         rank, alpha: LoRA rank ``r`` and ``alpha``; scaling ``alpha / r`` (or ``alpha / sqrt(r)``
             with ``use_rslora``).
         dropout: LoRA dropout on the adapters' input.
-        shared_a: HydraLoRA layout (one shared ``A``, one ``B`` per expert).
+        shared_a: HydraLoRA layout (one shared ``A``, one ``B`` per expert; with ``"moslora"``
+            the mixer is shared too).
+        expert_kind: what each expert is (:mod:`molora.kinds`): ``"lora"`` (``B A``, default),
+            ``"qr_lora"`` (QR-LoRA, Li et al. 2025: ``Q triu(dR)``, ``Q`` frozen from the base
+            weight and shared by the layer's experts) or ``"moslora"`` (MoSLoRA, Wu et al. 2024:
+            ``B M A`` with a trainable mixer). One kind for the whole model.
         init: ``"kaiming"`` (default), ``"gaussian"`` or ``"orthogonal"`` rows of ``A``; ``B`` = 0.
         router: router name (see :data:`molora.routers.ROUTERS`).
         top_k: experts per token for top-k routers; also the ``k`` of the balancing loss.
@@ -67,6 +73,7 @@ class MoLoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     shared_a: bool = False
+    expert_kind: str = "lora"
     init: str = "kaiming"
     router: str = "soft"
     top_k: int | None = None
@@ -102,6 +109,11 @@ class MoLoRAConfig:
         for name in ("use_rslora", "shared_a"):
             if not isinstance(getattr(self, name), bool):
                 raise MoLoRAError(f"{where}: {name} must be true or false; got {getattr(self, name)!r}")
+        if not isinstance(self.expert_kind, str) or self.expert_kind not in EXPERT_KINDS:
+            raise MoLoRAError(f"{where}: expert_kind must be one of {list(EXPERT_KINDS)}; got {self.expert_kind!r}")
+        if self.expert_kind == "qr_lora" and self.shared_a:
+            raise MoLoRAError(f"{where}: expert_kind 'qr_lora' already shares its B side (Q) across experts; "
+                              "shared_a=True is not allowed with it")
         if self.init not in INITS:
             raise MoLoRAError(f"{where}: init must be one of {INITS}; got {self.init!r}")
         if not isinstance(self.router, str) or not self.router:

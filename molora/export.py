@@ -58,6 +58,8 @@ def export_peft(
     parameter it does not use, a density outside ``(0, 1]``, ``svd_rank < 1``, a NaN/inf weight
     (:func:`molora.checks.mixture_weights`), an unknown expert, unequal ranks for the factor-wise
     rules, an expert whose factors hold NaN/inf: nothing non-finite is ever written.
+    Every expert kind exports the factors its kernel sees (:meth:`~molora.bank.BaseExpertBank.expert_factors`;
+    a bank whose experts share ``B``, QR-LoRA's ``Q``, gives ``B = Q`` for each expert).
     """
     options = merge_options(combination, density=density, majority_sign_method=majority_sign_method,
                             svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, where="export_peft")
@@ -80,8 +82,9 @@ def export_peft(
         if not experts:
             continue
         names = [model.expert_names[layer.expert_ids[e]] for e in experts]
-        As = [bank.A_shared if bank.shared_a else bank.A[e] for e in experts]
-        Bs = [bank.B[e] for e in experts]
+        with torch.no_grad():  # the bank's stack is made once (its cache), not per expert
+            factors = [bank.expert_factors(e) for e in experts]
+        As, Bs = [f[0] for f in factors], [f[1] for f in factors]
         for n, a, b in zip(names, As, Bs):
             # NaN/inf experts (a diverged training run) would write an adapter PEFT loads silently.
             finite_tensor(a.detach(), where, f"lora_A of expert {n!r}")

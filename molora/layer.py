@@ -23,7 +23,7 @@ from molora.context import ForwardScope, RoutingSignals, current_scope, current_
 from molora.errors import MoLoRAError, RoutingError
 from molora.routers import Router, RoutingDecision
 
-from .bank import ExpertBank
+from .bank import BaseExpertBank
 
 try:  # transformers' GPT-2 style linear; optional so the layer works without transformers
     from transformers.pytorch_utils import Conv1D
@@ -47,7 +47,7 @@ class RoutedLoRALinear(nn.Module):
     Args:
         base_layer: ``nn.Linear`` or ``Conv1D``; frozen by the model that owns the layer
             (``freeze_base=True`` freezes it here).
-        bank: the experts (:class:`~molora.bank.ExpertBank`).
+        bank: the experts (:class:`~molora.bank.BaseExpertBank`: any expert kind).
         router: a per-layer router, or ``None`` when the model's shared router decides.
         dropout: LoRA dropout on the adapters' input (one mask shared by all experts).
         name: the module path, used in error messages and as the key of its routing record.
@@ -60,7 +60,7 @@ class RoutedLoRALinear(nn.Module):
     def __init__(
         self,
         base_layer: nn.Module,
-        bank: ExpertBank,
+        bank: BaseExpertBank,
         router: Router | None = None,
         *,
         dropout: float = 0.0,
@@ -345,19 +345,22 @@ def build_routed_layer(
     base_layer: nn.Module,
     *,
     name: str,
-    bank: ExpertBank | dict,
+    bank: BaseExpertBank | dict,
     router: Router | dict | None,
     expert_ids: Sequence[int],
     num_global_experts: int,
     dropout: float = 0.0,
     dtype: torch.dtype | None = None,
+    from_base: bool = True,
 ) -> RoutedLoRALinear:
     """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints).
 
-    ``bank`` is an :class:`ExpertBank` or its :meth:`~ExpertBank.spec` (fresh experts of that
+    ``bank`` is an expert bank or its :meth:`~molora.bank.BaseExpertBank.spec` (fresh experts of that
     layout); ``router`` a per-layer router, its ``{"name", "config"}`` spec, or ``None`` (the
     model's shared router decides). Checks shapes against ``base_layer`` and changes nothing
     outside the new layer: the base layer is frozen when the model commits the layers.
+    ``from_base``: expert kinds built from the base weight (QR-LoRA's ``Q``) take it from
+    ``base_layer``; ``False`` (a checkpoint, whose tensors hold them) skips that work.
     """
     from molora.routers import build_router
 
@@ -367,7 +370,13 @@ def build_routed_layer(
         if (bank["d_in"], bank["d_out"]) != (d_in, d_out):
             raise MoLoRAError(f"module {name!r}: the experts are [{bank['d_out']} x {bank['d_in']}] "
                               f"but the base layer is [{d_out} x {d_in}]")
-        bank = ExpertBank.from_spec(bank, dtype=dtype, device=device)
+        base_weight = None
+        if from_base:
+            base_weight = base_layer.weight.T if base_features(base_layer)[2] else base_layer.weight
+        try:
+            bank = BaseExpertBank.from_spec(bank, dtype=dtype, device=device, base_weight=base_weight)
+        except ValueError as exc:  # the bank's own checks (rank, shapes), named for the module
+            raise MoLoRAError(f"module {name!r}: {exc}") from None
     if isinstance(router, dict):
         try:
             router = build_router(router["name"], num_experts=bank.num_experts, d_in=d_in, **router["config"])
@@ -383,4 +392,5 @@ def build_routed_layer(
 def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype) -> RoutedLoRALinear:
     """Rebuild an (untrained) routed layer around ``base_layer`` from :func:`layer_spec`'s output."""
     return build_routed_layer(base_layer, name=name, bank=spec["bank"], router=spec["router"], expert_ids=spec["expert_ids"],
-                              num_global_experts=num_global_experts, dropout=spec["dropout"], dtype=dtype)
+                              num_global_experts=num_global_experts, dropout=spec["dropout"], dtype=dtype,
+                              from_base=False)

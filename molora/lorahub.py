@@ -142,10 +142,10 @@ def elementwise_factors(model: MoLoRAModel, weights: Sequence[float] | Tensor) -
             continue
         ranks = {bank.ranks[e] for e in ids}
         scalings = {round(float(bank.scaling[e]), 9) for e in ids}
-        if len(ranks) != 1 or len(scalings) != 1 or bank.shared_a:
+        if len(ranks) != 1 or len(scalings) != 1 or bank.kind != "lora" or bank.shared_a:
             raise MoLoRAError(
-                f"molora.lorahub: mode='elementwise' needs adapters of one rank and scaling per layer; module {name!r} "
-                f"has ranks {sorted(ranks)} and scalings {sorted(scalings)}; use mode='output'"
+                f"molora.lorahub: mode='elementwise' needs plain LoRA adapters of one rank and scaling per layer; module "
+                f"{name!r} has kind {bank.kind!r}, ranks {sorted(ranks)} and scalings {sorted(scalings)}; use mode='output'"
             )
         w = per_layer[name]
         A = sum(float(w[e]) * bank.A[e].detach().float() for e in ids)
@@ -231,7 +231,7 @@ def lorahub(
         def apply(w: np.ndarray) -> None:
             full = dict(zip(adapters, w.tolist()))
             gates = [full.get(name, 0.0) for name in model.expert_names]
-            model.set_router(StaticRouter(model.num_experts, first.bank.d_in, weights=gates).to(first.bank.B[0].device))
+            model.set_router(StaticRouter(model.num_experts, first.bank.d_in, weights=gates).to(first.bank.device))
 
     model.eval()
     losses: dict[bytes, float] = {}

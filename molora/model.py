@@ -425,6 +425,7 @@ class MoLoRAModel(nn.Module):
         if name in self.expert_names:
             raise MoLoRAError(f"an expert named {name!r} exists already; experts are {self.expert_names}")
         cfg = self.molora_config
+        explicit_rank = rank is not None
         rank = cfg.rank if rank is None else rank
         alpha = cfg.alpha if alpha is None else alpha
         init = init or cfg.init
@@ -435,8 +436,12 @@ class MoLoRAModel(nn.Module):
         if init not in INITS:
             raise MoLoRAError(f"add_expert {name!r}: init must be one of {INITS}; got {init!r}")
         layers = self.routed_layers()
-        if any(layer.bank.shared_a and layer.bank.A_shared.shape[0] != rank for layer in layers.values()):
-            raise MoLoRAError("a shared-A (HydraLoRA) bank adds heads of the shared rank only")
+        # a bank with a shared factor fixes its rank: the default rank is then the layer's own
+        fixed = {path: layer.bank.fixed_rank for path, layer in layers.items()}
+        bad = {path: r for path, r in fixed.items() if r is not None and r != rank and explicit_rank}
+        if bad:
+            raise MoLoRAError(f"add_expert {name!r}: a bank with a shared factor (HydraLoRA's A, QR-LoRA's Q) adds experts "
+                              f"of its own rank only; got rank {rank}, modules have {bad}")
         routers = [layer.router for layer in layers.values() if layer.router is not None]
         routers += [self.shared_router] if self.shared_router is not None else []
         for router in {id(r): r for r in routers}.values():
@@ -446,7 +451,8 @@ class MoLoRAModel(nn.Module):
         for router in {id(r): r for r in routers}.values():  # a router shared by layers grows once
             router.add_expert(name)
         for layer in layers.values():
-            layer.bank.add_expert(rank, float(alpha), use_rslora=cfg.use_rslora, init=init, trainable=trainable)
+            layer.bank.add_expert(layer.bank.fixed_rank or rank, float(alpha), use_rslora=cfg.use_rslora, init=init,
+                                  trainable=trainable)
             layer.set_expert_ids([*layer.expert_ids, new_id], new_id + 1)
         self.expert_names.append(name)
         cfg.num_experts = len(self.expert_names)
@@ -532,7 +538,9 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
         d_in, d_out, _ = base_features(module)
         settings = config.layer_settings(name)  # MoLA: experts, top_k, rank may differ per layer
         n, rank = settings["num_experts"], settings["rank"]
-        bank = {"d_in": d_in, "d_out": d_out, "shared_a": config.shared_a, "shared_rank": rank if config.shared_a else None,
+        fixed = config.shared_a or config.expert_kind == "qr_lora"  # a shared factor fixes the rank
+        bank = {"kind": config.expert_kind, "d_in": d_in, "d_out": d_out, "shared_a": config.shared_a,
+                "shared_rank": rank if fixed else None,
                 "init": config.init, "ranks": [rank] * n, "alphas": [settings["alpha"]] * n, "rslora": [config.use_rslora] * n}
         router = None if shared is not None else {"name": config.router, "config": router_kwargs(config, name)}
         layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=range(n),

@@ -331,6 +331,7 @@ def validate_layer_spec(spec: Any, num_experts: int, where: str, prefix: str) ->
     lists = {"alphas": field(bank, "alphas", NUMS, where, p), "rslora": field(bank, "rslora", BOOLS, where, p),
              "trainable": field(bank, "trainable", BOOLS, where, p, optional=True)}
     field(bank, "init", STR, where, p, optional=True)
+    field(bank, "kind", STR, where, p, optional=True)  # checked against the kinds when the bank is built
     for key, values in lists.items():
         if values is not None and len(values) != len(ranks):
             raise CheckpointError(f"{where}: field {p + key!r} has {len(values)} entries; {p + 'ranks'!r} has {len(ranks)}")
@@ -781,7 +782,7 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
                 shared = build_router(sr["name"], num_experts=len(names), d_in=sr["d_in"], **sr["config"])
             except (MoLoRAError, TypeError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"{where}: field 'shared_router' cannot be built: {exc}") from None
-            device = next(iter(layers.values())).bank.B[0].device if layers else None
+            device = next(iter(layers.values())).bank.device if layers else None
             shared = shared.to(device=device, dtype=config.torch_dtype)
         try:
             load_adapter_tensors(adapter_modules(layers, shared, saved), tensors)
@@ -815,7 +816,7 @@ def _attach_xlora(layers: Mapping[str, RoutedLoRALinear], meta: Mapping[str, Any
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(f"{where}: field 'xlora_style.dtype' must name a floating torch dtype; got {rec['dtype']!r}")
     users = {n: spec["router"]["config"] for n, spec in meta["layers"].items() if _without_xlora(spec) is not spec}
-    device = next(iter(layers.values())).bank.B[0].device if layers else None
+    device = next(iter(layers.values())).bank.device if layers else None
     try:
         clf = XLoRAStyleClassifier(rec["d_in"], rec["num_layers"], rec["num_experts"], hidden=rec["hidden"],
                                    temperature=rec["temperature"]).to(device=device, dtype=dtype)

@@ -95,7 +95,7 @@ def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity
     if router == "existing":
         return
     first = next(iter(layers.values()))
-    device = first.bank.B[0].device
+    device = first.bank.device
     dtype = model.molora_config.torch_dtype
     if router == "weights":
         model.set_router(GlobalWeightsRouter(model.num_experts, first.bank.d_in, normalize=normalize).to(device))

@@ -108,7 +108,7 @@ def attach_xlora_style(model: MoLoRAModel, *, hidden: int = 64, temperature: flo
     if not layers:
         raise MoLoRAError("attach_xlora_style: the model has no routed layers")
     first = next(iter(layers.values()))
-    device = first.bank.B[0].device
+    device = first.bank.device
     classifier = XLoRAStyleClassifier(first.bank.d_in, len(layers), model.num_experts, hidden=hidden,
                                       temperature=temperature).to(device)
     index = {path: i for i, path in enumerate(layers)}

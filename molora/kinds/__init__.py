@@ -1,0 +1,38 @@
+"""Expert kinds: the LoRA methods a bank's experts can be.
+
+A kind is a small parametrisation that yields the ``(A_e, B_e, s_e)`` the routed kernel
+consumes (``delta = sum_e g_e s_e B_e A_e x``), differentiably, so every kind shares the
+kernels, routers, losses, persistence and export. Each kind is one bank class (one module here)
+that defines its parameters and its ``_stack`` (the materialisation, batched over experts):
+
+- ``"lora"``: plain LoRA (Hu et al., 2021) or HydraLoRA's shared ``A`` (:class:`molora.bank.ExpertBank`).
+- ``"qr_lora"``: QR-LoRA (Li et al., 2025): frozen shared ``Q`` from the base weight, trainable
+  upper-triangular ``dR_e`` (:class:`molora.kinds.qr_lora.QRLoRABank`).
+- ``"moslora"``: MoSLoRA (Wu et al., 2024): ``B_e M_e A_e`` with a trainable mixer
+  (:class:`molora.kinds.moslora.MoSLoRABank`).
+
+A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
+stack; one kind per bank keeps the stack one batched op).
+"""
+
+from __future__ import annotations
+
+from molora.bank import BaseExpertBank, ExpertBank
+from molora.errors import MoLoRAError
+
+from .moslora import MoSLoRABank
+from .qr_lora import QRLoRABank, qr_basis
+
+BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank}
+EXPERT_KINDS = tuple(BANK_CLASSES)
+
+
+def bank_class(kind: str) -> type[BaseExpertBank]:
+    """The bank class of an expert kind; MoLoRAError naming the allowed kinds otherwise."""
+    cls = BANK_CLASSES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MoLoRAError(f"expert kind must be one of {list(EXPERT_KINDS)}; got {kind!r}")
+    return cls
+
+
+__all__ = ["BANK_CLASSES", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "bank_class", "qr_basis"]
