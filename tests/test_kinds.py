@@ -326,9 +326,9 @@ def test_export_to_peft_reloads_equal(kind, tmp_path):
     for name, layer in model.routed_layers().items():
         A = state[f"base_model.model.{name}.lora_A.weight"]
         B = state[f"base_model.model.{name}.lora_B.weight"]
-        if kind == "qr_lora":  # one Q for the mixture: B = Q, A = sum_e w_e s_e triu(dR_e), rank r
-            assert A.shape == (4, 32) and torch.equal(B, layer.bank.Q)
-            assert torch.equal(A, torch.triu(A))
+        if kind == "qr_lora":  # "cat": each expert's (triu(dR_e), Q) side by side, rank 2 r
+            assert A.shape == (8, 32) and torch.equal(B, torch.cat([layer.bank.Q] * 2, dim=1))
+            assert all(torch.equal(a, torch.triu(a)) for a in A.split(4))
     inputs = model_inputs("bert")
     model.merge([0.7, 0.0, -0.4])
     with torch.no_grad():
