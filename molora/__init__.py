@@ -8,6 +8,7 @@ Banks of LoRA adapters behind pluggable routers, fast grouped kernels, and conti
     >>> routed = molora.compose(base_model, {"a": "adapters/a", "b": "adapters/b"}, router="task")  # doctest: +SKIP
 """
 
+from molora.adapter_pool import AdapterPool
 from molora.bank import ExpertBank
 from molora.compose import compose
 from molora.config import MoLoRAConfig
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "AdapterPool",
     "CheckpointError",
     "ExpertBank",
     "MoLoRAConfig",
