@@ -189,19 +189,6 @@ class BaseExpertBank(nn.Module):
         r = self.ranks[expert]
         return (A if A.dim() == 2 else A[expert])[:r], B[expert][:, :r]
 
-    def mixture_factors(self, weights: Sequence[float] | Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(A' [R, d_in], B' [d_out, R])`` float32 with ``B' A' = sum_e w_e s_e B_e A_e``: the
-        scaled ``A``s of the experts with ``w_e != 0`` stacked along the rank axis, their ``B``s
-        side by side (PEFT's ``combination_type="cat"``); ``None`` if every weight is 0."""
-        As, Bs = [], []
-        stack = self.stacked()  # once for all experts
-        for e in range(self.num_experts):
-            if float(weights[e]) != 0.0:
-                A, B = self._unpadded(stack, e)
-                As.append(A.detach().float() * (float(weights[e]) * float(self.scaling[e])))
-                Bs.append(B.detach().float())
-        return (torch.cat(As, dim=0), torch.cat(Bs, dim=1)) if As else None
-
     def delta_weight(self, weights: Sequence[float] | Tensor) -> Tensor:
         """``sum_e w_e s_e B_e A_e`` as a ``[d_out, d_in]`` float32 matrix (for merging/export)."""
         w = torch.as_tensor(weights, dtype=torch.float32)

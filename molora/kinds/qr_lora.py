@@ -18,7 +18,6 @@ mirror of HydraLoRA's shared ``A``, with ``A_e = triu(dR_e)``, ``B_e = Q``. Merg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -112,16 +111,6 @@ class QRLoRABank(BaseExpertBank):
         A = torch.triu(torch.stack(list(self.dR)))
         B = self.Q.unsqueeze(0).expand(self.num_experts, -1, -1).contiguous()
         return A, B
-
-    def mixture_factors(self, weights: Sequence[float] | Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(sum_e w_e s_e triu(dR_e), Q)``: the experts share ``Q``, so a mixture stays rank r."""
-        ids = [e for e in range(self.num_experts) if float(weights[e]) != 0.0]
-        if not ids:
-            return None
-        A, _ = self.stacked()
-        coef = torch.tensor([float(weights[e]) * float(self.scaling[e]) for e in ids], dtype=torch.float32, device=A.device)
-        mixed = torch.einsum("e,erd->rd", coef, A[ids].detach().float())
-        return mixed, self.Q.detach().float()
 
     @classmethod
     def _from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None, device: Any,
