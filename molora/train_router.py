@@ -35,6 +35,7 @@ caller's RNG state is left as it was).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -49,9 +50,12 @@ from molora.model import MoLoRAModel
 from molora.routers import Router, SoftRouter
 from molora.routers.weights import GlobalWeightsRouter
 
-__all__ = ["ROUTER_KINDS", "RouterTrainResult", "install_router", "router_parameters", "train_router"]
+__all__ = ["DEFAULT_PRIOR", "ROUTER_KINDS", "RouterTrainResult", "install_router", "router_parameters", "train_router",
+           "uniform_prior_penalty"]
 
 ROUTER_KINDS = ("per_layer", "shared", "weights", "existing")
+#: Weight of the uniform prior (:func:`train_router`); see the report for how it was chosen.
+DEFAULT_PRIOR = 0.1
 LossFn = Callable[[MoLoRAModel, list[Any]], Tensor]
 
 
@@ -64,7 +68,9 @@ class RouterTrainResult:
         val_losses: ``(step, loss)`` of every validation (empty without a held-out part).
         best_step: the step whose router was kept (validation-best, else the last).
         steps: steps run; ``stopped_early``: whether patience ran out before ``steps``.
-        num_train, num_val: shots used for training and held out.
+        num_train, num_val: shots used for training and held out (with k folds: all, 0; the
+            ``val_losses`` are then the mean held-out loss over the folds at each step).
+        seconds: wall time; folds: 1 for the single split, else k.
     """
 
     train_losses: list[float]
@@ -75,6 +81,7 @@ class RouterTrainResult:
     num_train: int
     num_val: int
     seconds: float
+    folds: int = 1
 
     @property
     def best_val_loss(self) -> float | None:
@@ -141,6 +148,8 @@ def train_router(
     weight_decay: float = 0.0,
     batch_size: int = 32,
     val_fraction: float = 0.25,
+    folds: int | None = None,
+    prior: float = DEFAULT_PRIOR,
     patience: int = 10,
     eval_every: int = 1,
     min_delta: float = 1e-4,
@@ -149,6 +158,25 @@ def train_router(
     progress: bool = False,
 ) -> RouterTrainResult:
     """Train only the router of ``model`` on few-shot ``examples`` (module docstring).
+
+    The loss minimised is ``loss_fn(model, batch) + prior * R`` with the uniform prior
+
+    ``R = mean_l mean_i KL(u || g_{l,i}) = mean_l mean_i [ -log E_l - (1/E_l) sum_e log g_{l,i,e} ]``
+
+    over the routed layers ``l`` and the rows ``i`` (examples, or tokens) of the batch's last
+    forward (:meth:`MoLoRAModel.last_routing`), ``g`` the routing weights and ``u = 1/E_l``: zero
+    exactly at the uniform mixture the fresh routers start from, growing without bound as an
+    expert's weight goes to zero. Per row, not of the mean mixture, so an input-dependent router
+    cannot satisfy it by routing each input elsewhere while averaging to uniform (a prior toward
+    the uniform mixture, cf. LoRAHub's L1 toward zero weights).
+
+    Step selection: with ``folds = k >= 2`` the shots are split into ``k`` folds; for each, the
+    router is trained from scratch on the other folds and its held-out loss recorded every
+    ``eval_every`` steps (after early stopping, the fold's last value carries forward); the step
+    with the least mean held-out loss over folds is chosen and a fresh router is then trained on
+    all shots for exactly that many steps. ``folds=None`` uses ``min(5, n)`` folds when
+    ``4 <= n < 32`` shots (and ``val_fraction > 0``), else the single ``val_fraction`` split;
+    ``folds=1`` forces the single split.
 
     Args:
         model: a :class:`MoLoRAModel` (e.g. from :func:`molora.compose`); its experts are frozen.
@@ -160,6 +188,7 @@ def train_router(
             ``"weights"``, 0.005 otherwise).
         batch_size: shots per step (all training shots when fewer).
         val_fraction, patience, eval_every, min_delta: early stopping (module docstring).
+        folds: k-fold step selection (above); prior: the weight of ``R`` (0 disables it).
         seed: makes the split, the batches and the result reproducible.
 
     Returns:
@@ -176,6 +205,10 @@ def train_router(
             raise ValueError(f"molora.train_router: {name} must be an int >= {low}; got {value!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"molora.train_router: val_fraction must be in [0, 1); got {val_fraction!r}")
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool) or not 1 <= folds <= len(examples)):
+        raise ValueError(f"molora.train_router: folds must be None or an int in [1, {len(examples)}] (the number of shots); got {folds!r}")
+    if not isinstance(prior, (int, float)) or not prior >= 0.0 or prior == float("inf"):
+        raise ValueError(f"molora.train_router: prior must be a finite number >= 0; got {prior!r}")
     if not isinstance(model, MoLoRAModel):
         raise ValueError(f"molora.train_router: expected a MoLoRAModel; got {type(model).__name__}")
 
@@ -188,23 +221,100 @@ def train_router(
         p.requires_grad_(True)
     if lr is None:
         lr = 0.05 if router == "weights" else 0.005
+    fit = dataclasses.replace(_Fit(), lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
+                              eval_every=eval_every, min_delta=min_delta, grad_clip=grad_clip, prior=float(prior),
+                              progress=progress)
 
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
-    n_val = max(1, round(val_fraction * len(examples))) if len(examples) >= 4 and val_fraction > 0 else 0
+    n = len(examples)
+    if folds is None:
+        folds = min(5, n) if 4 <= n < 32 and val_fraction > 0 else 1
+    model.eval()  # frozen encoder: no dropout noise on a handful of shots
+    t0 = time.perf_counter()
+    if folds >= 2:
+        start = [p.detach().clone() for p in params]
+        curves: list[dict[int, float]] = []
+        for f in range(folds):
+            held = set(order[f::folds])
+            val = [examples[i] for i in order if i in held]
+            train = [examples[i] for i in order if i not in held]
+            _reset(params, start)
+            _, vl, _, _ = _fit_router(model, loss_fn, params, train, val, steps, fit, seed + 1 + f)
+            curves.append(dict(vl))
+        grid = sorted({s for c in curves for s in c})
+        mean_curve = []
+        for s in grid:
+            vals = [c[s] if s in c else c[max(k for k in c if k <= s)] for c in curves]
+            mean_curve.append((s, sum(vals) / len(vals)))
+        best_step = min(mean_curve, key=lambda sv: (sv[1], sv[0]))[0]
+        _reset(params, start)
+        train_losses: list[float] = []
+        if best_step > 0:
+            train_losses, _, _, _ = _fit_router(model, loss_fn, params, [examples[i] for i in order], [], best_step, fit, seed)
+        model.eval()
+        return RouterTrainResult(train_losses, mean_curve, best_step, len(train_losses), best_step < max(grid), n, 0,
+                                 time.perf_counter() - t0, folds)
+    n_val = max(1, round(val_fraction * n)) if n >= 4 and val_fraction > 0 else 0
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
+    train_losses, val_losses, best_step, stopped = _fit_router(model, loss_fn, params, train, val, steps, fit, seed, rng)
+    model.eval()
+    return RouterTrainResult(train_losses, val_losses, best_step, len(train_losses), stopped, len(train), len(val),
+                             time.perf_counter() - t0, 1)
 
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+@dataclasses.dataclass
+class _Fit:
+    lr: float = 0.005
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    patience: int = 10
+    eval_every: int = 1
+    min_delta: float = 1e-4
+    grad_clip: float | None = 1.0
+    prior: float = 0.0
+    progress: bool = False
+
+
+def _reset(params: list[nn.Parameter], values: list[Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def uniform_prior_penalty(model: MoLoRAModel) -> Tensor:
+    """``R = mean_l mean_i KL(u || g_{l,i})`` over the routed layers ``l`` and rows ``i`` of
+    ``model``'s last forward (:func:`train_router`), ``g`` the gates, ``u = 1/E_l``.
+
+    Zero when no layer recorded dense gates (e.g. before any forward)."""
+    terms = []
+    for rec in model.last_routing().values():
+        d = rec.decision
+        if d.indices is not None or d.gates.dim() != 2 or d.gates.shape[-1] < 2:
+            continue  # sparse (top-k) decisions have no dense mixture to compare with uniform
+        g = d.gates.float().clamp_min(1e-12)
+        terms.append((-math.log(g.shape[-1]) - torch.log(g).mean(-1)).mean())
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+def _fit_router(model: MoLoRAModel, loss_fn: LossFn, params: list[nn.Parameter], train: list[Any], val: list[Any],
+                steps: int, fit: _Fit, seed: int, rng: random.Random | None = None
+                ) -> tuple[list[float], list[tuple[int, float]], int, bool]:
+    """AdamW on ``params`` over ``train`` for up to ``steps`` steps, early-stopped on ``val`` (the
+    best router restored); returns train losses, ``(step, val loss)``, the kept step, stopped."""
+    from tqdm.auto import tqdm  # here, not at module level: `import molora` loads no tqdm
+
+    rng = rng if rng is not None else random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=fit.lr, weight_decay=fit.weight_decay)
+    batch_size = fit.batch_size
     train_losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     bad = 0
     stopped = False
-    model.eval()  # frozen encoder: no dropout noise on a handful of shots
-    from tqdm.auto import tqdm  # here, not at module level: `import molora` loads no tqdm
-
-    t0 = time.perf_counter()
     best = (float("inf"), 0, [p.detach().clone() for p in params])
     if val:  # step 0 (the fresh router) competes too: training never ends worse than it on the held-out shots
         with torch.no_grad():
@@ -214,41 +324,35 @@ def train_router(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         queue: list[int] = []
-        for step in tqdm(range(1, steps + 1), desc="train router", disable=not progress, leave=False):
+        for step in tqdm(range(1, steps + 1), desc="train router", disable=not fit.progress, leave=False):
             if len(queue) < min(batch_size, len(train)):
                 fresh = list(range(len(train)))
                 rng.shuffle(fresh)
                 queue += fresh
             idx, queue = queue[:batch_size], queue[batch_size:]
             loss = loss_fn(model, [train[i] for i in idx])
+            total = loss + fit.prior * uniform_prior_penalty(model).to(loss.device) if fit.prior > 0 else loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            total.backward()
+            if fit.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, fit.grad_clip)
             opt.step()
             train_losses.append(float(loss.detach()))
-            if val and step % eval_every == 0:
+            if val and step % fit.eval_every == 0:
                 with torch.no_grad():
                     v = _mean_loss(model, loss_fn, val, batch_size)
                 val_losses.append((step, v))
-                if v < best[0] - min_delta:
+                if v < best[0] - fit.min_delta:
                     best, bad = (v, step, [p.detach().clone() for p in params]), 0
                 else:
                     bad += 1
-                    if bad >= patience:
+                    if bad >= fit.patience:
                         stopped = True
                         break
-    steps_run = len(train_losses)
     if val_losses:
-        with torch.no_grad():
-            for p, saved in zip(params, best[2]):
-                p.copy_(saved)
-        best_step = best[1]
-    else:
-        best_step = steps_run
-    model.eval()
-    return RouterTrainResult(train_losses, val_losses, best_step, steps_run, stopped, len(train), len(val),
-                             time.perf_counter() - t0)
+        _reset(params, best[2])
+        return train_losses, val_losses, best[1], stopped
+    return train_losses, val_losses, len(train_losses), stopped
 
 
 def _mean_loss(model: MoLoRAModel, loss_fn: LossFn, examples: list[Any], batch_size: int) -> float:

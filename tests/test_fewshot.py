@@ -89,7 +89,10 @@ def test_router_training_learns_the_right_expert(setup, router, n):
     res = molora.train_router(model, list(range(n)), loss_fn=loss_fn, router=router, steps=40, lr=0.05, patience=40, seed=0)
     with torch.no_grad():
         after = float(loss_fn(model, list(range(n))))
-    assert res.num_val == max(1, round(0.25 * n)) and res.num_train == n - res.num_val
+    if n < 32:  # few shots: 5-fold step selection, then all shots train
+        assert res.folds == 5 and res.num_train == n and res.num_val == 0
+    else:
+        assert res.folds == 1 and res.num_val == max(1, round(0.25 * n)) and res.num_train == n - res.num_val
     assert after < 0.7 * before, (before, after)
     # Experts stayed frozen and exactly as loaded.
     assert all(not p.requires_grad for layer in model.routed_layers().values() for p in layer.bank.parameters())
@@ -111,7 +114,7 @@ def test_router_training_is_deterministic_under_seed(setup):
     (r1, p1), (r2, p2), (r3, _) = run(3), run(3), run(4)
     assert r1.train_losses == r2.train_losses and r1.val_losses == r2.val_losses
     assert torch.equal(p1, p2)
-    assert r1.train_losses != r3.train_losses  # another seed: another split
+    assert r1.val_losses != r3.val_losses  # another seed: other folds
 
 
 def test_early_stopping_restores_the_best_router(setup):
@@ -123,10 +126,87 @@ def test_early_stopping_restores_the_best_router(setup):
         theta = m.shared_router.theta
         return -theta[0] if torch.is_grad_enabled() else theta[0] ** 2
 
-    res = molora.train_router(model, list(range(12)), loss_fn=loss_fn, router="weights", steps=100, patience=3, lr=0.1)
+    res = molora.train_router(model, list(range(12)), loss_fn=loss_fn, router="weights", steps=100, patience=3, lr=0.1,
+                               folds=1)
     assert res.stopped_early and res.steps == 3 and res.best_step == 0
     assert [s for s, _ in res.val_losses] == [0, 1, 2, 3]
     assert torch.equal(model.shared_router.theta.detach(), torch.zeros(3))
+
+
+def test_kfold_selects_the_step_by_mean_held_out_loss_then_trains_on_all(setup):
+    """The held-out loss is theta_0^2 while training pushes theta_0 up: every fold's curve is
+    least at step 0, so k-fold keeps the fresh (uniform) router and trains no step."""
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+
+    def loss_fn(m, batch):
+        theta = m.shared_router.theta
+        return -theta[0] if torch.is_grad_enabled() else theta[0] ** 2
+
+    res = molora.train_router(model, list(range(12)), loss_fn=loss_fn, router="weights", steps=20, patience=3,
+                              lr=0.1, folds=4, prior=0.0)
+    assert res.folds == 4 and res.best_step == 0 and res.steps == 0 and res.num_train == 12
+    assert res.val_losses[0] == (0, 0.0) and all(v > 0 for s, v in res.val_losses[1:])
+    assert torch.equal(model.shared_router.theta.detach(), torch.zeros(3))
+
+
+def _toy_weights_model(base, dirs):
+    return molora.compose(copy.deepcopy(base), dirs)
+
+
+def test_uniform_prior_penalty_equals_hand_computed_kl(setup):
+    base, dirs = setup
+    model = _toy_weights_model(base, dirs)
+    from molora.train_router import install_router, uniform_prior_penalty
+    install_router(model, "weights")
+    theta = torch.tensor([0.3, -1.2, 0.8])
+    with torch.no_grad():
+        model.shared_router.theta.copy_(theta)
+    inputs = _inputs(2)
+    model(**inputs)
+    m = np.exp(theta.double().numpy()) / np.exp(theta.double().numpy()).sum()
+    kl = float(np.sum((1 / 3) * np.log((1 / 3) / m)))  # KL(u || m), the prior's definition
+    assert abs(float(uniform_prior_penalty(model).detach()) - kl) < 1e-5
+    with torch.no_grad():
+        model.shared_router.theta.zero_()
+    model(**inputs)
+    assert abs(float(uniform_prior_penalty(model))) < 1e-7  # zero at the uniform start
+
+
+def test_large_prior_keeps_uniform_and_zero_prior_is_plain_adamw(setup):
+    base, dirs = setup
+    n = 8
+    inputs = _inputs(n)
+    loss_fn = _regression_loss(inputs, _targets(base, dirs, inputs, "b"))
+    shots = list(range(n))
+    for router in ("weights", "per_layer"):
+        near = []
+        for prior in (1e4, 0.0):
+            model = molora.compose(copy.deepcopy(base), dirs)
+            molora.train_router(model, shots, loss_fn=loss_fn, router=router, steps=30, folds=1, val_fraction=0.0,
+                                prior=prior)
+            model(**inputs)
+            near.append(all(torch.allclose(r.decision.gates, torch.full_like(r.decision.gates, 1 / 3), atol=0.02)
+                            for r in model.last_routing().values()))
+        assert near == [True, False], (router, near)  # the prior holds uniform; without it training moves away
+    # prior=0: exactly AdamW on the task loss alone (all shots in one batch, clipped at 1)
+    model = molora.compose(copy.deepcopy(base), dirs)
+    molora.train_router(model, shots, loss_fn=loss_fn, router="weights", steps=10, lr=0.05, folds=1, val_fraction=0.0,
+                        prior=0.0)
+    ref = molora.compose(copy.deepcopy(base), dirs)
+    from molora.train_router import install_router
+    install_router(ref, "weights")
+    ref.set_experts_trainable(False)
+    ref.eval()
+    theta = ref.shared_router.theta
+    theta.requires_grad_(True)
+    opt = torch.optim.AdamW([theta], lr=0.05, weight_decay=0.0)
+    for _ in range(10):
+        opt.zero_grad()
+        loss_fn(ref, shots).backward()
+        torch.nn.utils.clip_grad_norm_([theta], 1.0)
+        opt.step()
+    assert torch.allclose(model.shared_router.theta.detach(), theta.detach(), atol=1e-5)
 
 
 def test_train_router_rejects_bad_input(setup):
