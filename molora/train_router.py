@@ -156,8 +156,16 @@ def train_router(
     seed: int = 0,
     grad_clip: float | None = 1.0,
     progress: bool = False,
-) -> RouterTrainResult:
+    method: str | None = None,
+    candidates: Sequence[str] | None = None,
+    retrieval: tuple[Any, Callable[[list[Any]], Tensor]] | None = None,
+) -> RouterTrainResult | Any:
     """Train only the router of ``model`` on few-shot ``examples`` (module docstring).
+
+    ``method="auto"`` instead chooses among uniform weights, retrieval, LoRAHub and the gradient
+    routers by k-fold cross-validation on the shots (:mod:`molora.auto_router`; ``candidates``,
+    ``retrieval=(keys, embed)`` and ``folds`` go there, ``steps``/``lr``/``prior``/... to the
+    gradient candidates) and returns an :class:`~molora.auto_router.AutoRouterResult`.
 
     The loss minimised is ``loss_fn(model, batch) + prior * R`` with the uniform prior
 
@@ -194,7 +202,18 @@ def train_router(
     Returns:
         A :class:`RouterTrainResult`; the model keeps the best router and is left in eval mode.
     """
+    if method is not None and method != "auto":
+        raise ValueError(f"molora.train_router: method must be None (train router=...) or 'auto'; got {method!r}")
     examples = list(examples)
+    if method == "auto":
+        if loss_fn is None:
+            raise ValueError("molora.train_router: pass loss_fn=(model, batch) -> loss")
+        from molora.auto_router import select_router
+        kwargs = dict(granularity=granularity, normalize=normalize, steps=steps, lr=lr, weight_decay=weight_decay,
+                      batch_size=batch_size, val_fraction=val_fraction, prior=prior, patience=patience,
+                      eval_every=eval_every, min_delta=min_delta, grad_clip=grad_clip)
+        return select_router(model, examples, loss_fn=loss_fn, candidates=candidates, retrieval=retrieval, folds=folds,
+                             seed=seed, router_kwargs=kwargs, batch_size=batch_size)
     if loss_fn is None:
         raise ValueError("molora.train_router: pass loss_fn=(model, batch) -> loss (for a text task: "
                          "molora.apps.textcls.text_classification_loss(tokenizer, task))")

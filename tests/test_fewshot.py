@@ -379,3 +379,55 @@ def test_demo_rejects_too_many_experts():
 
     with pytest.raises(ValueError, match="num_experts must be in"):
         run_demo(num_experts=5, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- method="auto"
+def _auto(base, dirs, inputs, targets, seed=0):
+    model = molora.compose(copy.deepcopy(base), dirs)
+    res = molora.train_router(model, list(range(inputs["input_ids"].shape[0])), loss_fn=_regression_loss(inputs, targets),
+                              method="auto", steps=10, lr=0.05, folds=3, seed=seed)
+    return model, res
+
+
+def test_auto_picks_a_fitted_composition_when_one_expert_is_right_and_is_deterministic(setup):
+    base, dirs = setup
+    inputs = _inputs(10)
+    targets = _targets(base, dirs, inputs, "b")
+    model, res = _auto(base, dirs, inputs, targets)
+    assert set(res.scores) == {"uniform", "weights", "lorahub", "per_layer"} and res.folds == 3
+    assert all(len(v) == 3 for v in res.fold_losses.values())
+    assert res.method != "uniform" and res.scores[res.method] < res.scores["uniform"], res.scores
+    # the one-SE rule: the choice is the simplest candidate within one SE of the best
+    best = min(res.scores, key=res.scores.get)
+    assert res.scores[res.method] <= res.scores[best] + res.std_errors[best]
+    loss_fn = _regression_loss(inputs, targets)
+    with torch.no_grad():
+        applied = float(loss_fn(model, list(range(10))))
+    uniform = molora.compose(copy.deepcopy(base), dirs)
+    molora.train_router(uniform, list(range(10)), loss_fn=loss_fn, method="auto", candidates=["uniform"], folds=2)
+    with torch.no_grad():
+        assert applied < 0.7 * float(loss_fn(uniform, list(range(10))))  # the winner is what the model now runs
+    _, again = _auto(base, dirs, inputs, targets)
+    assert again.method == res.method and again.scores == res.scores
+
+
+def test_auto_picks_uniform_when_the_experts_are_noise(setup):
+    base, dirs = setup
+    inputs = _inputs(10)
+    scale = _targets(base, dirs, inputs, "b").std()
+    # targets unrelated to any expert: each example gets its own random direction
+    targets = torch.randn(10, 32, generator=torch.Generator().manual_seed(11)) * scale
+    _, res = _auto(base, dirs, inputs, targets)
+    assert res.method == "uniform", res.scores
+
+
+def test_auto_rejects_bad_input(setup):
+    base, dirs = setup
+    model = molora.compose(copy.deepcopy(base), dirs)
+    loss_fn = lambda m, b: torch.zeros(())
+    with pytest.raises(ValueError, match="retrieval"):
+        molora.train_router(model, list(range(6)), loss_fn=loss_fn, method="auto", candidates=["retrieval"])
+    with pytest.raises(ValueError, match="folds"):
+        molora.train_router(model, [0], loss_fn=loss_fn, method="auto")
+    with pytest.raises(ValueError, match="method"):
+        molora.train_router(model, [0, 1], loss_fn=loss_fn, method="best")

@@ -1,0 +1,173 @@
+"""Choosing a few-shot composition by cross-validation on the shots alone.
+
+``train_router(model, shots, loss_fn=..., method="auto")`` (or :func:`select_router`) scores each
+candidate composition by k-fold cross-validation: for fold ``f`` the candidate is fitted on the
+other folds and its mean ``loss_fn`` on fold ``f`` recorded; the score is the mean over folds,
+``CV(c) = (1/k) sum_f L_f(c)``, with standard error ``SE(c) = std_f L_f(c) / sqrt(k)``. The winner
+is the *simplest* candidate within one standard error of the best (the one-standard-error rule,
+Breiman et al., 1984), in the order
+
+    uniform < retrieval < weights < lorahub < per_layer
+
+(free parameters: none, one pick, ``E``, ``E`` searched gradient-free, ``L x E x d``). It is then
+fitted on all shots and left applied to the model. Candidates:
+
+* ``"uniform"``: every expert with weight ``1/E`` (a static router; nothing fitted).
+* ``"retrieval"``: the expert whose key is closest to the shots' mean embedding
+  (:func:`molora.expert_retrieval.retrieve_expert`); only with ``retrieval=(keys, embed)``,
+  ``embed(examples) -> [n, dim]``.
+* ``"weights"``, ``"per_layer"``: :func:`molora.train_router` with that router (its own prior
+  and step selection, run inside each fold too, so the score is of the procedure applied).
+* ``"lorahub"``: :func:`molora.lorahub.lorahub` in ``mode="output"`` (the exact output mixture:
+  it adds no expert to the model, so the folds all see the same experts).
+
+Cost: ``k + 1`` fits of every candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from molora.errors import MoLoRAError
+from molora.model import MoLoRAModel
+
+__all__ = ["AUTO_CANDIDATES", "SIMPLICITY", "AutoRouterResult", "select_router"]
+
+#: Candidates tried when none are named ("retrieval" joins them when ``retrieval=`` is given).
+AUTO_CANDIDATES = ("uniform", "weights", "lorahub", "per_layer")
+#: Tie-break order, simplest first.
+SIMPLICITY = ("uniform", "retrieval", "weights", "lorahub", "per_layer")
+
+
+@dataclasses.dataclass
+class AutoRouterResult:
+    """What ``method="auto"`` chose and why.
+
+    Attributes:
+        method: the candidate applied to the model.
+        scores: mean held-out loss over the folds, by candidate; std_errors: their standard errors.
+        fold_losses: each candidate's held-out loss on every fold.
+        folds: k; seconds: wall time of the whole selection (and the final fit).
+        final: the final fit's own result (``RouterTrainResult``, ``LoraHubResult``, the retrieved
+            expert index, or ``None`` for uniform).
+    """
+
+    method: str
+    scores: dict[str, float]
+    std_errors: dict[str, float]
+    fold_losses: dict[str, list[float]]
+    folds: int
+    seconds: float
+    final: Any
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.scores[self.method]
+
+
+def select_router(
+    model: MoLoRAModel,
+    examples: Sequence[Any],
+    *,
+    loss_fn: Callable[[MoLoRAModel, list[Any]], Tensor],
+    candidates: Sequence[str] | None = None,
+    retrieval: tuple[Any, Callable[[list[Any]], Tensor]] | None = None,
+    folds: int | None = None,
+    seed: int = 0,
+    router_kwargs: dict[str, Any] | None = None,
+    lorahub_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 32,
+) -> AutoRouterResult:
+    """Pick a composition by k-fold CV on ``examples`` and apply it (module docstring).
+
+    Args:
+        model, examples, loss_fn: as for :func:`molora.train_router`.
+        candidates: names from :data:`SIMPLICITY`; default :data:`AUTO_CANDIDATES` (+ retrieval).
+        retrieval: ``(keys, embed)``: a fitted ``RetrievalRouter`` or ``[E, dim]`` keys, and a
+            function giving ``[n, dim]`` embeddings of a list of examples.
+        folds: k (default ``min(5, n)``); needs ``2 <= k <= n``.
+        seed: folds and every fit are deterministic given it.
+        router_kwargs: extra arguments of the gradient fits (``steps``, ``lr``, ``prior``, ...).
+        lorahub_kwargs: extra arguments of :func:`molora.lorahub.lorahub` (``budget``, ``l1``, ...).
+    """
+    examples = list(examples)
+    n = len(examples)
+    if candidates is None:
+        candidates = AUTO_CANDIDATES if retrieval is None else ("uniform", "retrieval") + AUTO_CANDIDATES[1:]
+    candidates = list(dict.fromkeys(candidates))
+    unknown = [c for c in candidates if c not in SIMPLICITY]
+    if unknown or not candidates:
+        raise ValueError(f"molora.train_router(method='auto'): candidates must be among {SIMPLICITY}; got {candidates!r}")
+    if "retrieval" in candidates and retrieval is None:
+        raise ValueError("molora.train_router(method='auto'): candidate 'retrieval' needs retrieval=(keys, embed)")
+    k = min(5, n) if folds is None else folds
+    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= n:
+        raise ValueError(f"molora.train_router(method='auto'): needs 2 <= folds <= {n} (the number of shots); got folds={k!r}")
+    if not isinstance(model, MoLoRAModel):
+        raise ValueError(f"molora.train_router: expected a MoLoRAModel; got {type(model).__name__}")
+    if not model.routed_layers():
+        raise MoLoRAError("molora.train_router: the model has no routed layers")
+
+    def fit(name: str, shots: list[Any]) -> Any:
+        return _fit(model, name, shots, loss_fn, retrieval, seed, dict(router_kwargs or {}), dict(lorahub_kwargs or {}))
+
+    from molora.train_router import _mean_loss  # one definition of "mean loss over shots"
+
+    t0 = time.perf_counter()
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    losses: dict[str, list[float]] = {c: [] for c in candidates}
+    for f in range(k):
+        held = set(order[f::k])
+        val = [examples[i] for i in order if i in held]
+        train = [examples[i] for i in order if i not in held]
+        for c in candidates:
+            fit(c, train)
+            model.eval()
+            with torch.no_grad():
+                losses[c].append(_mean_loss(model, loss_fn, val, batch_size))
+    scores = {c: sum(v) / k for c, v in losses.items()}
+    errors = {c: _std(v) / math.sqrt(k) for c, v in losses.items()}
+    best = min(candidates, key=lambda c: (scores[c], SIMPLICITY.index(c)))
+    bar = scores[best] + errors[best]
+    chosen = min((c for c in candidates if scores[c] <= bar), key=SIMPLICITY.index)
+    final = fit(chosen, examples)
+    model.eval()
+    return AutoRouterResult(chosen, scores, errors, losses, k, time.perf_counter() - t0, final)
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _fit(model: MoLoRAModel, name: str, shots: list[Any], loss_fn: Callable, retrieval: Any, seed: int,
+         router_kwargs: dict[str, Any], lorahub_kwargs: dict[str, Any]) -> Any:
+    from molora.expert_retrieval import retrieve_expert, route_to_expert
+    from molora.routers import StaticRouter
+
+    if name == "uniform":
+        first = next(iter(model.routed_layers().values()))
+        E = model.num_experts
+        model.set_router(StaticRouter(E, first.bank.d_in, weights=[1.0 / E] * E).to(first.bank.device))
+        return None
+    if name == "retrieval":
+        keys, embed = retrieval
+        index, _ = retrieve_expert(keys, embed(shots))
+        route_to_expert(model, index)
+        return index
+    if name == "lorahub":
+        from molora.lorahub import lorahub
+        return lorahub(model, loss_fn, shots, **{"mode": "output", "seed": seed, **lorahub_kwargs})
+    from molora.train_router import train_router
+    return train_router(model, shots, loss_fn=loss_fn, router=name, seed=seed, **router_kwargs)
