@@ -172,7 +172,7 @@ def test_train_router_trains_only_the_router(tmp_path, capsys):
     data = write_rows(tmp_path / "shots.jsonl", n=8, seed=1)
     argv = ["train-router", "--base", str(tmp_path / "base"), "--model-class", "causal-lm", "--checkpoint",
             str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "trained"), "--steps", "8",
-            "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0", "--no-progress"]
+            "--lr", "0.05", "--batch-size", "8", "--val-fraction", "0", "--method", "existing", "--no-progress"]
     assert main(argv) == 0
     assert "trained the router" in capsys.readouterr().out
     after = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "trained")
@@ -184,6 +184,38 @@ def test_train_router_trains_only_the_router(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     assert lm_loss(after, tok, texts) < lm_loss(before, tok, texts)
+
+
+def test_train_router_auto_is_the_default_and_saves_the_winner(tmp_path, capsys):
+    import json
+    import math
+
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_gpt2
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    before = routed_checkpoint(base, tmp_path / "ckpt", ["c_attn", "c_fc"], router="soft")
+    data = write_rows(tmp_path / "shots.jsonl", n=6, seed=1)
+    argv = ["train-router", "--base", str(tmp_path / "base"), "--model-class", "causal-lm", "--checkpoint",
+            str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "auto"), "--steps", "4",
+            "--folds", "2", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if "CV loss" in line]
+    assert sorted(row[0] for row in lines) == ["lorahub", "per_layer", "uniform", "weights"]
+    chosen = [row[0] for row in lines if row[-1] == "chosen"]
+    assert len(chosen) == 1 and f"chose {chosen[0]!r} by 2-fold cross-validation on 6 rows" in out
+    scores = [float(row[3]) for row in lines]
+    assert scores == sorted(scores)  # listed best first
+    after = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "auto")
+    a, b = before.adapter_state_dict(), after.adapter_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if ".router." not in k and k in b), "experts must stay frozen"
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "base"))
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    assert math.isfinite(lm_loss(after, tok, texts))
 
 
 def test_bench_runs_a_script_by_name(tmp_path, capsys):
@@ -230,7 +262,8 @@ def test_stats_and_train_router_bad_input_exit_2(tmp_path, capsys):
     save_tiny_tokenizer(tmp_path / "gbase")
     routed_checkpoint(gpt, tmp_path / "task_ckpt", ["c_attn"], router="task")
     assert main(["train-router", "--base", str(tmp_path / "gbase"), "--model-class", "causal-lm", "--checkpoint",
-                 str(tmp_path / "task_ckpt"), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+                 str(tmp_path / "task_ckpt"), "--data", str(data), "--out", str(tmp_path / "o"), "--method", "existing",
+                 "--no-progress"]) == 2
     assert "no trainable parameters" in capsys.readouterr().err
 
 

@@ -381,16 +381,25 @@ def _train_router(args: argparse.Namespace) -> int:
     loss_fn = router_loss(model, tok, args.model_class, args.max_length)
     from molora.train_router import router_parameters, train_router
 
-    if not router_parameters(model):
+    if args.method == "existing" and not router_parameters(model):
         raise CLIError(f"the checkpoint's router {model.molora_config.router!r} has no trainable parameters "
-                       "(compose with a learned router, e.g. --router soft)")
-    result = train_router(model, rows, loss_fn=loss_fn, router="existing", steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-                          progress=not args.no_progress)
+                       "(compose with a learned router, e.g. --router soft, or use --method auto)")
+    common = dict(loss_fn=loss_fn, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                  val_fraction=args.val_fraction, seed=args.seed)
+    if args.method == "auto":
+        result = train_router(model, rows, method="auto", folds=args.folds, **common)
+        model.save_pretrained(args.out)
+        for name, score in sorted(result.scores.items(), key=lambda kv: kv[1]):
+            mark = "  <- chosen" if name == result.method else ""
+            print(f"  {name:10s} CV loss {score:.4f} +- {result.std_errors[name]:.4f}{mark}")
+        print(f"chose {result.method!r} by {result.folds}-fold cross-validation on {len(rows)} rows "
+              f"(uniform {result.scores['uniform']:.4f}) in {result.seconds:.1f}s; checkpoint -> {args.out}")
+        return 0
+    result = train_router(model, rows, router=args.method, progress=not args.no_progress, folds=args.folds, **common)
     losses = result.train_losses
     model.save_pretrained(args.out)
-    print(f"trained the router on {len(rows)} rows for {len(losses)} steps: loss {losses[0]:.4f} -> "
-          f"{losses[-1]:.4f}; checkpoint -> {args.out}")
+    span = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "the uniform start kept"
+    print(f"trained the router ({args.method}) on {len(rows)} rows for {len(losses)} steps: {span}; checkpoint -> {args.out}")
     return 0
 
 
@@ -421,7 +430,7 @@ def add_integration_commands(sub) -> None:
     stats.set_defaults(func=_stats)
 
     tr = sub.add_parser("train-router", help="few-shot training of a checkpoint's router (experts frozen)",
-                        description="Train only the router(s) of a molora checkpoint on a few rows of a JSON-lines "
+                        description="Choose (--method auto) or train the router(s) of a molora checkpoint on a few rows of a JSON-lines "
                         'file with the base model\'s own loss: causal-lm (next tokens of "text") or seq-cls '
                         '(integer "label"). Writes a new checkpoint.')
     _add_base(tr)
@@ -430,7 +439,13 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--out", required=True, help="checkpoint folder to write")
     tr.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
     tr.add_argument("--steps", type=POSITIVE_INT, default=50)
-    tr.add_argument("--lr", type=POSITIVE_FLOAT, default=5e-3)
+    tr.add_argument("--method", choices=["auto", "existing", "per_layer", "weights", "shared"], default="auto",
+                    help="auto (default): choose uniform / global weights / LoRAHub / per-layer routers by k-fold "
+                    "cross-validation on the rows and apply the winner; existing: train the checkpoint's own "
+                    "router; per_layer, weights, shared: train a fresh router of that kind")
+    tr.add_argument("--folds", type=POSITIVE_INT, default=None,
+                    help="cross-validation folds (default: 5 below 32 rows for auto/step selection)")
+    tr.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default per router kind)")
     tr.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     tr.add_argument("--max-length", type=POSITIVE_INT, default=128)
     tr.add_argument("--val-fraction", type=_float_in(0.0, 1.0, high_open=True), default=0.25,
