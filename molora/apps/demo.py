@@ -8,7 +8,8 @@
    needed at inference.
 5. A *new* task arrives with only a few labelled shots: compose the existing experts for it and
    weigh them from the shots: uniform weights, the best single expert by retrieval, LoRAHub's
-   CMA-ES (:func:`molora.lorahub.lorahub`) and a gradient-trained router (:func:`molora.train_router`).
+   CMA-ES (:func:`molora.lorahub.lorahub`), a gradient-trained router (:func:`molora.train_router`),
+   and the default ``method="auto"``, which picks one of them by cross-validation on the shots.
 6. Another task arrives with a full training set: add one expert for it
    (:meth:`MoLoRAModel.add_expert`), train only that expert (the earlier ones are frozen), then
    serve every task by retrieval routing (each expert's key = the mean sentence embedding of a
@@ -140,6 +141,17 @@ def run_demo(
     weights = composed.shared_router.weights().detach()
     fewshot["gradient router (weights)"] = acc(composed, new_task)
     base = composed.unload()
+    # the default a user gets: choose among the above (and per-layer routers) by CV on the shots alone
+    composed = molora.compose(base, adapters)
+    keys = torch.stack([key_emb[n].mean(0) for n in names])
+
+    def embed_rows(rows: list) -> torch.Tensor:
+        return embed_texts([format_input(new_task.instruction, t) for t, _ in rows], encoder)
+
+    auto = molora.train_router(composed, shot_rows, loss_fn=loss_fn, method="auto", retrieval=(keys, embed_rows),
+                               folds=3, steps=60, seed=seed)
+    fewshot[f"auto: {auto.method} (3-fold CV on the shots)"] = acc(composed, new_task)
+    base = composed.unload()
 
     # ---------------------------------------------------------------- 6: add a task continually
     print(f"[4/4] adding task {added_task.name!r} continually: one new expert, earlier experts frozen, retrieval routing")
@@ -169,7 +181,9 @@ def run_demo(
     summary = {
         "tasks": names, "accuracy": results, "shots_per_task": shots,
         "fewshot": {"task": new_task.name, "shots": shots, "accuracy": fewshot,
-                    "lorahub_weights": hub.weights, "gradient_weights": dict(zip(names, weights.tolist()))},
+                    "lorahub_weights": hub.weights, "gradient_weights": dict(zip(names, weights.tolist())),
+                    "auto": {"method": auto.method, "cv_loss": auto.scores, "cv_std_error": auto.std_errors,
+                             "folds": auto.folds, "seconds": round(auto.seconds, 1)}},
         "continual": {"added_task": added_task.name, "retrieval_accuracy_before": before, "retrieval_accuracy_after": after},
         "seconds": seconds,
     }
@@ -199,6 +213,11 @@ def _print_story(summary: dict[str, Any]) -> None:
     width = max(len(m) for m in fs["accuracy"]) + 2
     for m, v in fs["accuracy"].items():
         print(f"  {m.ljust(width)}{v:.3f}")
+    auto = fs["auto"]
+    chosen = next(v for m, v in fs["accuracy"].items() if m.startswith("auto:"))
+    cv = ", ".join(f"{m} {v:.3f}" for m, v in sorted(auto["cv_loss"].items(), key=lambda kv: kv[1]))
+    print(f"  auto chose {auto['method']!r} ({auto['folds']}-fold CV loss: {cv}); "
+          f"{chosen - fs['accuracy']['uniform weights']:+.3f} accuracy against uniform weights")
     cl = summary["continual"]
     print(f"\ncontinual: task {cl['added_task']!r} added as a new expert; retrieval routing, no task id:")
     names = list(cl["retrieval_accuracy_after"])
