@@ -63,7 +63,7 @@ from timing import interleaved_medians  # noqa: E402
 
 DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
-           "xlora_style", "fresh_lora", "oracle"]
+           "xlora_style", "fresh_lora", "auto", "oracle"]
 SEED_FREE = {"uniform", "oracle"}  # no shots involved: computed once per target, std 0
 
 
@@ -200,10 +200,14 @@ def expert_dirs(base, datas: dict[str, TaskData], enc: TopEncoder, cache: Path, 
 
 # ---------------------------------------------------------------------------------------------- methods
 def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, Path], keys: dict[str, torch.Tensor],
-               shots: list[int], seed: int, args, enc: TopEncoder) -> float:
+               shots: list[int], seed: int, args, enc: TopEncoder, info: dict | None = None) -> float:
+    """Accuracy of ``method`` on ``target``; ``info`` receives the cell's wall time and, for
+    LoRAHub its evaluations, for ``auto`` its choice and CV losses."""
+    info = {} if info is None else info
+    t0 = time.perf_counter()
     others = {n: d for n, d in dirs.items() if n != target}
     # Frozen embeddings of the shots, before any adapter wraps the base.
-    shot_emb = data.shot_embeddings(shots) if method == "retrieval_top1" else None
+    shot_emb = data.shot_embeddings(shots) if method in ("retrieval_top1", "auto") else None
     if method == "fresh_lora":
         model = train_lora(base, data, shots, enc, steps=args.fresh_steps, lr=args.fresh_lr, seed=seed, name="fresh")
     elif method == "oracle":
@@ -218,16 +222,26 @@ def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, P
             best, _ = retrieve_expert(torch.stack([keys[n] for n in names]), shot_emb)
             route_to_expert(model, best)
         elif method in ("lorahub", "lorahub_output"):
-            lorahub(model, data.loss_fn, shots, mode="elementwise" if method == "lorahub" else "output",
-                    budget=args.budget, seed=seed)
+            hub = lorahub(model, data.loss_fn, shots, mode="elementwise" if method == "lorahub" else "output",
+                          budget=args.budget, seed=seed)
+            info.update(evaluations=hub.evaluations, search_seconds=round(hub.seconds, 2))
         elif method == "gradient_router":
             molora.train_router(model, shots, router="per_layer", steps=args.router_steps, lr=args.router_lr, **common)
         elif method == "gradient_weights":
             molora.train_router(model, shots, router="weights", steps=args.router_steps, lr=args.weights_lr, **common)
+        elif method == "auto":
+            # retrieval queries: the frozen embeddings computed above, looked up by shot index
+            pos = {i: j for j, i in enumerate(shots)}
+            res = molora.train_router(model, shots, method="auto", steps=args.router_steps, **common,
+                                      retrieval=(torch.stack([keys[n] for n in others]),
+                                                 lambda idx: shot_emb[[pos[i] for i in idx]]))
+            info.update(chosen=res.method, cv_loss={m: round(v, 4) for m, v in res.scores.items()})
         elif method == "xlora_style":
             attach_xlora_style(model, hidden=args.xlora_hidden)
             molora.train_router(model, shots, router="existing", steps=args.router_steps, lr=args.xlora_lr, **common)
-        return data.accuracy(model)
+        acc = data.accuracy(model)
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        return acc
     finally:
         model.unload()
 
@@ -355,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_task: dict[str, dict[str, dict[str, list[float]]]] = {str(k): {m: {} for m in methods} for k in shots_list}
     seed_free_cache: dict[tuple[str, str], float] = {}
+    cells: list[dict] = []  # one per (k, target, seed, method): accuracy, wall time, LoRAHub evaluations, auto's choice
     jobs = [(k, target, seed) for k in shots_list for target in datas for seed in range(args.seeds)]
     bar = tqdm(jobs, desc="few-shot grid")
     for k, target, seed in bar:
@@ -366,8 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if (m, target) not in seed_free_cache:
                     seed_free_cache[(m, target)] = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc)
                 acc = seed_free_cache[(m, target)]
+                info = {}
             else:
-                acc = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc)
+                info = {}
+                acc = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc, info)
+            cells.append({"k": k, "target": target, "seed": seed, "method": m, "accuracy": acc, **info})
             per_task[str(k)][m].setdefault(target, []).append(acc)
 
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -388,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_task": {k: {m: {t: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v}
                              for t, v in by_task.items()} for m, by_task in by_method.items()}
                      for k, by_method in per_task.items()},
+        "cells": cells,
     }
     if not args.no_timing:
         out["timing"] = timing(base, tok, dirs, timing_texts, args)
@@ -420,6 +439,7 @@ def merge(paths: list[str], out_path: str) -> dict:
     for part in parts[1:]:
         out["results"].update(part["results"])
         out["per_task"].update(part["per_task"])
+        out["cells"] = out.get("cells", []) + part.get("cells", [])
         if "timing" in part:
             out["timing"] = part["timing"]
     shots_list = sorted(int(k) for k in out["results"])
