@@ -27,7 +27,10 @@ loss (cross-entropy over a task's label prototypes).
 Early stopping: ``val_fraction`` of the shots (at least one, when there are 4 or more) is held
 out; the validation loss is computed every ``eval_every`` steps, training stops after
 ``patience`` evaluations without improvement and the router with the best validation loss is
-restored. With fewer than 4 shots everything trains and the last step is kept. Deterministic under
+restored. With fewer than 4 shots everything trains and the last step is kept. Between 4 and 31
+shots the number of steps is chosen by 5-fold cross-validation instead (``folds=``) and the router
+retrained on all shots; a uniform prior (``prior=``, KL from the uniform mixture) is added to the
+loss (:func:`train_router`). ``method="auto"`` chooses among compositions (:mod:`molora.auto_router`). Deterministic under
 ``seed`` (split and batch order from ``random.Random(seed)``; torch's RNG forked and seeded, the
 caller's RNG state is left as it was).
 """
