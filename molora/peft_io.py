@@ -215,17 +215,54 @@ def _peft_config(folder: Path, raw: dict[str, Any], cfg_path: Path, where: str) 
     return config
 
 
-def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftLoraAdapter:
-    """Read a PEFT LoRA adapter folder; AdapterError naming the file and the field for anything
-    molora cannot use exactly (a malformed or non-LoRA config, a pickle-only folder, NaN/inf
-    weights, shapes that disagree with the config)."""
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, subfolder: str | None, where: str) -> Path:
+    """The local folder of a Hub adapter ``repo_id`` (at ``revision``), through huggingface_hub's
+    cache: only the two adapter files are fetched, and nothing is fetched when ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import constants, snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=constants.HF_HUB_OFFLINE,
+                                     allow_patterns=[f"{prefix}adapter_config.json", f"{prefix}adapter_model.safetensors"])
+    except Exception as exc:  # not cached offline, unknown repo or revision, no network
+        raise AdapterError(f"{where}: {repo_id!r} is neither a local folder nor a Hugging Face Hub adapter that can be "
+                           f"read{' offline from the cache' if constants.HF_HUB_OFFLINE else ''} "
+                           f"(revision={revision!r}): {type(exc).__name__}: {exc}") from None
+    return Path(snapshot)
+
+
+def load_peft_adapter(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> PeftLoraAdapter:
+    """Read a PEFT LoRA adapter folder, or a Hub repository id (``"user/repo"``, resolved through
+    huggingface_hub's cache at ``revision``; offline when ``HF_HUB_OFFLINE``), the adapter being
+    in its ``subfolder`` if given; AdapterError naming the file and the field for anything molora
+    cannot use exactly (a malformed or non-LoRA config, a LoRA variant molora does not implement,
+    a pickle-only folder, NaN/inf weights, shapes that disagree with the config)."""
     if not isinstance(path, (str, os.PathLike)):
         raise AdapterError(f"an adapter must be a folder path; got {path!r}")
+    for key, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise AdapterError(f"adapter {path!r}: {key} must be a non-empty string or None; got {value!r}")
     folder = Path(path)
-    name = folder.name if name is None else name
+    if name is None:
+        name = folder.name if subfolder is None else Path(subfolder).name
     if not isinstance(name, str) or not name.strip():
         raise AdapterError(f"adapter in {folder}: the name must be a non-empty string; got {name!r}")
     where = f"adapter {name!r}"
+    if not folder.is_dir() and isinstance(path, str) and _REPO_ID.match(path):
+        folder = _hub_snapshot(path, revision, subfolder, where)
+    elif revision is not None:
+        raise AdapterError(f"{where}: revision={revision!r} is for Hub repository ids; {folder} is a local folder")
+    if subfolder is not None:
+        folder = folder / subfolder
     if not folder.is_dir():
         raise AdapterError(f"{where}: folder {folder} does not exist (expected a PEFT adapter folder)")
     cfg_path = folder / "adapter_config.json"

@@ -128,3 +128,52 @@ def test_peft_rejecting_a_value_is_an_adapter_error(tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "layers_pattern": "layers", "layers_to_transform": None}))
     with pytest.raises(AdapterError, match=rf"^adapter 'v': {re.escape(str(cfg_path))}: PEFT cannot read it: ValueError"):
         molora.load_peft_adapter(d)
+
+
+def _cache_repo(cache, repo_id, files_by_folder, sha="0123456789abcdef0123456789abcdef01234567"):
+    """A Hub cache as huggingface_hub lays it out: models--user--repo/{refs/main, snapshots/<sha>/...}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    for sub, src in files_by_folder.items():
+        dest = repo / "snapshots" / sha / sub
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (dest / f).write_bytes((src / f).read_bytes())
+    return sha
+
+
+def test_hub_id_resolves_offline_through_the_cache(tmp_path, monkeypatch):
+    """load_peft_adapter("user/repo") (and compose) read a cached Hub adapter with HF_HUB_OFFLINE,
+    at a revision and in a subfolder; a missing id is a clear AdapterError."""
+    from huggingface_hub import constants
+
+    base = tiny_linear()
+    a = make_peft_adapter(base, tmp_path / "a", seed=1, r=2, target_modules=["proj"])
+    b = make_peft_adapter(base, tmp_path / "b", seed=2, r=3, target_modules=["proj"])
+    cache = tmp_path / "hub"
+    sha = _cache_repo(cache, "user/repo", {"": a, "sub": b})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    local_a, local_b = molora.load_peft_adapter(a), molora.load_peft_adapter(b)
+    hub_a = molora.load_peft_adapter("user/repo")
+    assert hub_a.name == "repo" and torch.equal(hub_a.modules["proj"].A, local_a.modules["proj"].A)
+    hub_b = molora.load_peft_adapter("user/repo", subfolder="sub", revision=sha)
+    assert hub_b.name == "sub" and torch.equal(hub_b.modules["proj"].B, local_b.modules["proj"].B)
+    model = molora.compose(copy.deepcopy(base), {"a": "user/repo"}, router="task")
+    x = _inputs("linear")
+    with model.routing(task_ids=[0, 0, 0]):
+        out = _output(model, "linear", x)
+    from peft import PeftModel
+
+    torch.testing.assert_close(out, _output(PeftModel.from_pretrained(copy.deepcopy(base), str(a)), "linear", x),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(AdapterError, match=r"'user/missing' is neither a local folder nor a Hugging Face Hub adapter "
+                                           r"that can be read offline from the cache"):
+        molora.load_peft_adapter("user/missing")
+    with pytest.raises(AdapterError, match="neither a local folder"):
+        molora.load_peft_adapter("user/repo", revision="f" * 40)
+    with pytest.raises(AdapterError, match=r"folder .*nope does not exist"):
+        molora.load_peft_adapter("user/repo", subfolder="nope")
