@@ -58,6 +58,9 @@ _NO_FORWARD_EFFECT = frozenset({
     "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core", "ensure_weight_tying",
     "qalora_group_size",  # only read when use_qalora (refused below)
 })
+# init_lora_weights that move the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ): only their
+# converted form (init_lora_weights=True, a delta on the original base) composes.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # LoRA variants molora does not implement: composing them as plain LoRA would be silently wrong.
 _REFUSED = {
     "use_dora": "DoRA (a learned magnitude vector rescales W + BA)",
@@ -196,6 +199,13 @@ def _peft_config(folder: Path, raw: dict[str, Any], cfg_path: Path, where: str) 
             config = LoraConfig.from_pretrained(str(folder))
     except Exception as exc:  # PEFT raises TypeError/ValueError/KeyError... for bad values
         raise AdapterError(f"{at}: PEFT cannot read it: {type(exc).__name__}: {exc}") from None
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        # PEFT re-applies such an initialisation when it loads the adapter (the base becomes the
+        # residual W - BA); composed on the original base it would be off by the initial BA.
+        raise AdapterError(f"{at}: init_lora_weights={init!r}: the initialisation changes the base weights, so the "
+                           "factors are not a delta on the original base; convert the adapter first with PEFT's "
+                           "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     defaults = LoraConfig()
     for field in dataclasses.fields(config):
         if field.name in _COMPOSED or field.name in _NO_FORWARD_EFFECT:

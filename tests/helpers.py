@@ -59,7 +59,8 @@ def make_peft_adapter(base, path: Path, *, seed: int, r: int = 4, alpha: float =
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **kw)
+    kw = {"init_lora_weights": False, **kw}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, **kw)
     peft_model = get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():  # large enough that every adapter visibly changes the output
         for name, p in peft_model.named_parameters():

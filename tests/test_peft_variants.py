@@ -69,6 +69,10 @@ CASES = [
     ("modules_to_save", "bert", dict(target_modules=["query"], modules_to_save=["pooler.dense"]), r"modules_to_save=\['pooler.dense'\]"),
     ("embedding", "bert", dict(target_modules=["word_embeddings"]),
      r"module 'embeddings\.word_embeddings' is an Embedding LoRA"),
+    ("pissa_unconverted", "linear", dict(target_modules=["proj"], init_lora_weights="pissa"),
+     r"init_lora_weights='pissa': the initialisation changes the base weights"),
+    ("olora_unconverted", "linear", dict(target_modules=["proj"], init_lora_weights="olora"),
+     r"init_lora_weights='olora'"),
     ("conv2d", "conv", dict(target_modules=["conv"]), r"module 'conv' is a Conv2d LoRA"),
 ]
 
@@ -177,3 +181,24 @@ def test_hub_id_resolves_offline_through_the_cache(tmp_path, monkeypatch):
         molora.load_peft_adapter("user/repo", revision="f" * 40)
     with pytest.raises(AdapterError, match=r"folder .*nope does not exist"):
         molora.load_peft_adapter("user/repo", subfolder="nope")
+
+
+def test_converted_pissa_equals_peft_on_the_original_base(tmp_path):
+    """PiSSA converted by PEFT (a delta on the original base) composes equal to PEFT."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_linear()
+    torch.manual_seed(4)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["proj"], init_lora_weights="pissa"))
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial state as plain LoRA
+    pm.save_pretrained(str(tmp_path / "init"))
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        pm.base_model.model.proj.lora_B["default"].weight.add_(0.3 * torch.randn(10, 2))
+    pm.save_pretrained(str(tmp_path / "pissa"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    x = _inputs("linear")
+    ref = _output(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "pissa")).eval(), "linear", x)
+    assert not torch.allclose(ref, _output(base, "linear", x), atol=1e-3)
+    model = molora.compose(copy.deepcopy(base), {"p": tmp_path / "pissa"}, router="task")
+    with model.routing(task_ids=[0, 0, 0]):
+        torch.testing.assert_close(_output(model, "linear", x), ref, atol=1e-5, rtol=1e-5)
