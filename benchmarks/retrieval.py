@@ -58,7 +58,7 @@ def encoder_seconds(batch: int, repeats: int) -> float | None:
         return best_seconds(lambda: model(input_ids=ids, attention_mask=mask), repeats)
 
 
-def run(num_keys: int, batch: int, repeats: int, seed: int = 0) -> dict:
+def run(num_keys: int, batch: int, repeats: int, seed: int = 0, hnsw: bool = False, ef_search: int = 64) -> dict:
     g = torch.Generator().manual_seed(seed)
     keys = F.normalize(torch.randn(num_keys, DIM, generator=g), dim=-1)
     truth = torch.randint(0, num_keys, (batch,), generator=g)
@@ -78,7 +78,21 @@ def run(num_keys: int, batch: int, repeats: int, seed: int = 0) -> dict:
 
         loop_indices = loop()
         t_loop = best_seconds(loop, max(1, repeats // 10))
+    row_hnsw = {}
+    if hnsw:
+        approx = RetrievalRouter(num_keys, DIM, top_k=3, search="hnsw", ef_search=ef_search).eval()
+        approx.set_keys(keys)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            found = approx(queries, signals).indices            # the first call builds the index
+            build = time.perf_counter() - t0
+            t_hnsw = best_seconds(lambda: approx(queries, signals), repeats)
+        recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, decision.indices)) / found.numel()
+        row_hnsw = {"hnsw_us_per_query": 1e6 * t_hnsw / batch, "hnsw_build_s": build, "hnsw_recall_at_3": recall,
+                    "hnsw_top1_equal_exact": float((found[:, 0] == decision.indices[:, 0]).float().mean()),
+                    "exact_over_hnsw": t_router / t_hnsw, "ef_search": ef_search}
     return {
+        **row_hnsw,
         "keys": num_keys,
         "batch": batch,
         "router_us_per_query": 1e6 * t_router / batch,
@@ -94,11 +108,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--hnsw", action="store_true", help="also the faiss HNSW index (search='hnsw'): latency and recall@3")
+    parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "retrieval.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [run(k, b, args.repeats) for k in args.keys for b in args.batch]
+    rows = [run(k, b, args.repeats, hnsw=args.hnsw, ef_search=args.ef_search) for k in args.keys for b in args.batch]
     enc = {b: encoder_seconds(b, max(3, args.repeats // 5)) for b in args.batch}
     for row in rows:
         e = enc[row["batch"]]
@@ -112,6 +128,9 @@ def main() -> None:
         ratio = "n/a" if r["router_over_encoder"] is None else f"{r['router_over_encoder']:.3f}"
         print(f"{r['keys']:>6} {r['batch']:>5} {r['router_us_per_query']:>12.1f} {r['loop_us_per_query']:>11.1f} "
               f"{r['loop_over_router']:>10.0f}x {enc_us:>13} {ratio:>15} {r['top1_correct']:>8.2f}")
+        if "hnsw_us_per_query" in r:
+            print(f"{'':>6} {'':>5} hnsw {r['hnsw_us_per_query']:.1f} us/q (exact/hnsw {r['exact_over_hnsw']:.1f}x), "
+                  f"recall@3 {r['hnsw_recall_at_3']:.3f}, top-1 as exact {r['hnsw_top1_equal_exact']:.2f}, index built in {r['hnsw_build_s']:.1f} s")
         assert r["same_as_loop"], "the router and the loop disagree on the top-3 experts"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

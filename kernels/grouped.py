@@ -289,15 +289,16 @@ def routed_lora_grouped(
         indices = torch.arange(E, device=x.device).expand(gates.shape[0], E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
-    plan = None
     if gather is None:
-        plan = routing_plan(indices, E)
-        gather = use_gather(len(plan.order), max(len(plan.experts), 1), r, x.shape[1], d_out)
+        routed = indices[indices >= 0]
+        # counts only (no sort): the gathered form, which decoding takes, needs no plan
+        active = int(torch.bincount(routed, minlength=E).count_nonzero())
+        gather = use_gather(routed.numel(), max(active, 1), r, x.shape[1], d_out)
     if gather:
         return routed_lora_gather(x, A, B, gates.to(x.dtype), indices, s, mask, out, group_rows)
     if group_rows != 1:
-        gates, indices, plan = gates.repeat_interleave(group_rows, 0), indices.repeat_interleave(group_rows, 0), None
-    plan = plan or routing_plan(indices, E)
+        gates, indices = gates.repeat_interleave(group_rows, 0), indices.repeat_interleave(group_rows, 0)
+    plan = routing_plan(indices, E)
     if out is not None and out._base is not None:
         # autograd cannot rebase a view's history onto a custom Function that marks it dirty
         # (backward fails with a shape mismatch): add into a view out of place instead

@@ -151,6 +151,15 @@ class BaseExpertBank(nn.Module):
         ``B [E, d_out, r_max]``, differentiable in the kind's parameters, batched over experts."""
         raise NotImplementedError
 
+    def state_key(self, sources: list[Tensor] | None = None) -> tuple:
+        """A value that changes whenever the experts' weights may have: the identity, in-place
+        version, storage and dtype of every tensor :meth:`_stack` reads (``data_ptr`` and dtype
+        because ``Module.to()`` swaps a parameter's ``.data`` without moving its version). What is
+        derived from the experts (the stack, Arrow's prototypes) is keyed on it."""
+        sources = self._sources() if sources is None else sources
+        return (tuple(map(id, sources)), tuple(map(_version, sources)), tuple(map(Tensor.data_ptr, sources)),
+                tuple(map(_dtype, sources)))
+
     def stacked(self) -> tuple[Tensor, Tensor]:
         """Experts stacked for the kernel: ``A [E, r_max, d_in]`` (or the shared ``[r, d_in]``)
         and ``B [E, d_out, r_max]``; lower-rank experts are zero-padded (exact: padded rank
@@ -167,9 +176,7 @@ class BaseExpertBank(nn.Module):
         sources = self._sources()
         if torch.is_grad_enabled() and any(map(_requires_grad, sources)):
             return self._stack()
-        # data_ptr and dtype: Module.to() swaps a parameter's .data without moving its version
-        key = (torch.is_inference_mode_enabled(), tuple(map(id, sources)), tuple(map(_version, sources)),
-               tuple(map(Tensor.data_ptr, sources)), tuple(map(_dtype, sources)))
+        key = (torch.is_inference_mode_enabled(), self.state_key(sources))
         cached = self._stacked_cache
         # the key's ids are of live tensors: the cache holds them, so none is reused meanwhile
         if cached is not None and cached[0] == key:

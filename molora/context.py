@@ -53,12 +53,15 @@ class RoutingSignals:
         embeddings: ``Tensor [batch, dim]``, retrieval query embeddings.
         attention_mask: ``Tensor [batch, seq]`` (1 = real token, 0 = padding), so that pooling
             and balancing losses ignore padding.
+        expert_weights: ``Tensor [batch, E]``, each example's own weights over the experts
+            (router ``"mixture"``).
     """
 
     task_ids: Tensor | None = None
     timesteps: Tensor | None = None
     embeddings: Tensor | None = None
     attention_mask: Tensor | None = None
+    expert_weights: Tensor | None = None
 
     def replace(self, **changes: Any) -> RoutingSignals:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -78,7 +81,7 @@ def _as_tensor(name: str, value: Any, *, ndim: int, integer: bool | None) -> Ten
         except (TypeError, ValueError, RuntimeError) as exc:
             raise RoutingError(f"routing signal {name!r} must be a tensor or a list of numbers; got {type(value).__name__}") from exc
     if value.dim() != ndim:
-        shape = "[batch]" if ndim == 1 else "[batch, dim]" if name == "embeddings" else "[batch, seq]"
+        shape = "[batch]" if ndim == 1 else {"embeddings": "[batch, dim]", "expert_weights": "[batch, experts]"}.get(name, "[batch, seq]")
         raise RoutingError(f"routing signal {name!r} must have shape {shape}; got shape {tuple(value.shape)}")
     if integer is True and value.is_floating_point():
         raise RoutingError(f"routing signal {name!r} must hold integers; got dtype {value.dtype}")
@@ -95,6 +98,7 @@ def make_signals(
     timesteps: Any = None,
     embeddings: Any = None,
     attention_mask: Any = None,
+    expert_weights: Any = None,
     base: RoutingSignals | None = None,
 ) -> RoutingSignals:
     """Validate raw signals (shapes and dtypes; values are checked by the router that reads them)."""
@@ -103,6 +107,7 @@ def make_signals(
         timesteps=_as_tensor("timesteps", timesteps, ndim=1, integer=None),
         embeddings=_as_tensor("embeddings", embeddings, ndim=2, integer=False),
         attention_mask=_as_tensor("attention_mask", attention_mask, ndim=2, integer=None),
+        expert_weights=_as_tensor("expert_weights", expert_weights, ndim=2, integer=False),
     )
     batch = {k: v.shape[0] for k, v in dataclasses.asdict(signals).items() if v is not None}
     if len(set(batch.values())) > 1:

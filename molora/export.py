@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,24 +106,26 @@ def export_peft(
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")
     r = max(ranks.values())
     patterns = {re.escape(n): k for n, k in ranks.items()}
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": patterns,
-        "alpha_pattern": dict(patterns),
-        "target_modules": sorted(ranks),
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": transposed,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+    from peft import LoraConfig
+
+    # PEFT writes its own config (every field, peft_version) so PEFT and molora read back the same.
+    config = LoraConfig(
+        base_model_name_or_path=getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
+        r=r,
+        lora_alpha=r,
+        rank_pattern=patterns,
+        alpha_pattern=dict(patterns),
+        target_modules=sorted(ranks),
+        lora_dropout=0.0,
+        fan_in_fan_out=transposed,
+        bias="none",
+        use_rslora=False,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
     folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:
+        config.save_pretrained(tmp)
+        config_bytes = (Path(tmp) / "adapter_config.json").read_bytes()
     atomic_write(folder / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
-    atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
+    atomic_write(folder / "adapter_config.json", config_bytes)

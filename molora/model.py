@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from molora import context
+from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
-from molora.errors import MoLoRAError
+from molora.errors import MoLoRAError, RoutingError
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_spec
 from molora.routers import Router, build_router, router_class
 from molora.routers.losses import model_aux_loss
@@ -77,7 +78,7 @@ def find_modules_to_save(model: nn.Module, config: MoLoRAConfig, routed: Sequenc
 
 
 SHARED_ROUTER_KEY = "shared_router"
-ROUTING_KEYWORDS = ("task_ids", "timesteps", "embeddings")
+ROUTING_KEYWORDS = ("task_ids", "timesteps", "embeddings", "expert_weights")
 
 
 def forward_signature(base_class: type) -> inspect.Signature:
@@ -209,11 +210,11 @@ class MoLoRAModel(nn.Module):
         return {} if scope is None else dict(scope.records)
 
     def forward(self, *args: Any, task_ids: Any = None, timesteps: Any = None, embeddings: Any = None,
-                aux_loss_weight: float = 1.0, **kwargs: Any) -> Any:
+                expert_weights: Any = None, aux_loss_weight: float = 1.0, **kwargs: Any) -> Any:
         """The base model's forward, with its signature (:func:`forward_signature`), so that
         transformers' ``Trainer`` sees the columns it takes.
 
-        ``task_ids``, ``timesteps``, ``embeddings``: routing signals of this call (as
+        ``task_ids``, ``timesteps``, ``embeddings``, ``expert_weights``: routing signals of this call (as
         ``with model.routing(...)``; a Trainer dataset column ``task_ids`` flows in so).
 
         The balancing losses join the output as in transformers' MoE models (Mixtral's
@@ -224,8 +225,8 @@ class MoLoRAModel(nn.Module):
         accumulation passes its weight; :class:`~molora.integrations.MoLoRATrainer` does).
         Tuple outputs (``return_dict=False``) and loss-free calls are returned as the base gives them.
         """
-        signals = {k: v for k, v in (("task_ids", task_ids), ("timesteps", timesteps), ("embeddings", embeddings))
-                   if v is not None}
+        signals = {k: v for k, v in (("task_ids", task_ids), ("timesteps", timesteps), ("embeddings", embeddings),
+                                     ("expert_weights", expert_weights)) if v is not None}
         if signals:
             with self.routing(**signals):
                 output = self.base_model(*args, **kwargs)
@@ -269,8 +270,14 @@ class MoLoRAModel(nn.Module):
         """``with model.routing(task_ids=..., timesteps=..., embeddings=..., attention_mask=...):``
 
         Sets the routing signals for the forward passes inside the block. ``task_ids`` may hold
-        task names (e.g. the adapter names of :func:`molora.compose`).
+        task names (e.g. the adapter names of :func:`molora.compose`); ``expert_weights`` (router
+        ``"mixture"``) may hold one ``{expert name: weight}`` dict per example (names left out weigh 0).
         """
+        mix = signals.get("expert_weights")
+        if isinstance(mix, (list, tuple)) and any(isinstance(m, Mapping) for m in mix):
+            signals["expert_weights"] = torch.tensor(
+                [mixture_weights(m, self.expert_names, f"routing(expert_weights[{b}])", error=RoutingError)
+                 for b, m in enumerate(mix)], dtype=torch.float32)
         ids = signals.get("task_ids")
         if isinstance(ids, (list, tuple)) and any(isinstance(t, str) for t in ids):
             index = getattr(self.shared_router, "task_index", None)
@@ -333,7 +340,6 @@ class MoLoRAModel(nn.Module):
         """One finite weight per expert (a name -> weight mapping, missing = 0, or a sequence;
         :func:`molora.checks.mixture_weights`), split into each layer's local experts, by module path
         (``dtype``: float64 keeps the weights as given, as export's float64 merges need)."""
-        from molora.checks import mixture_weights
 
         w = torch.tensor(mixture_weights(weights, self.expert_names, "merge"), dtype=dtype)
         return {name: w[layer.expert_ids] for name, layer in self.routed_layers().items()}

@@ -11,6 +11,13 @@ Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can
 it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
 Every field molora reads from ``adapter_config.json`` and every tensor is checked (types,
 NaN/inf, shapes), with an AdapterError naming the file and the field or tensor.
+
+The config is then read by PEFT itself (``PeftConfig.from_pretrained``), so every field PEFT knows
+is seen: each :class:`peft.LoraConfig` field is either one molora composes exactly, one that does
+not change the forward (training or initialisation only, metadata), or a LoRA variant molora does
+not implement (DoRA, aLoRA, LoRA bias, trainable tokens, ...), which is an AdapterError naming the
+field and its value when it differs from PEFT's default. A field this table does not list (a newer
+PEFT) is refused the same way when it is not the default, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from molora.bank import lora_scaling
@@ -32,7 +39,45 @@ from molora.config import pattern_matches
 from molora.errors import AdapterError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED_FLAGS = {"use_dora": "DoRA", "lora_bias": "LoRA bias"}
+_BOOL_FLAGS = ("use_rslora", "use_dora", "lora_bias", "use_qalora")
+# Conv LoRA factors by number of dims (PEFT stores lora_A [r, c_in, *kernel] for ConvNd).
+_CONV = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+
+# peft.LoraConfig fields molora composes exactly: the factors' scaling, and which modules have
+# factors (read from the tensors themselves, so the targeting rules are already applied).
+_COMPOSED = frozenset({
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "target_parameters",
+    "fan_in_fan_out",  # transposes the base weight only; the factors are stored the same way
+})
+# Fields that do not change an eval forward: metadata, runtime, training-only (dropout, VeLoRA's
+# backward) and initialisation-only (the saved factors are what the initialisation produced).
+_NO_FORWARD_EFFECT = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "lora_dropout", "velora_config", "init_lora_weights", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core", "ensure_weight_tying",
+    "qalora_group_size",  # only read when use_qalora (refused below)
+})
+# init_lora_weights that move the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ): only their
+# converted form (init_lora_weights=True, a delta on the original base) composes.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoRA variants molora does not implement: composing them as plain LoRA would be silently wrong.
+_REFUSED = {
+    "use_dora": "DoRA (a learned magnitude vector rescales W + BA)",
+    "alora_invocation_tokens": "aLoRA (the adapter acts only from its invocation tokens on; plain LoRA would "
+                               "change every token before them)",
+    "lora_bias": "a bias on lora_B",
+    "bias": "trained base-layer biases saved with the adapter",
+    "modules_to_save": "full modules saved with the adapter (molora composes the LoRA factors only and would "
+                       "silently drop them)",
+    "trainable_token_indices": "trained embedding rows (trainable tokens)",
+    "use_qalora": "QALoRA (input pooling before lora_A)",
+    "layer_replication": "replicated base layers",
+    "monteclora_config": "MonteCLoRA (Monte Carlo sampling on the factors)",
+    "kasa_config": "KaSA (a truncated base weight and learned singular values)",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+}
 
 
 @dataclasses.dataclass
@@ -61,6 +106,7 @@ class PeftLoraAdapter:
     path: Path
     config: dict[str, Any]
     modules: dict[str, LoraFactors]
+    peft_config: Any = None  # the peft.LoraConfig PEFT reads from the folder
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -89,8 +135,10 @@ def _read_tensors(folder: Path, where: str) -> dict[str, Tensor]:
             raise AdapterError(f"{where}: {binary} is a pickle file, which molora does not load. "
                                + _BIN_HELP.format(bin=binary, st=st))
         raise AdapterError(f"{where}: no adapter_model.safetensors in {folder}")
-    try:
-        tensors = load_file(str(st))
+    from peft.utils import load_peft_weights
+
+    try:  # the file exists, so PEFT reads it (never the pickle, never the hub)
+        tensors = load_peft_weights(str(folder), device="cpu")
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
         raise AdapterError(f"{where}: cannot read {st}: {exc}") from None
     for key, t in tensors.items():
@@ -116,7 +164,7 @@ def _check_config(config: Any, cfg_path: Path, where: str) -> dict[str, Any]:
     targets = config["target_modules"]
     if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise AdapterError(f"{at}: target_modules must be a list of module names or a regex string; got {targets!r}")
-    for flag in ("use_rslora", *_UNSUPPORTED_FLAGS):
+    for flag in _BOOL_FLAGS:
         if config.get(flag) is not None and not isinstance(config[flag], bool):
             raise AdapterError(f"{at}: {flag} must be true or false; got {config[flag]!r}")
     for key, check in (("rank_pattern", positive_int), ("alpha_pattern", finite_number)):
@@ -137,17 +185,94 @@ def _check_config(config: Any, cfg_path: Path, where: str) -> dict[str, Any]:
     return config
 
 
-def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftLoraAdapter:
-    """Read a PEFT LoRA adapter folder; AdapterError naming the file and the field for anything
-    molora cannot use exactly (a malformed or non-LoRA config, a pickle-only folder, NaN/inf
-    weights, shapes that disagree with the config)."""
+def _peft_config(folder: Path, raw: dict[str, Any], cfg_path: Path, where: str) -> Any:
+    """The folder's ``peft.LoraConfig`` as PEFT reads it, with every field that changes the
+    forward and that molora does not implement refused (AdapterError naming the field and value)."""
+    from peft import LoraConfig
+
+    at = f"{where}: {cfg_path}"
+    try:
+        with warnings.catch_warnings():
+            # PEFT warns and drops fields it does not know (a newer PEFT saved them); molora
+            # decides about those below instead of ignoring them.
+            warnings.simplefilter("ignore")
+            config = LoraConfig.from_pretrained(str(folder))
+    except Exception as exc:  # PEFT raises TypeError/ValueError/KeyError... for bad values
+        raise AdapterError(f"{at}: PEFT cannot read it: {type(exc).__name__}: {exc}") from None
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        # PEFT re-applies such an initialisation when it loads the adapter (the base becomes the
+        # residual W - BA); composed on the original base it would be off by the initial BA.
+        raise AdapterError(f"{at}: init_lora_weights={init!r}: the initialisation changes the base weights, so the "
+                           "factors are not a delta on the original base; convert the adapter first with PEFT's "
+                           "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    defaults = LoraConfig()
+    for field in dataclasses.fields(config):
+        if field.name in _COMPOSED or field.name in _NO_FORWARD_EFFECT:
+            continue
+        value, default = getattr(config, field.name), getattr(defaults, field.name)
+        if value == default or (not value and not default):  # None, False, {} and [] all mean "off"
+            continue
+        what = _REFUSED.get(field.name, "a LoRA field molora does not know")
+        raise AdapterError(f"{at}: {field.name}={raw.get(field.name, value)!r}: the adapter uses {what}, which molora "
+                           "does not implement")
+    known = {f.name for f in dataclasses.fields(config)}
+    for key, value in raw.items():
+        if key not in known and value not in (None, False, [], {}, ""):
+            raise AdapterError(f"{at}: {key}={value!r}: a field this PEFT ({config.peft_version}) does not know "
+                               f"(saved by PEFT {raw.get('peft_version')!r}?); molora cannot tell whether it changes "
+                               "the forward")
+    return config
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, subfolder: str | None, where: str) -> Path:
+    """The local folder of a Hub adapter ``repo_id`` (at ``revision``), through huggingface_hub's
+    cache: only the two adapter files are fetched, and nothing is fetched when ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import constants, snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=constants.HF_HUB_OFFLINE,
+                                     allow_patterns=[f"{prefix}adapter_config.json", f"{prefix}adapter_model.safetensors"])
+    except Exception as exc:  # not cached offline, unknown repo or revision, no network
+        raise AdapterError(f"{where}: {repo_id!r} is neither a local folder nor a Hugging Face Hub adapter that can be "
+                           f"read{' offline from the cache' if constants.HF_HUB_OFFLINE else ''} "
+                           f"(revision={revision!r}): {type(exc).__name__}: {exc}") from None
+    return Path(snapshot)
+
+
+def load_peft_adapter(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> PeftLoraAdapter:
+    """Read a PEFT LoRA adapter folder, or a Hub repository id (``"user/repo"``, resolved through
+    huggingface_hub's cache at ``revision``; offline when ``HF_HUB_OFFLINE``), the adapter being
+    in its ``subfolder`` if given; AdapterError naming the file and the field for anything molora
+    cannot use exactly (a malformed or non-LoRA config, a LoRA variant molora does not implement,
+    a pickle-only folder, NaN/inf weights, shapes that disagree with the config)."""
     if not isinstance(path, (str, os.PathLike)):
         raise AdapterError(f"an adapter must be a folder path; got {path!r}")
+    for key, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise AdapterError(f"adapter {path!r}: {key} must be a non-empty string or None; got {value!r}")
     folder = Path(path)
-    name = folder.name if name is None else name
+    if name is None:
+        name = folder.name if subfolder is None else Path(subfolder).name
     if not isinstance(name, str) or not name.strip():
         raise AdapterError(f"adapter in {folder}: the name must be a non-empty string; got {name!r}")
     where = f"adapter {name!r}"
+    if not folder.is_dir() and isinstance(path, str) and _REPO_ID.match(path):
+        folder = _hub_snapshot(path, revision, subfolder, where)
+    elif revision is not None:
+        raise AdapterError(f"{where}: revision={revision!r} is for Hub repository ids; {folder} is a local folder")
+    if subfolder is not None:
+        folder = folder / subfolder
     if not folder.is_dir():
         raise AdapterError(f"{where}: folder {folder} does not exist (expected a PEFT adapter folder)")
     cfg_path = folder / "adapter_config.json"
@@ -158,19 +283,19 @@ def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftL
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise AdapterError(f"{where}: {cfg_path} is not valid JSON: {exc}") from None
     config = _check_config(config, cfg_path, where)
-    for flag, what in _UNSUPPORTED_FLAGS.items():
-        if config.get(flag):
-            raise AdapterError(f"{where}: {cfg_path}: uses {what} ({flag}=true), which molora does not support")
-    if config.get("modules_to_save"):
-        raise AdapterError(
-            f"{where}: {cfg_path}: also saves full modules {config['modules_to_save']} (modules_to_save); molora "
-            "composes the LoRA factors only and would silently drop them"
-        )
+    peft_config = _peft_config(folder, config, cfg_path, where)
     tensors = _read_tensors(folder, where)
     st = folder / "adapter_model.safetensors"
     factors: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
+        embedding = re.match(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$", key)
+        if embedding is not None:
+            raise AdapterError(f"{where}: {st}: module {embedding['module']!r} is an Embedding LoRA (tensor {key!r}); "
+                               "molora routes LoRA on nn.Linear and Conv1D modules only")
+        if m is not None and value.dim() in _CONV:
+            raise AdapterError(f"{where}: {st}: module {m['module']!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
+                               f"is {list(value.shape)}); molora routes LoRA on nn.Linear and Conv1D modules only")
         if m is None:
             raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)")
         if m["ab"] in factors.get(m["module"], {}):
@@ -193,4 +318,4 @@ def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftL
         modules[module] = LoraFactors(A=A, B=B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
     if not modules:
         raise AdapterError(f"{where}: {st} holds no LoRA weights")
-    return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules)
+    return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config)

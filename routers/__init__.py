@@ -10,6 +10,7 @@ from typing import Any
 from .arrow import ArrowRouter
 from .base import Router, RoutingDecision
 from .cluster import ClusterRouter
+from .mixture import MixtureRouter
 from .retrieval import RetrievalRouter
 from .soft import SoftRouter
 from .static import StaticRouter
@@ -24,7 +25,7 @@ ROUTERS: dict[str, type[Router]] = {
     cls.name: cls
     for cls in (
         SoftRouter, TopKRouter, TopPRouter, SwitchRouter, TaskRouter, StaticRouter,
-        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter, GlobalWeightsRouter, ArrowRouter,
+        RetrievalRouter, TimeStepRouter, TLoRARouter, ClusterRouter, GlobalWeightsRouter, ArrowRouter, MixtureRouter,
     )
 }
 
@@ -52,7 +53,7 @@ def build_router(name: str, *, num_experts: int, d_in: int, **kwargs: Any) -> Ro
 
 
 __all__ = [
-    "ROUTERS", "ArrowRouter", "ClusterRouter", "GlobalWeightsRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
+    "ROUTERS", "ArrowRouter", "ClusterRouter", "GlobalWeightsRouter", "MixtureRouter", "RetrievalRouter", "Router", "RoutingDecision", "SoftRouter", "StaticRouter",
     "SwitchRouter", "TLoRARouter", "TaskRouter", "TimeStepRouter", "TopKRouter", "TopPRouter",
     "build_router", "register_router", "router_class",
 ]

@@ -71,11 +71,6 @@ def arrow_prototypes(A: Tensor, B: Tensor) -> Tensor:
     return torch.where(S[:, :1] > 0, v * sign, torch.zeros_like(v))
 
 
-def _stamp(bank: ExpertBank) -> tuple:
-    """Where the experts' factors are stored and how often they were written in place."""
-    return tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in bank.parameters())
-
-
 class ArrowRouter(Router):
     """Per-token top-k routing by ``|<x, v_e>|`` against each expert's top right singular vector
     (Arrow, Ostapenko et al. 2024; PEFT ``create_arrow_model``).
@@ -105,7 +100,7 @@ class ArrowRouter(Router):
         """Recompute the prototypes if ``bank`` (the layer's experts) changed since they were made."""
         if torch.compiler.is_compiling():
             return
-        if self._stamp != _stamp(bank):
+        if self._stamp != bank.state_key():
             self.update_prototypes(bank)
 
     @torch.no_grad()
@@ -114,9 +109,11 @@ class ArrowRouter(Router):
         if (bank.num_experts, bank.d_in) != (self.num_experts, self.d_in):
             raise MoLoRAError(f"router {self.name!r} is over {self.num_experts} experts of input width {self.d_in}; "
                               f"the layer's bank holds {bank.num_experts} of width {bank.d_in}")
+        key = bank.state_key()
         A, B = bank.stacked()
-        self.prototypes.copy_(arrow_prototypes(A, B).to(self.prototypes.device))
-        self._stamp = _stamp(bank)
+        # a new buffer, not a copy into the old one: a forward in another thread reads the old or the new whole
+        self.prototypes = arrow_prototypes(A, B).to(self.prototypes)
+        self._stamp = key
 
     def fusable_weight(self) -> Tensor:
         """``V [E, d_in]``: the signed scores ``x V^T`` of the layer's token rows, which the routed

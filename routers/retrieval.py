@@ -59,6 +59,7 @@ from molora.errors import CheckpointError, RoutingError
 
 from .base import (Router, RoutingDecision, check_choice, check_int, check_positive, check_probability, check_top_k,
                    check_width)
+from .key_search import SEARCHES, HNSWKeyIndex, exact_topk
 from .pooling import QUERY_SOURCES, query_vectors
 
 _ENCODER: tuple[Any, Any] | None = None
@@ -114,6 +115,8 @@ class RetrievalRouter(Router):
         key_dim: int | None = None,
         metric: str = "cosine",
         shrinkage: float = 0.3,
+        search: str = "exact",
+        ef_search: int = 64,
     ) -> None:
         super().__init__(num_experts, d_in)
         # LoraRetriever retrieves k = 3 adapters; fewer when the bank is smaller.
@@ -127,6 +130,8 @@ class RetrievalRouter(Router):
         self.register_buffer("fitted", torch.zeros(num_experts, dtype=torch.bool))
         self.metric = check_choice(self.name, "metric", metric, METRICS)
         self.shrinkage = check_probability(self.name, "shrinkage", shrinkage)
+        self.search = check_choice(self.name, "search", search, SEARCHES)
+        self.ef_search = check_int(self.name, "ef_search", ef_search, 1)
         if self.metric == "mahalanobis":
             # Pooled within-expert covariance C of the key examples and how many examples made it.
             self.register_buffer("covariance", torch.zeros(self.key_dim, self.key_dim))
@@ -135,7 +140,7 @@ class RetrievalRouter(Router):
 
     def get_config(self) -> dict[str, Any]:
         return {"top_k": self.top_k, "temperature": self.temperature, "source": self.source, "key_dim": self.key_dim,
-                "metric": self.metric, "shrinkage": self.shrinkage}
+                "metric": self.metric, "shrinkage": self.shrinkage, "search": self.search, "ef_search": self.ef_search}
 
     # ------------------------------------------------------------------ keys
     def _expert(self, expert: int) -> int:
@@ -233,6 +238,20 @@ class RetrievalRouter(Router):
         weight, bias = self._scoring()
         return q @ weight if bias is None else torch.addmm(bias, q, weight)
 
+    def top_keys(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scores [B, top_k], experts [B, top_k])``: the best keys by :attr:`search` (exact, or
+        candidates from an HNSW index over the keys, rebuilt when the keys change; see
+        :mod:`molora.routers.key_search`)."""
+        q = F.normalize(query.to(self.keys.dtype), dim=-1)
+        weight, bias = self._scoring()
+        if self.search == "exact":
+            return exact_topk(q, weight, bias, self.top_k)
+        stamp, index = getattr(self, "_index", (None, None))
+        if stamp is not weight:  # built from this scoring (a new one whenever the keys change)
+            index = HNSWKeyIndex(weight, bias, ef_search=self.ef_search)
+            self._index = (weight, index)  # one assignment: a concurrent reader sees old or new whole
+        return index.topk(q, self.top_k)
+
     def _scoring(self) -> tuple[Tensor, Tensor | None]:
         """``(W [key_dim, E], b [E] or None)`` with ``s = q W + b``, cached until the keys or the
         covariance change: with thousands of experts, preparing the keys on every forward costs
@@ -240,9 +259,10 @@ class RetrievalRouter(Router):
         stamp = (self.keys.data_ptr(), self.keys._version, self.keys.dtype)
         if self.metric == "mahalanobis":
             stamp += (self.covariance.data_ptr(), self.covariance._version)
-        if getattr(self, "_scoring_stamp", None) != stamp:
+        cached = getattr(self, "_scoring_state", None)
+        if cached is None or cached[0] != stamp:
             if self.metric == "cosine":
-                self._scoring_cache = (F.normalize(self.keys, dim=-1).T, None)
+                scoring = (F.normalize(self.keys, dim=-1).T, None)
             else:
                 C = self.covariance.double()
                 D = C.shape[0]
@@ -252,9 +272,9 @@ class RetrievalRouter(Router):
                 mu = self.keys.double()
                 P_mu = torch.linalg.solve(S, mu.T)  # [D, E] = S^-1 mu_e
                 bias = -0.5 * (mu * P_mu.T).sum(-1)
-                self._scoring_cache = (P_mu.to(self.keys.dtype), bias.to(self.keys.dtype))
-            self._scoring_stamp = stamp
-        return self._scoring_cache
+                scoring = (P_mu.to(self.keys.dtype), bias.to(self.keys.dtype))
+            cached = self._scoring_state = (stamp, scoring)  # one assignment: threads see old or new whole
+        return cached[1]
 
     def forward(self, x: Tensor, signals: RoutingSignals) -> RoutingDecision:
         query = check_width(self.name, self.source, query_vectors(self.name, x, signals, self.source), self.key_dim)
@@ -270,6 +290,6 @@ class RetrievalRouter(Router):
                 f"router {self.name!r}: experts {missing[:10]}{'...' if len(missing) > 10 else ''} have no key; "
                 "call fit_keys(expert, embeddings) (or set_keys) first"
             )
-        scores, indices = self.similarities(query).topk(self.top_k, dim=-1)
+        scores, indices = self.top_keys(query)
         gates = torch.softmax(scores / self.temperature, dim=-1)
         return RoutingDecision(gates=gates, indices=indices, per_example=True)

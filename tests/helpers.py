@@ -59,11 +59,14 @@ def make_peft_adapter(base, path: Path, *, seed: int, r: int = 4, alpha: float =
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **kw)
+    kw = {"init_lora_weights": False, **kw}
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, **kw)
     peft_model = get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():  # large enough that every adapter visibly changes the output
         for name, p in peft_model.named_parameters():
-            if "lora_A" in name:  # delta x ~ 0.1 |x|: visible, yet as small as trained adapters
+            if "lora_" in name and p.dim() < 2:  # lora_bias: the bias of lora_B
+                p.normal_(0.0, 0.1)
+            elif "lora_A" in name:  # delta x ~ 0.1 |x|: visible, yet as small as trained adapters
                 p.normal_(0.0, p.shape[1] ** -0.5)
             elif "lora_B" in name:
                 p.normal_(0.0, 0.1 * p.shape[1] ** -0.5)

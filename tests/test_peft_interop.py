@@ -110,6 +110,8 @@ def test_export_peft_round_trip(kind, tmp_path):
     model.export_peft(tmp_path / "mix", weights)
     config = json.loads((tmp_path / "mix" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+    assert config["peft_version"] == peft.__version__  # written by PEFT's LoraConfig.save_pretrained
+    assert molora.load_peft_adapter(tmp_path / "mix").peft_config.use_dora is False
     inputs = model_inputs(kind)
     exported = peft_output(base, tmp_path / "mix", inputs, field=_field(kind))
 
