@@ -121,6 +121,13 @@ def select_router(
 
     from molora.train_router import _mean_loss  # one definition of "mean loss over shots"
 
+    with model.routers_kept_on_error():  # a failed fit leaves the model's routers as they were
+        return _select(model, examples, candidates, k, seed, fit, loss_fn, batch_size, _mean_loss)
+
+
+def _select(model: MoLoRAModel, examples: list[Any], candidates: list[str], k: int, seed: int, fit: Callable,
+            loss_fn: Callable, batch_size: int, _mean_loss: Callable) -> AutoRouterResult:
+    n = len(examples)
     t0 = time.perf_counter()
     order = list(range(n))
     random.Random(seed).shuffle(order)

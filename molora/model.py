@@ -286,6 +286,23 @@ class MoLoRAModel(nn.Module):
             signals["task_ids"] = torch.tensor([index(t) for t in ids], dtype=torch.long)
         return context.routing(**signals)
 
+    @contextlib.contextmanager
+    def routers_kept_on_error(self) -> Iterator[None]:
+        """Inside the block routers may be replaced (:meth:`set_router`, :meth:`set_layer_routers`);
+        if it raises, the model's routers and router config are put back as they were."""
+        layers = self.routed_layers().values()
+        saved = (self.shared_router, [(layer, layer.router, list(layer._shared_router)) for layer in layers],
+                 self.molora_config.router, dict(self.molora_config.router_kwargs))
+        try:
+            yield
+        except BaseException:
+            self.shared_router = saved[0]
+            for layer, router, shared in saved[1]:
+                layer.router = router
+                layer.set_shared_router(shared[0] if shared else None)
+            self.molora_config.router, self.molora_config.router_kwargs = saved[2], saved[3]
+            raise
+
     def set_router(self, router: Router) -> None:
         """Route every layer through ``router`` from now on (e.g. train each task's expert under
         task-id routing, then serve all experts by retrieval). ``router`` must be a shared

@@ -57,8 +57,8 @@ __all__ = ["DEFAULT_PRIOR", "ROUTER_KINDS", "RouterTrainResult", "install_router
            "uniform_prior_penalty"]
 
 ROUTER_KINDS = ("per_layer", "shared", "weights", "existing")
-#: Weight of the uniform prior (:func:`train_router`); see the report for how it was chosen.
-DEFAULT_PRIOR = 0.1
+#: Weight of the uniform prior (:func:`train_router`): off until the few-shot grid measures a better default.
+DEFAULT_PRIOR = 0.0
 LossFn = Callable[[MoLoRAModel, list[Any]], Tensor]
 
 
@@ -185,9 +185,8 @@ def train_router(
     router is trained from scratch on the other folds and its held-out loss recorded every
     ``eval_every`` steps (after early stopping, the fold's last value carries forward); the step
     with the least mean held-out loss over folds is chosen and a fresh router is then trained on
-    all shots for exactly that many steps. ``folds=None`` uses ``min(5, n)`` folds when
-    ``4 <= n < 32`` shots (and ``val_fraction > 0``), else the single ``val_fraction`` split;
-    ``folds=1`` forces the single split.
+    all shots for exactly that many steps. ``folds=None`` (default) or ``1``: the single
+    ``val_fraction`` split (k-fold becomes the default once the few-shot grid measures it).
 
     Args:
         model: a :class:`MoLoRAModel` (e.g. from :func:`molora.compose`); its experts are frozen.
@@ -252,7 +251,7 @@ def train_router(
     rng.shuffle(order)
     n = len(examples)
     if folds is None:
-        folds = min(5, n) if 4 <= n < 32 and val_fraction > 0 else 1
+        folds = 1
     model.eval()  # frozen encoder: no dropout noise on a handful of shots
     t0 = time.perf_counter()
     if folds >= 2:

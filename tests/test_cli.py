@@ -186,7 +186,7 @@ def test_train_router_trains_only_the_router(tmp_path, capsys):
     assert lm_loss(after, tok, texts) < lm_loss(before, tok, texts)
 
 
-def test_train_router_auto_is_the_default_and_saves_the_winner(tmp_path, capsys):
+def test_train_router_auto_chooses_by_cv_and_saves_the_winner(tmp_path, capsys):
     import json
     import math
 
@@ -201,7 +201,7 @@ def test_train_router_auto_is_the_default_and_saves_the_winner(tmp_path, capsys)
     data = write_rows(tmp_path / "shots.jsonl", n=6, seed=1)
     argv = ["train-router", "--base", str(tmp_path / "base"), "--model-class", "causal-lm", "--checkpoint",
             str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "auto"), "--steps", "4",
-            "--folds", "2", "--no-progress"]
+            "--method", "auto", "--folds", "2", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     lines = [line.split() for line in out.splitlines() if "CV loss" in line]

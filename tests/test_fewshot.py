@@ -86,10 +86,11 @@ def test_router_training_learns_the_right_expert(setup, router, n):
     loss_fn = _regression_loss(inputs, targets)
     with torch.no_grad():
         before = float(loss_fn(model, list(range(n))))
-    res = molora.train_router(model, list(range(n)), loss_fn=loss_fn, router=router, steps=40, lr=0.05, patience=40, seed=0)
+    res = molora.train_router(model, list(range(n)), loss_fn=loss_fn, router=router, steps=40, lr=0.05, patience=40, seed=0,
+                             folds=5 if n < 32 else None)
     with torch.no_grad():
         after = float(loss_fn(model, list(range(n))))
-    if n < 32:  # few shots: 5-fold step selection, then all shots train
+    if n < 32:  # few shots: 5-fold step selection asked for, then all shots train
         assert res.folds == 5 and res.num_train == n and res.num_val == 0
     else:
         assert res.folds == 1 and res.num_val == max(1, round(0.25 * n)) and res.num_train == n - res.num_val
@@ -431,3 +432,24 @@ def test_auto_rejects_bad_input(setup):
         molora.train_router(model, [0], loss_fn=loss_fn, method="auto")
     with pytest.raises(ValueError, match="method"):
         molora.train_router(model, [0, 1], loss_fn=loss_fn, method="best")
+
+
+def test_auto_that_fails_midway_leaves_the_routers_as_they_were(setup):
+    base, dirs = setup
+    inputs = _inputs(8)
+    model = molora.compose(copy.deepcopy(base), dirs, router="soft")
+    before = (model.shared_router, {n: l.router for n, l in model.routed_layers().items()}, model.molora_config.router)
+    good = _regression_loss(inputs, _targets(base, dirs, inputs, "b"))
+    calls = {"n": 0}
+
+    def flaky(m, batch):  # fails after the first candidates have been installed
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("boom")
+        return good(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        molora.train_router(model, list(range(8)), loss_fn=flaky, method="auto", folds=2, steps=3, seed=0)
+    after = (model.shared_router, {n: l.router for n, l in model.routed_layers().items()}, model.molora_config.router)
+    assert after[0] is before[0] and after[2] == before[2]
+    assert all(after[1][n] is r for n, r in before[1].items())

@@ -439,9 +439,9 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--out", required=True, help="checkpoint folder to write")
     tr.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
     tr.add_argument("--steps", type=POSITIVE_INT, default=50)
-    tr.add_argument("--method", choices=["auto", "existing", "per_layer", "weights", "shared"], default="auto",
-                    help="auto (default): choose uniform / global weights / LoRAHub / per-layer routers by k-fold "
-                    "cross-validation on the rows and apply the winner; existing: train the checkpoint's own "
+    tr.add_argument("--method", choices=["auto", "existing", "per_layer", "weights", "shared"], default="existing",
+                    help="auto: choose uniform / global weights / LoRAHub / per-layer routers by k-fold "
+                    "cross-validation on the rows and apply the winner; existing (default): train the checkpoint's own "
                     "router; per_layer, weights, shared: train a fresh router of that kind")
     tr.add_argument("--folds", type=POSITIVE_INT, default=None,
                     help="cross-validation folds (default: 5 below 32 rows for auto/step selection)")
