@@ -386,3 +386,28 @@ def test_every_bad_input_exits_2_with_one_line(cli_files, capsys, case):
     assert len(lines) == 1 and lines[0].startswith(prefix), captured.err
     assert message in lines[0] and "Traceback" not in captured.err
     assert not (cli_files["root"] / "out").exists() and not (cli_files["root"] / "mix").exists()
+
+
+def test_compose_picks_the_model_class_from_the_adapters_task_type(tmp_path, capsys):
+    """Causal-LM adapters compose onto AutoModelForCausalLM without --model-class (AutoModel would
+    drop the LM head the adapters were saved under); mixed task types are refused, naming them."""
+    from helpers import tiny_gpt2
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    a = make_peft_adapter(base, tmp_path / "a", seed=1, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    assert main(["compose", "--base", str(tmp_path / "base"), "--adapter", f"a={a}", "--router", "task",
+                 "--out", str(tmp_path / "ckpt")]) == 0
+    model = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "ckpt")
+    inputs = model_inputs("gpt2")
+    with torch.no_grad(), model.routing(task_ids=[0, 0, 0]):
+        ours = model(**inputs).logits
+    torch.testing.assert_close(ours, peft_output(base, a, inputs, field="logits"), atol=1e-5, rtol=1e-5)
+    import json
+
+    b = make_peft_adapter(base, tmp_path / "b", seed=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    config = json.loads((b / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps({**config, "task_type": "TOKEN_CLS"}))
+    assert main(["compose", "--base", str(tmp_path / "base"), "--adapter", f"a={a}", "--adapter", f"b={b}",
+                 "--out", str(tmp_path / "ckpt2")]) == 2
+    assert "different model classes" in capsys.readouterr().err

@@ -12,7 +12,12 @@ MODEL_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "masked-lm": "AutoModelForMaskedLM",
     "seq-cls": "AutoModelForSequenceClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "token-cls": "AutoModelForTokenClassification",
 }
+#: The model class a PEFT adapter's ``task_type`` was trained with (``compose`` without --model-class).
+TASK_TYPE_CLASSES = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "SEQ_2_SEQ_LM": "seq2seq-lm",
+                     "TOKEN_CLS": "token-cls", "FEATURE_EXTRACTION": "auto", "QUESTION_ANS": "auto"}
 
 
 class CLIError(Exception):
@@ -35,10 +40,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
 
 
-def load_base(path: str, model_class: str):
+def load_base(path: str, model_class: str | None):
     """The base model from a Hugging Face name or folder (offline unless HF_HUB_OFFLINE=0)."""
     import transformers
 
+    model_class = model_class or "auto"
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise CLIError(f"base model {path!r} is not a folder (and the hub is offline: HF_HUB_OFFLINE=1)")
     from transformers.utils import logging as hf_logging
@@ -141,6 +147,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def adapters_model_class(adapters: dict) -> str:
+    """The ``--model-class`` the adapters' PEFT ``task_type`` implies (``auto`` when none is set);
+    a CLIError when they disagree."""
+    kinds = {name: TASK_TYPE_CLASSES.get(str(a.config.get("task_type") or "FEATURE_EXTRACTION"), "auto")
+             for name, a in adapters.items()}
+    found = set(kinds.values())
+    if len(found) > 1:
+        raise CLIError(f"the adapters were trained for different model classes {kinds} (PEFT task_type); "
+                       "pass --model-class to choose one")
+    return found.pop() if found else "auto"
+
+
 def _compose(args: argparse.Namespace) -> int:
     import molora
 
@@ -156,9 +174,9 @@ def _compose(args: argparse.Namespace) -> int:
     from molora.routers import router_class
 
     router_class(args.router)
-    for name, path in adapters.items():
-        molora.load_peft_adapter(path, name)
-    model = molora.compose(load_base(args.base, args.model_class), adapters, router=args.router, top_k=args.top_k, **router_kwargs)
+    loaded = {name: molora.load_peft_adapter(path, name) for name, path in adapters.items()}
+    model_class = args.model_class or adapters_model_class(loaded)
+    model = molora.compose(load_base(args.base, model_class), adapters, router=args.router, top_k=args.top_k, **router_kwargs)
     model.save_pretrained(args.out)
     print(f"composed {len(adapters)} adapters into {len(model.routed_layers())} routed layers -> {args.out}")
     return 0
@@ -226,7 +244,8 @@ def _number_or_str(value: str) -> object:
 
 def _add_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: Hugging Face name or folder")
-    p.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="auto", help="transformers auto class of the base")
+    p.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default=None,
+                   help="transformers auto class of the base (default: from the adapters' PEFT task_type for compose, else auto)")
 
 
 # ---------------------------------------------------------------------- bench, stats, train-router
@@ -375,6 +394,7 @@ def router_loss(model, tok, model_class: str, max_length: int):
 
 
 def _train_router(args: argparse.Namespace) -> int:
+    args.model_class = args.model_class or "auto"
     rows = read_text_rows(args.data, need_label=args.model_class == "seq-cls")
     model = load_checkpoint_model(args)
     tok = load_tokenizer(args.tokenizer or args.base)
