@@ -68,6 +68,7 @@ CASES = {
     "switch": ({"router_kwargs": {"capacity_factor": 1.0}}, {}, None),
     "task": ({"router_kwargs": {"mapping": [3, 2, 1, 0], "fallback": 1}}, {"task_ids": [0, 3, 1]}, None),
     "static": ({"router_kwargs": {"weights": [0.5, -0.25, 1.5, 0.125]}}, {}, None),
+    "mixture": ({}, {"expert_weights": [[0.5, 0.0, 0.0, -1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]}, None),
     "retrieval": ({"router_kwargs": {"key_dim": CTX, "top_k": 2, "temperature": 0.5}}, {"embeddings": _emb()}, _keys),
     "retrieval-hidden": ({"router": "retrieval", "router_kwargs": {"source": "hidden", "top_k": 1}}, {},
                          lambda m: _keys(m, D)),
