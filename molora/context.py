@@ -185,6 +185,18 @@ class GenerationScope:
         self.owner = owner
         self.batch = batch
         self._kept: dict[int, tuple[object, Any]] = {}
+        self._experts: dict[int, tuple[object, Any]] = {}
+
+    def experts(self, bank: Any) -> Any:
+        """``bank.stacked()``, read once per generate call (module docstring); under grad mode
+        with trainable experts, per forward as outside generation."""
+        if torch.is_grad_enabled():
+            return bank.stacked()
+        hit = self._experts.get(id(bank))
+        if hit is None or hit[0] is not bank:
+            hit = (bank, bank.stacked())  # the bank is kept, so its id cannot be reused meanwhile
+            self._experts[id(bank)] = hit
+        return hit[1]
 
     def kept(self, key: object, compute: Callable[[], Any]) -> Any:
         """The decision kept for ``key`` (a router or a layer), else ``compute()``, kept when it is

@@ -209,7 +209,8 @@ class RoutedLoRALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         scope = current_scope()
         signals = scope.signals if scope is not None else current_signals()
-        A, B = self.bank.stacked()
+        generation = scope.generation if scope is not None else None
+        A, B = self.bank.stacked() if generation is None else generation.experts(self.bank)
         x2 = x.reshape(-1, self.bank.d_in)
         xk = x2.to(B.dtype)
         xd = self.dropout(xk)

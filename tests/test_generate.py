@@ -182,3 +182,43 @@ def test_token_router_is_not_frozen_by_generate():
         cached = model.generate(**prompts(), **GEN, do_sample=False)
         uncached = model.generate(**prompts(), **GEN, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_experts_are_stacked_once_per_generate_call(composed, monkeypatch):
+    """Each bank's factors are read at the prefill and serve every decoding step; a write made
+    between two calls is seen by the next one (against a fresh composition holding the edit)."""
+    from molora.bank import BaseExpertBank
+
+    base, folders, model, _ = composed
+    calls: dict[int, int] = {}
+    stacked = BaseExpertBank.stacked
+
+    def counting(self):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return stacked(self)
+
+    monkeypatch.setattr(BaseExpertBank, "stacked", counting)
+    inputs = prompts()
+    with torch.no_grad(), model.routing(task_ids=TASKS):
+        model.generate(**inputs, **GEN, do_sample=False)
+    assert len(calls) == len(model.routed_layers()) and set(calls.values()) == {1}
+    monkeypatch.setattr(BaseExpertBank, "stacked", stacked)
+
+    layer = next(iter(model.routed_layers().values()))
+    B = layer.bank.B[0]
+    saved = B.detach().clone()
+    gen = dict(**GEN, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    try:
+        with torch.no_grad():
+            with model.routing(task_ids=TASKS):
+                before = model.generate(**inputs, **gen)
+            B.mul_(3.0)
+            with model.routing(task_ids=TASKS):
+                edited = model.generate(**inputs, **gen)
+                plain = model.generate(**inputs, **gen, use_cache=False)
+        for a, b in zip(edited.scores, plain.scores):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(edited.scores[0], before.scores[0], atol=1e-4)
+    finally:
+        with torch.no_grad():
+            B.copy_(saved)
