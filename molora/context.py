@@ -109,7 +109,9 @@ def make_signals(
         attention_mask=_as_tensor("attention_mask", attention_mask, ndim=2, integer=None),
         expert_weights=_as_tensor("expert_weights", expert_weights, ndim=2, integer=False),
     )
-    batch = {k: v.shape[0] for k, v in dataclasses.asdict(signals).items() if v is not None}
+    # fields read directly: dataclasses.asdict would deep-copy every tensor of every routing block
+    batch = {f.name: getattr(signals, f.name).shape[0] for f in dataclasses.fields(signals)
+             if getattr(signals, f.name) is not None}
     if len(set(batch.values())) > 1:
         raise RoutingError(f"routing signals disagree on the batch size: {batch}")
     if base is None:

@@ -86,3 +86,13 @@ def test_forward_attention_mask_reaches_the_routers(bert):
     layer.router.forward = lambda x, s: seen.append(s.attention_mask) or original(x, s)
     model(**inputs)
     assert torch.equal(seen[0], inputs["attention_mask"])
+
+
+def test_signals_are_checked_for_one_batch_size_and_kept_uncopied():
+    from molora.context import make_signals
+
+    with pytest.raises(RoutingError, match=r"disagree on the batch size: \{'task_ids': 2, 'embeddings': 3\}"):
+        make_signals(task_ids=[0, 1], embeddings=torch.zeros(3, 4))
+    emb = torch.randn(2, 4)
+    with molora.routing(embeddings=emb, task_ids=[0, 1]) as signals:
+        assert signals.embeddings is emb  # validated in place, never copied per routing block
