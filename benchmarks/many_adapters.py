@@ -12,6 +12,12 @@ adapters active, all N registered; N < 64: ``b % N``). Timed in the same run, in
   8 active experts, task routing) against its bare linear, for E = 8 ... 1024: the routed layer's
   cost at a fixed number of active experts.
 
+* ``pool``: adapters on demand (:class:`molora.AdapterPool`): ``--pool-adapters`` (default 256)
+  PEFT adapter folders on disk served through 64 slots; a batch naming 64 adapters not resident
+  (cold: read from disk, memory-mapped safetensors), 64 others evicted into the host cache and
+  read back (warm), and all resident (hit): forward time of each batch against the resident one
+  and the seconds per adapter load.
+
 Also: the time to build each model with N adapters, and the adapters' bytes. PEFT builds
 adapters one ``add_adapter`` at a time (each walks the model); beyond ``--peft-max`` (default
 256) it is not built and its cost is extrapolated from the last two sizes, so reported as such.
@@ -171,6 +177,89 @@ def bench_layer(sizes: list[int], rounds: int) -> list[dict]:
     return rows
 
 
+def write_adapters(base, folder: Path, n: int) -> list[Path]:
+    """n rank-8 PEFT adapter folders for ``base`` (random factors, PEFT's key names and config)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, lora_dropout=0.0)
+    template = get_peft_model_state_dict(get_peft_model(copy.deepcopy(base), cfg))
+    g = torch.Generator().manual_seed(2)
+    dirs = []
+    for i in range(n):
+        d = folder / f"a{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(str(d))
+        save_file({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in template.items()}, str(d / "adapter_model.safetensors"))
+        dirs.append(d)
+    return dirs
+
+
+def bench_pool(n_adapters: int, rounds: int) -> dict:
+    """Adapters on demand: cold (disk), warm (host cache) and resident batches of 64 adapters."""
+    import tempfile
+
+    from molora import AdapterPool
+
+    ids = torch.randint(1, 1024, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    base = tiny_llama()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = write_adapters(base, Path(tmp), n_adapters)
+        model = build_molora(copy.deepcopy(base), BATCH)
+        pool = AdapterPool(model, host_cache_bytes=2**40)  # large enough: every evicted adapter stays warm
+        for i, d in enumerate(dirs):
+            pool.register(f"a{i}", d)
+        groups = [[f"a{i}" for i in range(g * BATCH, (g + 1) * BATCH)] for g in range(n_adapters // BATCH)]
+        if len(groups) < 2:
+            raise SystemExit("--pool-adapters must be at least 128 (two batches of 64 distinct adapters)")
+
+        def forward(names):
+            with pool.routing(names):
+                return model(ids).logits
+
+        times: dict[str, list[float]] = {"cold": [], "warm": [], "resident": []}
+        per_load: dict[str, list[float]] = {"cold": [], "warm": []}
+        with torch.no_grad():
+            # round r: group r from disk (cold, while unread groups are left; it evicts the resident
+            # group), then the group evicted last back from the host cache (warm); each batch then
+            # runs again, all resident
+            resident, evicted = None, None
+            for r in range(rounds):
+                order = [("cold", groups[r])] if r < len(groups) else []
+                order += [("warm", None)]
+                for kind, names in order:
+                    names = names if kind == "cold" else evicted
+                    if names is None:
+                        continue
+                    stat = ("cold_seconds", "cold_loads") if kind == "cold" else ("warm_seconds", "warm_loads")
+                    before = [getattr(pool.stats, f) for f in stat]
+                    t0 = time.perf_counter()
+                    forward(names)
+                    times[kind].append(time.perf_counter() - t0)
+                    secs, loads = (getattr(pool.stats, f) - v for f, v in zip(stat, before))
+                    if loads:
+                        per_load[kind].append(secs / loads)
+                    resident, evicted = names, resident
+                    t0 = time.perf_counter()
+                    forward(names)
+                    times["resident"].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
+    row = {"adapters": n_adapters, "slots": BATCH, "rounds": rounds,
+           "forward_ms": {k: 1e3 * v for k, v in med.items()},
+           "forward_vs_resident": {k: v / med["resident"] for k, v in med.items() if k != "resident"},
+           # the whole cost of bringing an adapter in (read + copy into its slot), from the batch times
+           "load_ms_per_adapter": {k: 1e3 * (med[k] - med["resident"]) / BATCH for k in ("cold", "warm") if k in med},
+           # the read alone (disk or host cache), from the pool's own counters
+           "read_ms_per_adapter": {k: 1e3 * sorted(v)[len(v) // 2] for k, v in per_load.items() if v},
+           "stats": vars(pool.stats)}
+    print(f"pool: {n_adapters} adapters, 64 slots: forward with 64 cold loads {row['forward_vs_resident'].get('cold', float('nan')):.2f}x "
+          f"the resident batch, 64 warm {row['forward_vs_resident'].get('warm', float('nan')):.2f}x; per adapter cold "
+          f"{row['load_ms_per_adapter'].get('cold', float('nan')):.2f} ms (read {row['read_ms_per_adapter'].get('cold', float('nan')):.2f}), "
+          f"warm {row['load_ms_per_adapter'].get('warm', float('nan')):.2f} ms", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="4,16,64,256,1024")
@@ -178,6 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peft-max", type=int, default=256, help="largest N for which PEFT is built")
+    ap.add_argument("--pool-adapters", type=int, default=256, help="adapters on disk for the pool benchmark (0: skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -191,6 +281,7 @@ def main(argv=None) -> int:
               f" | build molora {r['build_molora_s']:.1f}s peft {r.get('build_peft_s', float('nan')):.1f}s"
               f" | max|diff| {r.get('max_abs_diff_vs_peft', float('nan')):.1e}", flush=True)
     layer = bench_layer([int(s) for s in args.layer_sizes.split(",") if s], args.rounds)
+    pool = bench_pool(args.pool_adapters, args.rounds) if args.pool_adapters else None
     print("\n| N adapters | forward: PEFT / base | molora / base | molora vs PEFT | generate: PEFT / base | molora / base | molora vs PEFT |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -205,7 +296,7 @@ def main(argv=None) -> int:
             "shape": {"batch": BATCH, "seq": SEQ, "new_tokens": NEW_TOKENS, "rank": RANK, "hidden": 256, "layers": 4}}
     suffix = f"-threads{args.threads}" if args.threads != 1 else ""
     path = Path(args.out or Path(__file__).resolve().parent / "results" / f"many-adapters{suffix}.json")
-    path.write_text(json.dumps({**meta, "rows": rows, "layer": layer}, indent=1))
+    path.write_text(json.dumps({**meta, "rows": rows, "layer": layer, "pool": pool}, indent=1))
     print(f"wrote {path}")
     return 0
 

@@ -171,11 +171,12 @@ class AdapterPool:
                               f"{self.num_slots} slots are resident and {len(free) + len(evictable)} can take new ones "
                               f"(in use by batches in flight: {sum(1 for v in self._pins.values() if v)})")
         loaded = {n: self._factors(n) for n in missing}  # read everything before changing any slot
-        targets = free + evictable
-        for n, slot in zip(missing, targets):
+        targets = dict(zip(free + evictable, missing))
+        for slot in targets:
             if slot in self._resident:
-                self._evict(slot)
-            self._write_slot(slot, loaded[n])
+                self._evict(slot, clear=False)  # overwritten below
+        self._write_slots({slot: loaded[n] for slot, n in targets.items()})
+        for slot, n in targets.items():
             self._resident[slot] = n
             self._slot_of[n] = slot
         self.stats.hits += len(wanted) - len(missing)
@@ -229,29 +230,34 @@ class AdapterPool:
             raise AdapterError(f"AdapterPool: adapter {name!r} module {module!r} has NaN or inf factors or alpha")
         return f
 
-    def _write_slot(self, slot: int, factors: Mapping[str, LoraFactors]) -> None:
+    def _write_slots(self, assignments: Mapping[int, Mapping[str, LoraFactors]]) -> None:
+        """Copy each adapter's factors into its slot (zeros where it has no factors for a module);
+        a bank's scaling is rebuilt once, after all its slots are written."""
         with torch.no_grad():
             for module, layer in self.layers.items():
                 bank = layer.bank
-                A, B = bank.A[slot], bank.B[slot]
-                f = factors.get(module)
-                if f is None:
-                    A.zero_()
-                    B.zero_()
-                    continue
-                A[: f.rank].copy_(f.A)
-                A[f.rank:].zero_()
-                B[:, : f.rank].copy_(f.B)
-                B[:, f.rank:].zero_()
-                # the slot keeps rank r; its scaling is the adapter's own alpha / r_a
-                bank.alphas[slot] = lora_scaling(f.alpha, f.rank, f.use_rslora) * bank.ranks[slot]
-                bank.rslora[slot] = False
-                bank._refresh_scaling()
+                for slot, factors in assignments.items():
+                    A, B = bank.A[slot], bank.B[slot]
+                    f = factors.get(module)
+                    if f is None:
+                        A.zero_()
+                        B.zero_()
+                        continue
+                    A[: f.rank].copy_(f.A)
+                    A[f.rank:].zero_()
+                    B[:, : f.rank].copy_(f.B)
+                    B[:, f.rank:].zero_()
+                    # the slot keeps rank r; its scaling is the adapter's own alpha / r_a
+                    bank.alphas[slot] = lora_scaling(f.alpha, f.rank, f.use_rslora) * bank.ranks[slot]
+                    bank.rslora[slot] = False
+                if assignments:
+                    bank._refresh_scaling()
 
-    def _evict(self, slot: int) -> None:
+    def _evict(self, slot: int, clear: bool = True) -> None:
         name = self._resident.pop(slot)
         del self._slot_of[name]
-        self._clear_slots([slot])
+        if clear:
+            self._clear_slots([slot])
         self.stats.evictions += 1
 
     def _clear_slots(self, slots) -> None:
