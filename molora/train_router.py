@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from molora import context
 from molora.errors import MoLoRAError
 from molora.model import MoLoRAModel
 from molora.routers import Router, SoftRouter
@@ -305,13 +306,14 @@ def _reset(params: list[nn.Parameter], values: list[Tensor]) -> None:
             p.copy_(v)
 
 
-def uniform_prior_penalty(model: MoLoRAModel) -> Tensor:
+def uniform_prior_penalty(model: MoLoRAModel, records: dict[str, context.LayerRecord] | None = None) -> Tensor:
     """``R = mean_l mean_i KL(u || g_{l,i})`` over the routed layers ``l`` and rows ``i`` of
-    ``model``'s last forward (:func:`train_router`), ``g`` the gates, ``u = 1/E_l``.
+    ``records`` (default: ``model``'s last forward, :meth:`MoLoRAModel.last_routing`;
+    :func:`train_router`), ``g`` the gates, ``u = 1/E_l``.
 
     Zero when no layer recorded dense gates (e.g. before any forward)."""
     terms = []
-    for rec in model.last_routing().values():
+    for rec in (model.last_routing() if records is None else records).values():
         d = rec.decision
         if d.indices is not None or d.gates.dim() != 2 or d.gates.shape[-1] < 2:
             continue  # sparse (top-k) decisions have no dense mixture to compare with uniform
@@ -320,6 +322,16 @@ def uniform_prior_penalty(model: MoLoRAModel) -> Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).mean()
+
+
+def _routed_loss(model: MoLoRAModel, loss_fn: LossFn, batch: list[Any]) -> tuple[Tensor, dict[str, context.LayerRecord]]:
+    """``loss_fn(model, batch)`` and what the routed layers decided during it. A forward scope of
+    the model is open around the call, so a loss that runs the model's modules directly (cached
+    inputs of the top layers, an encoder's layers one by one) records its decisions there; one
+    that calls ``model(...)`` records in that forward's own scope (:meth:`MoLoRAModel.last_routing`)."""
+    with context.forward_scope(owner=model._scope_owner) as scope:
+        loss = loss_fn(model, batch)
+    return loss, scope.records or model.last_routing()
 
 
 def _fit_router(model: MoLoRAModel, loss_fn: LossFn, params: list[nn.Parameter], train: list[Any], val: list[Any],
@@ -351,8 +363,8 @@ def _fit_router(model: MoLoRAModel, loss_fn: LossFn, params: list[nn.Parameter],
                 rng.shuffle(fresh)
                 queue += fresh
             idx, queue = queue[:batch_size], queue[batch_size:]
-            loss = loss_fn(model, [train[i] for i in idx])
-            total = loss + fit.prior * uniform_prior_penalty(model).to(loss.device) if fit.prior > 0 else loss
+            loss, records = _routed_loss(model, loss_fn, [train[i] for i in idx])
+            total = loss + fit.prior * uniform_prior_penalty(model, records).to(loss.device) if fit.prior > 0 else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             if fit.grad_clip is not None:

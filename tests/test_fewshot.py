@@ -210,6 +210,31 @@ def test_large_prior_keeps_uniform_and_zero_prior_is_plain_adamw(setup):
     assert torch.allclose(model.shared_router.theta.detach(), theta.detach(), atol=1e-5)
 
 
+def test_prior_applies_when_the_loss_runs_the_modules_directly(setup):
+    """A loss that calls the wrapped model's modules itself (as a benchmark on cached inputs of the
+    top layers does), not ``model(...)``: the prior still sees the routing decisions."""
+    base, dirs = setup
+    n = 8
+    inputs = _inputs(n)
+    targets = _targets(base, dirs, inputs, "b")
+
+    def direct_loss(model, batch):
+        idx = torch.tensor(batch)
+        with model.routing(attention_mask=inputs["attention_mask"][idx]):
+            bert = model.base_model  # its encoder called directly: no forward of the model (or of its base) runs
+            out = bert.encoder(bert.embeddings(input_ids=inputs["input_ids"][idx])).last_hidden_state
+        return F.mse_loss(out.mean(1), targets[idx]) * 100
+
+    near = []
+    for prior in (1e4, 0.0):
+        model = molora.compose(copy.deepcopy(base), dirs)
+        molora.train_router(model, list(range(n)), loss_fn=direct_loss, router="weights", steps=30, folds=1,
+                            val_fraction=0.0, prior=prior)
+        near.append(bool(torch.allclose(torch.softmax(model.shared_router.theta.detach(), 0), torch.full((3,), 1 / 3),
+                                        atol=0.02)))
+    assert near == [True, False]
+
+
 def test_train_router_rejects_bad_input(setup):
     base, dirs = setup
     model = molora.compose(copy.deepcopy(base), dirs)
