@@ -71,7 +71,12 @@ def train(aux_coef: float, steps: int = 150, batch: int = 256, seed: int = 0) ->
         }
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="balancing loss: load CV with and without the aux loss")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "balance.json"))
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     runs = [train(0.0), train(0.1)]
     out = {
@@ -83,7 +88,7 @@ def main() -> dict:
     }
     print(f"load CV without aux loss: {runs[0]['load_cv']:.3f}  (task MSE {runs[0]['task_mse']:.4f})")
     print(f"load CV with aux loss (coef {runs[1]['aux_coef']}): {runs[1]['load_cv']:.3f}  (task MSE {runs[1]['task_mse']:.4f})")
-    path = Path(__file__).resolve().parent / "results" / "balance.json"
+    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out

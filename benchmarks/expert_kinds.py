@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="result file (default: benchmarks/results/expert-kinds[-DEVICE].json)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     built = {kind: build(kind, args) for kind in EXPERT_KINDS}
@@ -91,9 +92,10 @@ def main() -> None:
         rows.append(row)
         print(f"{kind:<9} {stored:>19,d} {free:>9,d} {row['params_vs_lora']:>8.3f} {row['step_ms']:>9.2f} "
               f"{row['step_vs_lora']:>8.3f}")
-    RESULTS.mkdir(exist_ok=True)
     name = "expert-kinds" + ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    path = Path(args.out) if args.out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -218,13 +219,22 @@ def test_train_router_auto_chooses_by_cv_and_saves_the_winner(tmp_path, capsys):
     assert math.isfinite(lm_loss(after, tok, texts))
 
 
-def test_bench_runs_a_script_by_name(tmp_path, capsys):
-    (tmp_path / "echo.py").write_text("import sys, pathlib\npathlib.Path(sys.argv[-1]).write_text(' '.join(sys.argv[1:]))\n")
+def test_bench_runs_a_script_by_name(tmp_path, capsys, monkeypatch):
+    # echo.py writes its arguments to the file its --out names; helper.py (no __main__) is no benchmark
+    (tmp_path / "echo.py").write_text("import sys, pathlib\nif __name__ == '__main__':\n"
+                                      "    pathlib.Path(sys.argv[sys.argv.index('--out') + 1]).write_text(' '.join(sys.argv[1:]))\n")
+    (tmp_path / "helper.py").write_text("X = 1\n")
     out = tmp_path / "args.txt"
     assert main(["bench", "--dir", str(tmp_path), "--list"]) == 0
     assert capsys.readouterr().out.split() == ["echo"]
-    assert main(["bench", "--dir", str(tmp_path), "echo", "--keys", "10", str(out)]) == 0
-    assert out.read_text() == f"--keys 10 {out}"
+    assert main(["bench", "--dir", str(tmp_path), "echo", "--keys", "10", "--out", str(out)]) == 0
+    assert out.read_text() == f"--keys 10 --out {out}"  # the script's own --out wins
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--dir", str(tmp_path), "echo", "--keys", "3"]) == 0
+    default = tmp_path / "molora-bench-results" / "echo.json"
+    assert default.read_text() == f"--keys 3 --out {os.path.join('molora-bench-results', 'echo.json')}"
+    assert main(["bench", "--dir", str(tmp_path), "--results", str(tmp_path / "mine"), "echo"]) == 0
+    assert (tmp_path / "mine" / "echo.json").is_file()
     assert main(["bench", "--dir", str(tmp_path), "nope"]) == 2
     assert "unknown benchmark 'nope'; available: echo" in capsys.readouterr().err
     assert main(["bench", "--dir", str(tmp_path / "missing"), "--list"]) == 2

@@ -256,9 +256,17 @@ def default_benchmarks_dir() -> str:
 
 
 def list_benchmarks(directory: str) -> list[str]:
+    """The runnable scripts of ``directory``: ``*.py`` with a ``__main__`` guard (helpers that
+    benchmarks import, such as ``timing.py``, have none)."""
     if not os.path.isdir(directory):
         raise CLIError(f"no benchmarks folder at {directory} (benchmarks ship with the source repository; pass --dir)")
-    return sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py") and not f.startswith("_"))
+    names = []
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".py") and not f.startswith("_"):
+            with open(os.path.join(directory, f), encoding="utf-8") as fh:
+                if "__main__" in fh.read():
+                    names.append(f[:-3])
+    return names
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -271,6 +279,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.name not in names:
         raise CLIError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
     extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not any(a == "--out" or a.startswith("--out=") for a in extra):
+        # never the tracked benchmarks/results/ by default: a user's run is not the README's figure
+        os.makedirs(args.results, exist_ok=True)
+        extra = [*extra, "--out", os.path.join(args.results, args.name + ".json")]
     # A fresh interpreter: benchmarks are scripts (argparse, __main__) and time themselves.
     return subprocess.run([sys.executable, os.path.join(args.dir, args.name + ".py"), *extra]).returncode
 
@@ -427,11 +439,15 @@ def add_integration_commands(sub) -> None:
     """``bench``, ``stats`` and ``train-router``."""
     bench = sub.add_parser("bench", help="run a benchmark script of benchmarks/ by name",
                            description="Run benchmarks/NAME.py (arguments after NAME go to the script); "
-                           "each prints a table and writes benchmarks/results/NAME.json.")
+                           "each prints a table and writes its JSON to --results/NAME.json (the repository's "
+                           "tracked benchmarks/results/ only when the script's own --out names it).")
     bench.add_argument("name", nargs="?", help="benchmark name (see --list)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.add_argument("--list", action="store_true", help="list the benchmarks")
     bench.add_argument("--dir", default=default_benchmarks_dir(), help="benchmarks folder (default: the repository's)")
+    bench.add_argument("--results", default="molora-bench-results",
+                       help="folder for the result JSON (default: ./molora-bench-results); ignored when the "
+                       "arguments after NAME pass the script's own --out")
     bench.set_defaults(func=_bench)
 
     stats = sub.add_parser("stats", help="routing statistics and heatmap of a checkpoint on a data file",
