@@ -12,11 +12,15 @@ molora-only checkpoints.
   accumulation the aux term is averaged over the micro-batches, whichever way the Trainer
   normalises the task loss (per micro-batch, or by ``num_items_in_batch``). Under DDP each
   process adds the aux loss of its own tokens and DDP averages the gradients.
-* **logs**: every ``logging_steps`` the mean ``aux_loss`` over the steps since the last log, the
-  mean load coefficient of variation ``routing/mean_load_cv``, and per routed layer the share of
-  tokens routed to each expert ``routing/<layer>/<expert>`` (accumulated over the same steps,
-  padding excluded; see :mod:`molora.stats`). ``routing_log="layer"`` logs one load CV per layer
-  instead, ``"none"`` only ``aux_loss``.
+* **logs**: every ``logging_steps`` the mean ``aux_loss`` over the steps since the last log and a
+  summary of the routing over the same steps (padding excluded; see :mod:`molora.stats`), a few
+  keys whatever the model's size (``routing_log="summary"``, default): ``routing/mean_load_cv``
+  and ``routing/max_load_cv``, the mean and the largest over routed layers of the load
+  coefficient of variation ``CV_l = std_e(f_{l,e}) / mean_e(f_{l,e})`` of the token shares
+  ``f_{l,e}``, and ``routing/min_expert_share = min_{l,e} E_l f_{l,e}`` (1: every expert of
+  every layer gets its even share; 0: some expert gets no token). ``"layer"`` adds one load CV
+  per layer (``routing/<layer>/load_cv``), ``"expert"`` every layer's share per expert
+  (``routing/<layer>/<expert>``), ``"none"`` logs only ``aux_loss``.
 * **checkpoints**: ``save_model`` and every ``save_strategy`` checkpoint write the molora
   checkpoint (``molora_config.json`` + ``molora_model.safetensors``: experts and routers, not
   the frozen base model); ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end``
@@ -46,7 +50,7 @@ try:
 except ImportError as exc:  # pragma: no cover - transformers is a dependency
     raise ImportError("molora.integrations needs transformers (pip install transformers)") from exc
 
-ROUTING_LOGS = ("expert", "layer", "none")
+ROUTING_LOGS = ("summary", "layer", "expert", "none")
 
 
 def find_molora_model(model: nn.Module) -> MoLoRAModel:
@@ -80,10 +84,10 @@ def load_molora_weights(model: MoLoRAModel, directory: str | os.PathLike) -> Non
 class MoLoRATrainerMixin:
     """Mixin for ``transformers.Trainer`` subclasses; see the module docstring.
 
-    Extra keyword argument: ``routing_log`` (``"expert"``, ``"layer"`` or ``"none"``).
+    Extra keyword argument: ``routing_log`` (``"summary"``, default, ``"layer"``, ``"expert"`` or ``"none"``).
     """
 
-    def __init__(self, *args: Any, routing_log: str = "expert", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, routing_log: str = "summary", **kwargs: Any) -> None:
         if routing_log not in ROUTING_LOGS:
             raise ValueError(f"MoLoRATrainer: routing_log must be one of {ROUTING_LOGS}; got {routing_log!r}")
         super().__init__(*args, **kwargs)
@@ -155,18 +159,23 @@ class MoLoRATrainerMixin:
         if "loss" in logs and self._aux_count:
             logs["aux_loss"] = round(float(self._gather_mean(self._aux_sum / self._aux_count)), 6)
             stats = self._tally.result()["layers"]
-            cvs = []
+            cvs, shares = [], []
             for name, s in stats.items():
                 frac = self._gather_mean(torch.tensor(s["token_fraction"], dtype=torch.float64))
                 cv = float(frac.std(unbiased=False) / frac.mean()) if frac.mean() > 0 else 0.0
                 cvs.append(cv)
+                if frac.sum() > 0:
+                    shares.append(float(frac.min() / frac.sum()) * frac.numel())
                 if self.routing_log == "layer":
                     logs[f"routing/{name}/load_cv"] = round(cv, 4)
-                else:
+                elif self.routing_log == "expert":
                     for expert, f in zip(s["experts"], frac.tolist()):
                         logs[f"routing/{name}/{expert}"] = round(f, 4)
             if cvs:
                 logs["routing/mean_load_cv"] = round(sum(cvs) / len(cvs), 4)
+                logs["routing/max_load_cv"] = round(max(cvs), 4)
+            if shares:
+                logs["routing/min_expert_share"] = round(min(shares), 4)
             self._reset_routing_window()
         super().log(logs, *args, **kwargs)
 

@@ -150,7 +150,7 @@ def test_logs_checkpoints_and_resume(tmp_path):
     ds = cls_data()
     model = routed(tiny_cls_base(), ["query", "value"])
     trainer = MoLoRATrainer(model=model, args=args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
-                            train_dataset=ds)
+                            train_dataset=ds, routing_log="expert")
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 4
@@ -199,3 +199,20 @@ def test_routing_log_levels(tmp_path):
     log = trainer.state.log_history[0]
     assert {f"routing/{n}/load_cv" for n in model.routed_layers()} <= set(log)
     assert not any(k.endswith("expert_0") for k in log)
+    # the default: a summary of a few keys, the same numbers as the per-layer log of the same run
+    model = routed(tiny_cls_base(), ["query"])
+    summary = MoLoRATrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=ds)
+    summary.train()
+    short = summary.state.log_history[0]
+    per_layer = [log[f"routing/{n}/load_cv"] for n in model.routed_layers()]
+    assert not any(k.startswith("routing/") and k.count("/") > 1 for k in short)
+    assert short["routing/max_load_cv"] == round(max(per_layer), 4)
+    assert short["routing/mean_load_cv"] == log["routing/mean_load_cv"]
+    assert 0.0 <= short["routing/min_expert_share"] <= 1.0
+    expert = MoLoRATrainer(model=routed(tiny_cls_base(), ["query"]), args=args(tmp_path, max_steps=1), train_dataset=ds,
+                           routing_log="expert")
+    expert.train()
+    full = expert.state.log_history[0]
+    fracs = {n: [v for k, v in full.items() if k.startswith(f"routing/{n}/")] for n in model.routed_layers()}
+    want = min(min(f) / sum(f) * len(f) for f in fracs.values())
+    assert abs(short["routing/min_expert_share"] - want) < 1e-3
