@@ -312,6 +312,19 @@ def last_forward(owner: object) -> ForwardScope | None:
 
 
 @contextlib.contextmanager
+def replay_scope(signals: RoutingSignals) -> Iterator[ForwardScope]:
+    """A forward scope holding ``signals``, owned by no model (its records are nobody's last
+    forward): where a forward's computation runs again after that forward ended (activation
+    checkpointing's recomputation, :mod:`molora.checkpointing`)."""
+    scope = ForwardScope(signals)
+    _THREAD.scopes = (*_THREAD.scopes, scope)
+    try:
+        yield scope
+    finally:
+        _THREAD.scopes = tuple(s for s in _THREAD.scopes if s is not scope)
+
+
+@contextlib.contextmanager
 def forward_scope(owner: object = None, attention_mask: Tensor | None = None) -> Iterator[ForwardScope]:
     """``with forward_scope() as scope: layer(x)``: run routed layers outside a
     :class:`~molora.model.MoLoRAModel` (which opens one around every forward itself) and read

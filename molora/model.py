@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from molora import context
+from molora.checkpointing import wrap_checkpointing
 from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError, RoutingError
@@ -187,6 +188,18 @@ class MoLoRAModel(nn.Module):
             base_model.register_forward_pre_hook(self._open_scope, with_kwargs=True),
             base_model.register_forward_hook(self._close_scope, always_call=True),
         ]
+        wrap_checkpointing(base_model)  # checkpointing enabled on the base before wrapping
+
+    # ------------------------------------------------------------------ activation checkpointing
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's, with recomputation that routes as the forward did (:mod:`molora.checkpointing`)."""
+        self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        wrap_checkpointing(self.base_model)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """As :meth:`gradient_checkpointing_enable` (transformers' newer name)."""
+        self.base_model.activation_checkpointing_enable(*args, **kwargs)
+        wrap_checkpointing(self.base_model)
 
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
