@@ -272,7 +272,7 @@ def test_moslora_mixed_ranks_pad_exactly():
 
 
 # ---------------------------------------------------------------------------------------------- shared behaviour
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
 def test_save_load_round_trip(kind, tmp_path):
     bert = tiny_bert()
     model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=TARGETS, num_experts=3, rank=4,
@@ -312,7 +312,7 @@ def test_checkpoint_with_an_unknown_kind_is_refused(tmp_path):
     assert isinstance(base.lin, nn.Linear)
 
 
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
 def test_export_to_peft_reloads_equal(kind, tmp_path):
     bert = tiny_bert()
     model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=TARGETS, num_experts=3, rank=4,
@@ -336,7 +336,7 @@ def test_export_to_peft_reloads_equal(kind, tmp_path):
     torch.testing.assert_close(peft_output(bert, tmp_path / "peft", inputs), merged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
 def test_add_expert_keeps_outputs_and_the_kind(kind):
     model = _lin_model(kind, router="soft")
     _randomize(model)
