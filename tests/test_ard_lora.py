@@ -216,7 +216,8 @@ def test_sgd_step_then_projection_is_the_proximal_step():
     opt.step()
     project_ard(model)
     assert g_task[0] != 0  # a gate at exactly 0 still sees the task gradient: it may revive
-    torch.testing.assert_close(bank.rank_alpha[0].detach(), (before - lr * (g_task + l1)).clamp_min(0), atol=1e-6, rtol=0)
+    want = (before - lr * (g_task + l1)).clamp_min(0)
+    torch.testing.assert_close(bank.rank_alpha[0].detach(), want, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- total variation

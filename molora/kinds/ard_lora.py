@@ -63,7 +63,8 @@ class ARDLoRABank(ExpertBank):
     def __init__(self, d_in: int, d_out: int, *, shared_a: bool = False, shared_rank: int | None = None,
                  init: str = "kaiming", dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         if shared_a:
-            raise ValueError("ARDLoRABank: ARD-LoRA gates and prunes each expert's own A rows; shared_a=True is not supported")
+            raise ValueError("ARDLoRABank: ARD-LoRA gates and prunes each expert's own A rows; "
+                             "shared_a=True is not supported")
         super().__init__(d_in, d_out, init=init, dtype=dtype, device=device)
         self.rank_alpha = nn.ParameterList()
 
@@ -91,7 +92,8 @@ class ARDLoRABank(ExpertBank):
 
     def gates(self) -> Tensor:
         """The effective gates ``max(alpha_e, 0)`` stacked ``[E, r_max]`` (zero-padded), in the graph."""
-        return _stack_padded([a.unsqueeze(1) for a in self.rank_alpha], self.max_rank, rows=True).squeeze(2).clamp_min(0)
+        stacked = _stack_padded([a.unsqueeze(1) for a in self.rank_alpha], self.max_rank, rows=True)
+        return stacked.squeeze(2).clamp_min(0)
 
     def _stack(self) -> tuple[Tensor, Tensor]:
         A, B = super()._stack()
@@ -141,7 +143,7 @@ class ARDLoRABank(ExpertBank):
 
 
 # ---------------------------------------------------------------------------------------------- model level
-def _require_banks(model: nn.Module, where: str) -> dict[str, Any]:
+def _ard_layers(model: nn.Module, where: str) -> dict[str, Any]:
     from molora.layer import RoutedLoRALinear
     from molora.model import MoLoRAModel
 
@@ -175,7 +177,7 @@ def ard_penalty(model: nn.Module, *, l1: float = 0.0, tv: float = 0.0) -> Tensor
     for name, value in (("l1", l1), ("tv", tv)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise MoLoRAError(f"ard_penalty: {name} must be a finite number >= 0; got {value!r}")
-    layers = _require_banks(model, "ard_penalty")
+    layers = _ard_layers(model, "ard_penalty")
     device = next(iter(layers.values())).bank.device
     total = torch.zeros((), dtype=torch.float32, device=device)
     gates = {n: layer.bank.gates().float() for n, layer in layers.items()}
@@ -197,21 +199,24 @@ def _tv_pair(g_lo: Tensor, ids_lo: list[int], g_hi: Tensor, ids_hi: list[int]) -
     if not common:
         return g_lo.new_zeros(())
     r = max(g_lo.shape[1], g_hi.shape[1])
-    pick = lambda g, ids: nn.functional.pad(g[[ids.index(e) for e in common]], (0, r - g.shape[1]))  # noqa: E731
-    return (pick(g_lo, ids_lo) - pick(g_hi, ids_hi)).abs().sum()
+
+    def rows(g: Tensor, ids: list[int]) -> Tensor:  # the common experts' gates, padded to r channels
+        return nn.functional.pad(g[[ids.index(e) for e in common]], (0, r - g.shape[1]))
+
+    return (rows(g_lo, ids_lo) - rows(g_hi, ids_hi)).abs().sum()
 
 
 def project_ard(model: nn.Module) -> None:
     """``alpha <- max(alpha, 0)`` in every ARD bank: call after each optimizer step (or register
     it: ``opt.register_step_post_hook(lambda *_: project_ard(model))``)."""
-    for layer in _require_banks(model, "project_ard").values():
+    for layer in _ard_layers(model, "project_ard").values():
         layer.bank.project_()
 
 
 def effective_rank(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
     """Per ARD layer (by path): each local expert's number of live channels (gate ``> threshold``)."""
     threshold = _threshold(threshold, "effective_rank")
-    return {n: layer.bank.effective_ranks(threshold) for n, layer in _require_banks(model, "effective_rank").items()}
+    return {n: layer.bank.effective_ranks(threshold) for n, layer in _ard_layers(model, "effective_rank").items()}
 
 
 def prune_ard(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
@@ -225,7 +230,7 @@ def prune_ard(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
     The experts get new parameter tensors (rebuild optimizers afterwards). Refused, changing
     nothing, for a merged layer (its folded weight holds the unpruned delta: unmerge first)."""
     threshold = _threshold(threshold, "prune_ard")
-    layers = _require_banks(model, "prune_ard")
+    layers = _ard_layers(model, "prune_ard")
     merged = sorted(n for n, layer in layers.items() if layer.merged_weights is not None)
     if merged:
         raise MoLoRAError(f"prune_ard: modules {merged} are merged; unmerge() first")
