@@ -265,6 +265,14 @@ def test_tv_penalises_jumps_and_its_gradient_closes_them():
     assert lo.tolist() == [0.0, -1.0, 0.0] and hi.tolist() == [0.0, 1.0, 0.0]  # a descent step pulls them together
 
 
+def test_tv_compares_only_the_experts_both_layers_hold():
+    model = _blocks_model(layer_overrides={r"layers\.1\.q": {"num_experts": 1}})  # MoLA: expert_0 only
+    assert model.routed_layers()["layers.1.q"].expert_ids == [0]
+    flat = {n: [[1.0, 1.0, 1.0], [5.0, 5.0, 5.0]] for n in ("layers.0.v", "layers.1.v")}
+    _set_gates(model, {**flat, "layers.0.q": [[1.0, 1.0, 1.0], [5.0, 5.0, 5.0]], "layers.1.q": [[0.0, 1.0, 1.0]]})
+    torch.testing.assert_close(ard_penalty(model, tv=1.0), torch.tensor(1.0), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- pruning
 def test_prune_keeps_outputs_shrinks_storage_and_keeps_scaling():
     model = _lin_model(router="topk", top_k=2, rank=6)
