@@ -6,7 +6,9 @@ A stack of ``layers`` frozen ``nn.Linear(d, d)`` (tanh between), each wrapped by
 round-robin (:func:`timing.interleaved_medians`), so the ratios to ``lora`` are taken under the
 same load. Trainable parameters are counted over the experts only (the routers are the same for
 every kind); QR-LoRA's ``dR`` is stored as ``r x d_in`` of which ``r d_in - r (r - 1) / 2`` are
-free (the triangle below the diagonal never trains): both counts are printed.
+free (the triangle below the diagonal never trains): both counts are printed. ARD-LoRA's step
+includes what the method adds to it: its penalty (l1 and depth TV, 1e-3 each) in the loss and
+the projection of the gates after the optimizer step; its gates start at 1 (all channels live).
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians  # noqa: E402
 
 from molora import MoLoRAConfig, get_molora_model  # noqa: E402
-from molora.kinds import EXPERT_KINDS, QRLoRABank  # noqa: E402
+from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, ard_penalty, project_ard  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,15 +54,23 @@ def build(kind: str, args: argparse.Namespace):
         for bank in banks:
             for p in bank.parameters():
                 p.normal_(0, 0.02)
+            if isinstance(bank, ARDLoRABank):  # gates around 1: every channel live
+                for a in bank.rank_alpha:
+                    a.add_(1.0)
     stored = sum(p.numel() for b in banks for p in b.parameters() if p.requires_grad)
     free = stored - sum(b.num_experts * b.fixed_rank * (b.fixed_rank - 1) // 2 for b in banks if isinstance(b, QRLoRABank))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     x = torch.randn(args.tokens, args.d, device=args.device)
 
+    ard = kind == "ard_lora"
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        loss = model(x).square().mean()
+        (loss + ard_penalty(model, l1=1e-3, tv=1e-3) if ard else loss).backward()
         opt.step()
+        if ard:
+            project_ard(model)
 
     return step, stored, free
 

@@ -28,9 +28,11 @@ CASES = {
     "topk": dict(router="topk", top_k=2, num_experts=4),
     "topk-many": dict(router="topk", top_k=2, num_experts=32),  # eager: the grouped form
     "arrow": dict(router="arrow", top_k=2, num_experts=4),
-    # expert kinds: their materialisation (triu of the stacked dR, bmm of the mixers) is in the graph
+    # expert kinds: their materialisation (triu of the stacked dR, bmm of the mixers, the clamped
+    # ARD gates times A) is in the graph
     "qr_lora": dict(router="topk", top_k=2, num_experts=4, expert_kind="qr_lora"),
     "moslora": dict(router="soft", num_experts=3, expert_kind="moslora"),
+    "ard_lora": dict(router="task", num_experts=3, expert_kind="ard_lora"),
 }
 
 

@@ -10,6 +10,10 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
   upper-triangular ``dR_e`` (:class:`molora.kinds.qr_lora.QRLoRABank`).
 - ``"moslora"``: MoSLoRA (Wu et al., 2024): ``B_e M_e A_e`` with a trainable mixer
   (:class:`molora.kinds.moslora.MoSLoRABank`).
+- ``"ard_lora"``: ARD-LoRA (Shinwari & Usama, 2025): ``B_e diag(alpha_e) A_e`` with learnable
+  non-negative per-rank gates, an l1 + total-variation regulariser and pruning of dead channels
+  (:class:`molora.kinds.ard_lora.ARDLoRABank`, :func:`~molora.kinds.ard_lora.ard_penalty`,
+  :func:`~molora.kinds.ard_lora.prune_ard`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -20,10 +24,12 @@ from __future__ import annotations
 from molora.bank import BaseExpertBank, ExpertBank
 from molora.errors import MoLoRAError
 
+from .ard_lora import ARDLoRABank, ard_penalty, effective_rank, project_ard, prune_ard
 from .moslora import MoSLoRABank
 from .qr_lora import QRLoRABank, qr_basis
 
-BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank}
+BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
+                                                 "ard_lora": ARDLoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -35,4 +41,5 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
     return cls
 
 
-__all__ = ["BANK_CLASSES", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "bank_class", "qr_basis"]
+__all__ = ["ARDLoRABank", "BANK_CLASSES", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "ard_penalty", "bank_class",
+           "effective_rank", "project_ard", "prune_ard", "qr_basis"]
