@@ -1,6 +1,7 @@
 """Many threads running forwards and backwards on one model give exactly the sequential results.
 
-Every router kind, fused (router logits in the base GEMM) and unfused, token- and sequence-level,
+Every router kind (per-request mixtures and retrieval, exact and HNSW, included), fused (router
+logits in the base GEMM) and unfused, token- and sequence-level,
 with different inputs and routing signals per call; outputs, input and parameter gradients, and
 the aux loss each thread reads after its own forward, all against the same calls run one after
 another. A barrier starts the threads together so that their forwards interleave.
@@ -37,6 +38,9 @@ ROUTERS = {
     "soft-sequence": dict(router="soft", router_kwargs={"granularity": "sequence"}),
     "task": dict(router="task"),
     "switch": dict(router="switch"),
+    "mixture": dict(router="mixture"),
+    "retrieval": dict(router="retrieval", router_kwargs={"top_k": 2, "key_dim": 8}),
+    "retrieval-hnsw": dict(router="retrieval", router_kwargs={"top_k": 2, "key_dim": 8, "search": "hnsw"}),
 }
 
 
@@ -44,10 +48,14 @@ def _model(kind: str):
     torch.manual_seed(0)
     cfg = MoLoRAConfig(target_modules=["up", "down"], num_experts=4, rank=4, aux_loss_coef=0.01, z_loss_coef=0.001,
                        **ROUTERS[kind])
+    if kind == "retrieval-hnsw":
+        pytest.importorskip("faiss")
     model = get_molora_model(_Tiny(), cfg)
     with torch.no_grad():  # B = 0 at init: give the experts (and routers) values that matter
         for p in model.trainable_parameters():
             p.normal_(0, 0.5)
+    if kind.startswith("retrieval"):
+        model.shared_router.set_keys(torch.randn(4, 8, generator=torch.Generator().manual_seed(3)))
     return model
 
 
@@ -59,14 +67,16 @@ def _calls(n: int):
         x = torch.randn(batch, 5, 16, generator=g)
         mask = torch.ones(batch, 5, dtype=torch.long)
         mask[0, 5 - i % 3:] = 0
-        calls.append((x, mask, torch.randint(0, 4, (batch,), generator=g)))
+        weights = torch.randn(batch, 4, generator=g) * (torch.rand(batch, 4, generator=g) < 0.5)  # sparse mixtures
+        calls.append((x, mask, {"task_ids": torch.randint(0, 4, (batch,), generator=g), "expert_weights": weights,
+                                "embeddings": torch.randn(batch, 8, generator=g)}))
     return calls
 
 
 def _run(model, call):
-    x, mask, task_ids = call
+    x, mask, signals = call
     x = x.clone().requires_grad_()
-    with model.routing(task_ids=task_ids):
+    with model.routing(**signals):
         y = model(x, attention_mask=mask)
     aux = model.aux_loss()
     params = model.trainable_parameters()
