@@ -328,9 +328,15 @@ def replay_scope(signals: RoutingSignals) -> Iterator[ForwardScope]:
 def forward_scope(owner: object = None, attention_mask: Tensor | None = None) -> Iterator[ForwardScope]:
     """``with forward_scope() as scope: layer(x)``: run routed layers outside a
     :class:`~molora.model.MoLoRAModel` (which opens one around every forward itself) and read
-    what they decided from ``scope.records``."""
+    what they decided from ``scope.records``. A scope of no owner opened inside another scope is
+    part of that one's forward: on exit its records join the enclosing scope's (so a loss that
+    runs layers in its own scope inside :func:`molora.train_router` still feeds the prior)."""
     scope = enter_forward(owner, attention_mask)
     try:
         yield scope
     finally:
         _THREAD.scopes = tuple(s for s in _THREAD.scopes if s is not scope)
+        if owner is None and _THREAD.scopes:
+            parent = _THREAD.scopes[-1]
+            for name, rec in scope.records.items():
+                parent.record(name, rec.decision, rec.mask)

@@ -210,9 +210,13 @@ def test_large_prior_keeps_uniform_and_zero_prior_is_plain_adamw(setup):
     assert torch.allclose(model.shared_router.theta.detach(), theta.detach(), atol=1e-5)
 
 
-def test_prior_applies_when_the_loss_runs_the_modules_directly(setup):
+@pytest.mark.parametrize("own_scope", [False, True], ids=["routing-block", "own-forward-scope"])
+def test_prior_applies_when_the_loss_runs_the_modules_directly(setup, own_scope):
     """A loss that calls the wrapped model's modules itself (as a benchmark on cached inputs of the
-    top layers does), not ``model(...)``: the prior still sees the routing decisions."""
+    top layers does), not ``model(...)``, in a routing block or in a forward scope of its own:
+    the prior still sees the routing decisions."""
+    from molora import context
+
     base, dirs = setup
     n = 8
     inputs = _inputs(n)
@@ -220,7 +224,8 @@ def test_prior_applies_when_the_loss_runs_the_modules_directly(setup):
 
     def direct_loss(model, batch):
         idx = torch.tensor(batch)
-        with model.routing(attention_mask=inputs["attention_mask"][idx]):
+        mask = inputs["attention_mask"][idx]
+        with context.forward_scope(attention_mask=mask) if own_scope else model.routing(attention_mask=mask):
             bert = model.base_model  # its encoder called directly: no forward of the model (or of its base) runs
             out = bert.encoder(bert.embeddings(input_ids=inputs["input_ids"][idx])).last_hidden_state
         return F.mse_loss(out.mean(1), targets[idx]) * 100
