@@ -10,6 +10,9 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
   upper-triangular ``dR_e`` (:class:`molora.kinds.qr_lora.QRLoRABank`).
 - ``"moslora"``: MoSLoRA (Wu et al., 2024): ``B_e M_e A_e`` with a trainable mixer
   (:class:`molora.kinds.moslora.MoSLoRABank`).
+- ``"dora"``: DoRA (Liu et al., 2024): ``m_e / ||W0 + s_e B_e A_e||_c * (W0 + s_e B_e A_e)``, routed as
+  ``B'_e = diag(c_e) B_e`` plus a gate-weighted rescaling of the base output
+  (:class:`molora.kinds.dora.DoRABank`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -20,10 +23,12 @@ from __future__ import annotations
 from molora.bank import BaseExpertBank, ExpertBank
 from molora.errors import MoLoRAError
 
+from .dora import DoRABank
 from .moslora import MoSLoRABank
 from .qr_lora import QRLoRABank, qr_basis
 
-BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank}
+BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
+                                               "dora": DoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -35,4 +40,4 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
     return cls
 
 
-__all__ = ["BANK_CLASSES", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "bank_class", "qr_basis"]
+__all__ = ["BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "bank_class", "qr_basis"]
