@@ -210,17 +210,37 @@ def test_soft_routing_equals_float64_sum_of_dora_outputs(router, layer_kind):
 
 def test_fresh_dora_experts_start_as_the_base_and_grow():
     torch.manual_seed(0)
-    model = _dora_model(nn.Linear(16, 12), "soft")
     x = torch.randn(4, 16)
-    base_out = model.routed_layers()["lin"].base_layer(x)
-    fresh = get_molora_model(copy.deepcopy(nn.Sequential(nn.Linear(16, 12))),
+    fresh = get_molora_model(nn.Sequential(nn.Linear(16, 12)),
                              MoLoRAConfig(target_modules=["0"], num_experts=2, rank=2, expert_kind="dora"))
-    with torch.no_grad():
+    with torch.no_grad():  # B = 0 and m = ||W0||_c: c = 1, the base exactly
         torch.testing.assert_close(fresh(x), fresh.routed_layers()["0"].base_layer(x), atol=1e-6, rtol=1e-6)
+    model = _dora_model(nn.Linear(16, 12), "soft")
     model.add_expert("new")  # m = ||W0 + s B A||_c with B = 0: the new expert adds nothing
     bank = model.routed_layers()["lin"].bank
     torch.testing.assert_close(bank.dora_scale()[3], torch.ones(12))
-    assert base_out.shape == (4, 12)
+    assert not torch.allclose(bank.dora_scale()[:3], torch.ones(3, 12), atol=1e-2)
+
+
+def test_norm_is_recomputed_after_a_step_and_after_inference_mode():
+    """The cached norm follows the factors (an optimizer step moves it), and one made under
+    inference_mode is not reused by a training forward (it could not be saved for backward)."""
+    torch.manual_seed(0)
+    model = _dora_model(nn.Linear(16, 12), "soft")
+    bank = model.routed_layers()["lin"].bank
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        model(x)
+    before = bank.weight_norm().clone()
+    model(x).square().sum().backward()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    opt.step()
+    after = bank.weight_norm()
+    W = model.routed_layers()["lin"].base_layer.weight.detach().double()
+    for e in range(3):  # the direct form, in float64
+        V = W + float(bank.scaling[e]) * bank.B[e].detach().double() @ bank.A[e].detach().double()
+        torch.testing.assert_close(after[e].double(), torch.linalg.norm(V, dim=1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
 
 
 def test_bank_without_a_base_weight_and_shared_a_are_refused():
@@ -317,3 +337,20 @@ def test_export_is_one_peft_dora_adapter_equal_to_the_mixture(tmp_path, weights)
     with pytest.raises(MoLoRAError, match="hold DoRA experts, whose mixture is exact only as combination 'cat'"):
         model.export_peft(str(tmp_path / "svd"), weights, combination="svd")
     assert not (tmp_path / "svd").exists()
+
+
+def test_export_of_dora_and_plain_lora_layers_is_one_dora_adapter(tmp_path):
+    """Plain LoRA layers of a DoRA export carry m = ||W0 + B A||_c (DoRA's identity)."""
+    from helpers import make_peft_adapter
+
+    base = tiny_bert()
+    d = make_dora_adapter(base, tmp_path / "dora", seed=1, targets=["query"])
+    p = make_peft_adapter(base, tmp_path / "plain", seed=2, target_modules=["query", "value"])
+    inputs = model_inputs("bert")
+    weights = [0.6, 0.4]
+    model = molora.compose(copy.deepcopy(base), {"dora": d, "plain": p}, router="static", weights=weights)
+    expected = _out(model, inputs, "last_hidden_state")
+    model.export_peft(str(tmp_path / "out"), weights)
+    keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert "base_model.model.encoder.layer.0.attention.self.value.lora_magnitude_vector" in keys
+    torch.testing.assert_close(_peft(base, tmp_path / "out", inputs, "last_hidden_state"), expected, atol=1e-5, rtol=1e-5)

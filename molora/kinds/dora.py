@@ -136,7 +136,9 @@ class DoRABank(ExpertBank):
         sources = [*self.A._parameters.values(), *self.B._parameters.values(), W]
         if torch.compiler.is_compiling():
             return self._weight_norm(W)
-        key = self.state_key(sources)
+        # inference tensors cannot be saved for a later backward: a norm made under
+        # inference_mode is not reused outside it
+        key = (torch.is_inference_mode_enabled(), self.state_key(sources))
         cached = self._norm_cache
         if cached is not None and cached[0] == key:
             return cached[2]
@@ -147,8 +149,8 @@ class DoRABank(ExpertBank):
     def _weight_norm(self, W: Tensor) -> Tensor:
         # ||W0_i + s (B A)_i||^2 = ||W0_i||^2 + 2 s <B_i, (W0 A^T)_i> + s^2 B_i (A A^T) B_i^T: the
         # same norm as PEFT's, without materialising the [E, d_out, d_in] adapted weights (that
-        # took about a third of a train step at d = 512, E = 8); float32 keeps it within ~1e-7
-        # of the direct form (no cancellation unless s B A ~ -W0, which no LoRA delta is)
+        # took about a third of a train step at d = 512, E = 8); float32 keeps it within a few
+        # ulps of the direct form (no cancellation unless s B A ~ -W0, which no LoRA delta is)
         with torch.no_grad():
             dtype = _norm_dtype(W.dtype)
             W = W.to(dtype)
@@ -191,9 +193,6 @@ class DoRABank(ExpertBank):
             return delta + ((a - 1).unsqueeze(-1) * self.base_weight().double()).float()
 
     # ------------------------------------------------------------------ spec
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "shared_a": False}
-
     @classmethod
     def _from_spec(cls, spec: dict[str, Any], *, dtype: torch.dtype | None, device: Any,
                    base_weight: Tensor | None) -> DoRABank:
