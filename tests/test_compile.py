@@ -31,6 +31,7 @@ CASES = {
     # expert kinds: their materialisation (triu of the stacked dR, bmm of the mixers) is in the graph
     "qr_lora": dict(router="topk", top_k=2, num_experts=4, expert_kind="qr_lora"),
     "moslora": dict(router="soft", num_experts=3, expert_kind="moslora"),
+    "dora": dict(router="topk", top_k=2, num_experts=4, expert_kind="dora"),  # + the base-output rescaling
 }
 
 
