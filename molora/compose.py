@@ -41,8 +41,8 @@ def compose(
     task id ``i`` (or the adapter's name) routes an example to adapter ``i``, which reproduces
     PEFT with that adapter active. DoRA adapters (``use_dora``) load as experts of a ``"dora"``
     bank (:mod:`molora.kinds.dora`); a plain LoRA adapter on a module that a DoRA adapter also
-    targets joins that bank with the magnitude that makes it exactly its LoRA. Every adapter is read and checked against ``base_model``
-    before the model is changed.
+    targets joins that bank with the magnitude that makes it exactly its LoRA. Every adapter is
+    read and checked against ``base_model`` before the model is changed.
 
     Args:
         base_model: the model the adapters were trained on.

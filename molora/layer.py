@@ -80,7 +80,6 @@ class RoutedLoRALinear(nn.Module):
         if freeze_base:
             self.base_layer.requires_grad_(False)
         self.bank = bank
-        bank.attach_base(self.base_weight_rows)
         self.router = router
         if router is not None and router.reads_experts:
             router.sync_experts(bank)
@@ -96,6 +95,7 @@ class RoutedLoRALinear(nn.Module):
         self.register_buffer("_global_to_local", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("_local_to_global", torch.empty(0, dtype=torch.long), persistent=False)
         self.set_expert_ids(ids, len(ids) if num_global_experts is None else int(num_global_experts))
+        bank.attach_base(self.base_weight_rows)  # kinds that read W0 at every call (DoRA) read it here
 
     def set_expert_ids(self, expert_ids: Sequence[int], num_global_experts: int) -> None:
         """Set which global experts the local experts are (index maps both ways)."""

@@ -311,7 +311,7 @@ def load_peft_adapter(
             raise AdapterError(f"{where}: {st}: module {m['module']!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
                                f"is {list(value.shape)}); molora routes LoRA on nn.Linear and Conv1D modules only")
         if m is None:
-            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)")
+            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers, and DoRA's lora_magnitude_vector, are supported)")
         if m["ab"] in factors.get(m["module"], {}):
             raise AdapterError(f"{where}: {st}: module {m['module']!r} has two lora_{m['ab']} tensors (multiple adapters in one file?)")
         factors.setdefault(m["module"], {})[m["ab"]] = value

@@ -252,6 +252,10 @@ def test_bank_without_a_base_weight_and_shared_a_are_refused():
         MoLoRAConfig(target_modules=["q"], expert_kind="dora", shared_a=True)
     with pytest.raises(ValueError, match=r"magnitude must have shape \[4\]"):
         DoRABank(6, 4, base_weight=torch.randn(4, 6)).add_expert(2, 2.0, magnitude=torch.ones(5))
+    packed = nn.Linear(6, 4)
+    packed.weight = nn.Parameter(torch.zeros(12, 1, dtype=torch.uint8), requires_grad=False)  # as a 4-bit base
+    with pytest.raises(MoLoRAError, match=r"base weight must be a floating \[d_out=4, d_in=6\] matrix .* got \[12, 1\] torch.uint8"):
+        molora.RoutedLoRALinear(packed, DoRABank(6, 4, base_weight=torch.randn(4, 6)))
 
 
 # ---------------------------------------------------------------------------------------------- files

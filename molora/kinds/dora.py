@@ -82,7 +82,15 @@ class DoRABank(ExpertBank):
 
     # ------------------------------------------------------------------ the base weight
     def attach_base(self, base_weight: Callable[[], Tensor]) -> None:
+        """Read ``W0`` through ``base_weight()`` from now on; checked here, so a base the norm
+        cannot use (another shape: a quantised, packed weight) fails when the layer is built."""
+        previous = self._base_fn
         self._base_fn = base_weight
+        try:
+            self.base_weight()
+        except MoLoRAError:
+            self._base_fn = previous
+            raise
         self._norm_cache = None
 
     def base_weight(self) -> Tensor:
@@ -91,9 +99,10 @@ class DoRABank(ExpertBank):
             raise MoLoRAError("DoRABank: DoRA experts need the base weight (the column norm of W0 + s B A); give "
                               "base_weight= or put the bank in a routed layer")
         W = self._base_fn()
-        if tuple(W.shape) != (self.d_out, self.d_in):
-            raise MoLoRAError(f"DoRABank: the base weight must be [d_out={self.d_out}, d_in={self.d_in}]; "
-                              f"got {list(W.shape)}")
+        if tuple(W.shape) != (self.d_out, self.d_in) or not W.is_floating_point():
+            raise MoLoRAError(f"DoRABank: the base weight must be a floating [d_out={self.d_out}, d_in={self.d_in}] "
+                              f"matrix (DoRA's norm reads W0; a quantised base is not supported); got "
+                              f"{list(W.shape)} {W.dtype}")
         return W
 
     # ------------------------------------------------------------------ experts
