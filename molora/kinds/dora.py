@@ -30,6 +30,11 @@ a forward computes them once, and an eval forward of frozen experts not at all.
 A static mixture ``w`` is one linear map, ``diag(a) W0 + sum_e w_e c_e s_e B_e A_e`` with
 ``a = 1 + sum_e w_e (c_e - 1)``: merging writes it exactly (:meth:`DoRABank.delta_weight`), and it is
 one PEFT DoRA adapter exactly (:func:`dora_export`).
+
+Limits: the base must be a dense ``nn.Linear``/``Conv1D`` weight (a quantised base is refused when the
+layer is built); the norm is computed in float32 (PEFT: in the input's dtype); inside ``generate``
+the stacked factors are read once per call, but the per-channel factor ``c_e`` is formed per forward
+(a stack of the ``E`` magnitudes over the cached norm).
 """
 
 from __future__ import annotations
