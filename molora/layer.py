@@ -7,9 +7,9 @@ shrink and the router logits in one GEMM over ``x`` -> the router decides (a pur
 the logits, the input and the call's routing signals) -> the expand adds the routed delta into
 the base output. Expert kinds that also rescale the base output per channel (DoRA's magnitude,
 :mod:`molora.kinds.dora`) add ``bank.output_scale(g) * W x`` as one more step. ``g(x)`` comes
-from the layer's router or the model's shared router. Wraps ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (whose weight is stored transposed,
-``[d_in, d_out]``). Nothing of a call is kept on the layer: what it decided goes to the call's
-forward scope (:mod:`molora.context`).
+from the layer's router or the model's shared router. Wraps ``nn.Linear`` and transformers'
+GPT-2 ``Conv1D`` (whose weight is stored transposed, ``[d_in, d_out]``). Nothing of a call is kept
+on the layer: what it decided goes to the call's forward scope (:mod:`molora.context`).
 """
 
 from __future__ import annotations
