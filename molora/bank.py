@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -141,6 +141,17 @@ class BaseExpertBank(nn.Module):
         if experts is None:
             for p in self.shared_parameters():
                 p.requires_grad_(trainable)
+
+    def attach_base(self, base_weight: Callable[[], Tensor]) -> None:
+        """Called by the routed layer that owns the bank: ``base_weight()`` returns its frozen base
+        weight ``W0 [d_out, d_in]``, live and unmerged (a view, never a copy). Kinds whose experts
+        read ``W0`` at every call (DoRA's column norm) keep it; the others ignore it."""
+
+    def output_scale(self, gates: Tensor, indices: Tensor | None) -> Tensor | None:
+        """The kind's per-channel factor of the base output ``W0 x`` per decision row
+        (``[rows, d_out]``: DoRA's ``sum_e g_e (c_e - 1)``), added as ``scale * W0 x`` by the
+        routed layer; ``None`` (the default) for kinds that only add the routed delta."""
+        return None
 
     def _sources(self) -> list[Tensor]:
         """Every tensor :meth:`_stack` reads (the cache of :meth:`stacked` is keyed on them)."""

@@ -13,6 +13,7 @@ from molora.checks import unique_names
 from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
 from molora.genknowsub import subtract_general_knowledge
+from molora.kinds import DoRABank
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter
@@ -38,8 +39,10 @@ def compose(
     adapters target gets experts from those only; ranks, alphas and rsLoRA may differ between
     adapters and between modules (``rank_pattern``/``alpha_pattern``). With ``router="task"``,
     task id ``i`` (or the adapter's name) routes an example to adapter ``i``, which reproduces
-    PEFT with that adapter active. Every adapter is read and checked against ``base_model``
-    before the model is changed.
+    PEFT with that adapter active. DoRA adapters (``use_dora``) load as experts of a ``"dora"``
+    bank (:mod:`molora.kinds.dora`); a plain LoRA adapter on a module that a DoRA adapter also
+    targets joins that bank with the magnitude that makes it exactly its LoRA. Every adapter is
+    read and checked against ``base_model`` before the model is changed.
 
     Args:
         base_model: the model the adapters were trained on.
@@ -80,14 +83,19 @@ def compose(
     kwargs = router_kwargs(config)
     layers: dict[str, RoutedLoRALinear] = {}
     for path, module in modules.items():
-        d_in, d_out, _ = base_features(module)
-        bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=module.weight.device)
+        d_in, d_out, transposed = base_features(module)
+        present = [(i, adapter.modules[path]) for i, adapter in enumerate(loaded) if path in adapter.modules]
+        if any(f.magnitude is not None for _, f in present):
+            # a DoRA bank; a plain LoRA adapter there gets m = ||W0 + s B A||_c (c = 1: exactly its LoRA)
+            bank = DoRABank(d_in, d_out, base_weight=module.weight.T if transposed else module.weight,
+                            dtype=config.torch_dtype, device=module.weight.device)
+        else:
+            bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=module.weight.device)
         expert_ids = []
-        for i, adapter in enumerate(loaded):
-            f = adapter.modules.get(path)
-            if f is not None:
-                bank.add_expert(f.rank, f.alpha, use_rslora=f.use_rslora, A=f.A, B=f.B, trainable=trainable_experts)
-                expert_ids.append(i)
+        for i, f in present:
+            extra = {"magnitude": f.magnitude} if isinstance(bank, DoRABank) else {}
+            bank.add_expert(f.rank, f.alpha, use_rslora=f.use_rslora, A=f.A, B=f.B, trainable=trainable_experts, **extra)
+            expert_ids.append(i)
         layer_router = None if shared is not None else {"name": router, "config": kwargs}
         layers[path] = build_routed_layer(module, name=path, bank=bank, router=layer_router, expert_ids=expert_ids,
                                           num_global_experts=len(loaded), dropout=dropout, dtype=config.torch_dtype)

@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 from molora.bank import lora_scaling
 from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
+from molora.kinds.dora import DoRABank, dora_export
 from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
 
@@ -60,6 +61,12 @@ def export_peft(
     rules, an expert whose factors hold NaN/inf: nothing non-finite is ever written.
     Every expert kind exports the factors its kernel sees (:meth:`~molora.bank.BaseExpertBank.expert_factors`;
     a bank whose experts share ``B``, QR-LoRA's ``Q``, gives ``B = Q`` for each expert).
+
+    DoRA experts (:mod:`molora.kinds.dora`): any static mixture of them is one DoRA adapter exactly,
+    ``use_dora=True`` with ``lora_B = diag(1/a) B'`` and ``m = a ||W0 + diag(1/a) B' A'||_c``
+    (:func:`~molora.kinds.dora.dora_export`); only ``"cat"`` keeps that exact, so the other
+    combinations are refused for them. Plain LoRA layers of such an export get ``m = ||W0 + B A||_c``
+    (DoRA's identity); a channel the mixture scales to 0 is refused.
     """
     options = merge_options(combination, density=density, majority_sign_method=majority_sign_method,
                             svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, where="export_peft")
@@ -72,10 +79,15 @@ def export_peft(
         raise MoLoRAError(f"export_peft: {folder} exists and is not a folder")
     # One generator for the whole export, visited in module order: a seed fixes every drop.
     generator = torch.Generator().manual_seed(options.seed) if options.random else None
+    layers = model.routed_layers()
+    dora = [n for n, layer in layers.items() if isinstance(layer.bank, DoRABank)]
+    if dora and options.combination != "cat":
+        raise MoLoRAError(f"export_peft: modules {dora[:3]} hold DoRA experts, whose mixture is exact only as "
+                          f"combination 'cat' (one DoRA adapter); got {options.combination!r}")
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False
-    for name, layer in model.routed_layers().items():
+    for name, layer in layers.items():
         bank, w = layer.bank, per_layer[name]
         where = f"export_peft: module {name!r}"
         experts = [e for e in range(bank.num_experts) if float(w[e]) != 0.0]
@@ -97,8 +109,17 @@ def export_peft(
         # The scalings from alpha and rank in float64 (bank.scaling is their float32 copy).
         scalings = [lora_scaling(bank.alphas[e], bank.ranks[e], bank.rslora[e]) for e in experts]
         A, B = merge_module(As, Bs, [float(w[e]) for e in experts], scalings, options, generator)
-        for ab, t in (("lora_A", A), ("lora_B", B)):
-            key = f"base_model.model.{name}.{ab}.weight"
+        parts = [("lora_A", A)]
+        if dora:  # the mixture as one DoRA adapter (a plain LoRA layer: a = 1, m = its own norm)
+            a = layer.bank.static_scale(w) if isinstance(layer.bank, DoRABank) else torch.ones(bank.d_out, dtype=torch.float64)
+            try:
+                B, m = dora_export(layer.base_weight_rows(), A, B, a)
+            except MoLoRAError as exc:
+                raise MoLoRAError(f"{where}: {exc}") from None
+            parts.append(("lora_magnitude_vector", m))
+        parts.append(("lora_B", B))
+        for ab, t in parts:
+            key = f"base_model.model.{name}.{ab}" + ("" if ab == "lora_magnitude_vector" else ".weight")
             state[key] = finite_tensor(t.float().contiguous(), where, f"{ab} (tensor {key!r})")
         ranks[name] = int(A.shape[0])
         transposed |= layer.transposed
@@ -120,6 +141,7 @@ def export_peft(
         fan_in_fan_out=transposed,
         bias="none",
         use_rslora=False,
+        use_dora=bool(dora),
         init_lora_weights=True,
         inference_mode=True,
     )

@@ -29,6 +29,9 @@ def subtract_general_knowledge(tasks: Sequence[PeftLoraAdapter], general: Sequen
     target a module a task adapter targets, or has factors of another shape there."""
     if not general:
         raise AdapterError("GenKnowSub needs at least one general adapter")
+    dora = [a.name for a in [*tasks, *general] if any(f.magnitude is not None for f in a.modules.values())]
+    if dora:  # subtracting factors would leave each magnitude over a norm it was not trained for
+        raise AdapterError(f"GenKnowSub: adapters {dora} are DoRA adapters; GenKnowSub subtracts plain LoRA factors only")
     means: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path in sorted({m for t in tasks for m in t.modules}):
         missing = [g.name for g in general if path not in g.modules]

@@ -5,10 +5,11 @@
 The forward is three steps (:mod:`molora.kernels.routed_linear`): the base output, the LoRA
 shrink and the router logits in one GEMM over ``x`` -> the router decides (a pure function of
 the logits, the input and the call's routing signals) -> the expand adds the routed delta into
-the base output. ``g(x)`` comes from the layer's router or the model's shared router. Wraps
-``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (whose weight is stored transposed,
-``[d_in, d_out]``). Nothing of a call is kept on the layer: what it decided goes to the call's
-forward scope (:mod:`molora.context`).
+the base output. Expert kinds that also rescale the base output per channel (DoRA's magnitude,
+:mod:`molora.kinds.dora`) add ``bank.output_scale(g) * W x`` as one more step. ``g(x)`` comes
+from the layer's router or the model's shared router. Wraps ``nn.Linear`` and transformers'
+GPT-2 ``Conv1D`` (whose weight is stored transposed, ``[d_in, d_out]``). Nothing of a call is kept
+on the layer: what it decided goes to the call's forward scope (:mod:`molora.context`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class RoutedLoRALinear(nn.Module):
         self.register_buffer("_global_to_local", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("_local_to_global", torch.empty(0, dtype=torch.long), persistent=False)
         self.set_expert_ids(ids, len(ids) if num_global_experts is None else int(num_global_experts))
+        bank.attach_base(self.base_weight_rows)  # kinds that read W0 at every call (DoRA) read it here
 
     def set_expert_ids(self, expert_ids: Sequence[int], num_global_experts: int) -> None:
         """Set which global experts the local experts are (index maps both ways)."""
@@ -236,12 +238,33 @@ class RoutedLoRALinear(nn.Module):
             decision = self._decide(x, signals, scope, proj.logits)
         self._record(scope, signals, decision, x)
         gates, indices, group_rows = self._broadcast(decision, x, x2.shape[0])
-        # 3. the routed delta, added into the base output
+        # 3. the kind's rescaling of the base output (DoRA's magnitude), if it has one: taken
+        # before step 4 adds into the base output's buffer
+        rescaled = self._rescaled_base(gates, indices, group_rows, out if base is not None else result, xk, xd)
+        # 4. the routed delta, added into the base output
         y = kernels.expand(xd, plan, proj.shrink, A, B, gates.to(B.dtype), indices, self.bank.scaling, out=out,
                            group_rows=group_rows)
         if out is None:
             y = result + y.to(result.dtype)
+        if rescaled is not None:
+            y = y + rescaled.to(y.dtype)
         return y.view(*x.shape[:-1], self.bank.d_out)
+
+    def _rescaled_base(self, gates: Tensor, indices: Tensor | None, group_rows: int, base_out: Tensor,
+                       xk: Tensor, xd: Tensor) -> Tensor | None:
+        """``scale * (W0 x')`` with the bank's :meth:`~molora.bank.BaseExpertBank.output_scale`
+        (``None`` for kinds without one). ``W0 x'`` is the base output minus its bias, or, while
+        dropout changes the experts' input (training), ``W0`` applied to that input: as PEFT's DoRA."""
+        scale = self.bank.output_scale(gates, indices)
+        if scale is None:
+            return None
+        if xd is not xk:
+            w0x = torch.nn.functional.linear(xd, self.base_weight_rows().to(xd.dtype))
+        else:  # a new tensor, not a view: step 4 writes into base_out in place
+            bias = self.base_layer.bias
+            w0x = base_out - bias if bias is not None else base_out.clone()
+        d_out = self.bank.d_out
+        return (scale.to(w0x.dtype).unsqueeze(1) * w0x.view(-1, group_rows, d_out)).view(-1, d_out)
 
     def _fusable_base(self, x: Tensor, dtype: torch.dtype, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None] | None:
         """``(W [d_out, d_in], b)`` of the base layer when its GEMM can also compute the LoRA shrink
@@ -274,6 +297,12 @@ class RoutedLoRALinear(nn.Module):
     def unmerged_weight(self) -> Tensor:
         """The base weight without any merged mixture (the stored original while merged)."""
         return self.base_layer.weight if self._unmerged is None else self._unmerged
+
+    def base_weight_rows(self) -> Tensor:
+        """The unmerged base weight as ``[d_out, d_in]`` (a view; ``Conv1D`` stores it transposed):
+        what expert kinds built on ``W0`` read (:meth:`~molora.bank.BaseExpertBank.attach_base`)."""
+        W = self.unmerged_weight()
+        return W.T if self.transposed else W
 
     def merge(self, weights: Sequence[float] | Tensor) -> None:
         """Fold the static mixture ``sum_e w_e s_e B_e A_e`` into the base weight (no added latency).

@@ -3,7 +3,8 @@
 A PEFT LoRA adapter folder holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``,
 ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ...)
 and ``adapter_model.safetensors`` with tensors
-``base_model.model.<module>.lora_A.weight [r, d_in]`` and ``...lora_B.weight [d_out, r]``.
+``base_model.model.<module>.lora_A.weight [r, d_in]`` and ``...lora_B.weight [d_out, r]`` (DoRA,
+``use_dora``: also ``...lora_magnitude_vector [d_out]``).
 The LoRA factors are stored the same way for ``Conv1D`` (``fan_in_fan_out``) modules; only the
 base weight is transposed there.
 
@@ -15,7 +16,7 @@ NaN/inf, shapes), with an AdapterError naming the file and the field or tensor.
 The config is then read by PEFT itself (``PeftConfig.from_pretrained``), so every field PEFT knows
 is seen: each :class:`peft.LoraConfig` field is either one molora composes exactly, one that does
 not change the forward (training or initialisation only, metadata), or a LoRA variant molora does
-not implement (DoRA, aLoRA, LoRA bias, trainable tokens, ...), which is an AdapterError naming the
+not implement (aLoRA, LoRA bias, trainable tokens, ...), which is an AdapterError naming the
 field and its value when it differs from PEFT's default. A field this table does not list (a newer
 PEFT) is refused the same way when it is not the default, rather than silently ignored.
 """
@@ -39,6 +40,8 @@ from molora.config import pattern_matches
 from molora.errors import AdapterError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude: ``<module>.lora_magnitude_vector`` as PEFT saves it (``.weight`` in older files)
+_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?$")
 _BOOL_FLAGS = ("use_rslora", "use_dora", "lora_bias", "use_qalora")
 # Conv LoRA factors by number of dims (PEFT stores lora_A [r, c_in, *kernel] for ConvNd).
 _CONV = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
@@ -49,6 +52,7 @@ _COMPOSED = frozenset({
     "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "target_parameters",
     "fan_in_fan_out",  # transposes the base weight only; the factors are stored the same way
+    "use_dora",  # DoRA: the magnitude vectors load as experts of a "dora" bank (molora.kinds.dora)
 })
 # Fields that do not change an eval forward: metadata, runtime, training-only (dropout, VeLoRA's
 # backward) and initialisation-only (the saved factors are what the initialisation produced).
@@ -63,7 +67,6 @@ _NO_FORWARD_EFFECT = frozenset({
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # LoRA variants molora does not implement: composing them as plain LoRA would be silently wrong.
 _REFUSED = {
-    "use_dora": "DoRA (a learned magnitude vector rescales W + BA)",
     "alora_invocation_tokens": "aLoRA (the adapter acts only from its invocation tokens on; plain LoRA would "
                                "change every token before them)",
     "lora_bias": "a bias on lora_B",
@@ -82,12 +85,14 @@ _REFUSED = {
 
 @dataclasses.dataclass
 class LoraFactors:
-    """One module's LoRA factors: ``delta W = scaling * B @ A``."""
+    """One module's LoRA factors: ``delta W = scaling * B @ A``; for a DoRA adapter also its
+    magnitude ``m [d_out]`` (:mod:`molora.kinds.dora`), else ``None``."""
 
     A: Tensor
     B: Tensor
     alpha: float
     use_rslora: bool
+    magnitude: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -287,7 +292,16 @@ def load_peft_adapter(
     tensors = _read_tensors(folder, where)
     st = folder / "adapter_model.safetensors"
     factors: dict[str, dict[str, Tensor]] = {}
+    use_dora = bool(config.get("use_dora", False))
     for key, value in tensors.items():
+        mag = _MAGNITUDE.match(key)
+        if mag is not None:
+            if not use_dora:
+                raise AdapterError(f"{where}: {st}: tensor {key!r} is a DoRA magnitude but {cfg_path} has use_dora false")
+            if "m" in factors.get(mag["module"], {}):
+                raise AdapterError(f"{where}: {st}: module {mag['module']!r} has two lora_magnitude_vector tensors")
+            factors.setdefault(mag["module"], {})["m"] = value
+            continue
         m = _KEY.match(key)
         embedding = re.match(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$", key)
         if embedding is not None:
@@ -297,16 +311,17 @@ def load_peft_adapter(
             raise AdapterError(f"{where}: {st}: module {m['module']!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
                                f"is {list(value.shape)}); molora routes LoRA on nn.Linear and Conv1D modules only")
         if m is None:
-            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)")
+            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers, and DoRA's lora_magnitude_vector, are supported)")
         if m["ab"] in factors.get(m["module"], {}):
             raise AdapterError(f"{where}: {st}: module {m['module']!r} has two lora_{m['ab']} tensors (multiple adapters in one file?)")
         factors.setdefault(m["module"], {})[m["ab"]] = value
     modules: dict[str, LoraFactors] = {}
     r_default, alpha_default = config["r"], config.get("lora_alpha", 8)
     for module, ab in factors.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{where}: {st}: module {module!r} has lora_{''.join(ab)} but not both factors")
-        A, B = ab["A"], ab["B"]
+        if not {"A", "B"} <= set(ab):
+            present = ", ".join(f"lora_{k}" if k != "m" else "lora_magnitude_vector" for k in ab)
+            raise AdapterError(f"{where}: {st}: module {module!r} has {present} but not both lora_A and lora_B")
+        A, B, magnitude = ab["A"], ab["B"], ab.get("m")
         if not (A.is_floating_point() and B.is_floating_point()):
             raise AdapterError(f"{where}: {st}: module {module!r} has lora_A {A.dtype} and lora_B {B.dtype}; expected floating tensors")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
@@ -314,8 +329,14 @@ def load_peft_adapter(
         rank = pattern_value(config.get("rank_pattern"), module, r_default)
         if A.shape[0] != rank:
             raise AdapterError(f"{where}: module {module!r} has rank {A.shape[0]} in {st} but {cfg_path} says r={rank}")
+        if use_dora and (magnitude is None or not magnitude.is_floating_point()
+                         or tuple(magnitude.shape) != (B.shape[0],)):
+            got = "none" if magnitude is None else f"{magnitude.dtype} {list(magnitude.shape)}"
+            raise AdapterError(f"{where}: {st}: module {module!r} is DoRA (use_dora) and needs a floating "
+                               f"lora_magnitude_vector [{B.shape[0]}] (d_out of its lora_B); got {got}")
         alpha = float(pattern_value(config.get("alpha_pattern"), module, alpha_default))
-        modules[module] = LoraFactors(A=A, B=B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
+        modules[module] = LoraFactors(A=A, B=B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)),
+                                      magnitude=magnitude)
     if not modules:
         raise AdapterError(f"{where}: {st} holds no LoRA weights")
     return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config)

@@ -58,8 +58,8 @@ def _base64(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_names_the_allowed_kinds():
-    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora'\]; got 'dora'"):
-        MoLoRAConfig(target_modules=["q"], expert_kind="dora")
+    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora'\]; got 'vera'"):
+        MoLoRAConfig(target_modules=["q"], expert_kind="vera")
     with pytest.raises(MoLoRAError, match="qr_lora.*shared_a=True is not allowed"):
         MoLoRAConfig(target_modules=["q"], expert_kind="qr_lora", shared_a=True)
     assert MoLoRAConfig(target_modules=["q"]).expert_kind == "lora"
@@ -301,13 +301,13 @@ def test_checkpoint_with_an_unknown_kind_is_refused(tmp_path):
     model.save_pretrained(str(tmp_path / "ck"))
     path = tmp_path / "ck" / CONFIG_NAME
     meta = json.loads(path.read_text())
-    meta["layers"]["lin"]["bank"]["kind"] = "dora"
+    meta["layers"]["lin"]["bank"]["kind"] = "vera"
     path.write_text(json.dumps(meta))
     base = nn.Sequential()
     base.add_module("lin", nn.Linear(16, 12))
     torch.manual_seed(0)
     base.lin.load_state_dict(model.routed_layers()["lin"].base_layer.state_dict())
-    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora'\]; got 'dora'"):
+    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora'\]; got 'vera'"):
         molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
     assert isinstance(base.lin, nn.Linear)
 

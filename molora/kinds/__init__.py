@@ -14,6 +14,9 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
   non-negative per-rank gates, an l1 + total-variation regulariser and pruning of dead channels
   (:class:`molora.kinds.ard_lora.ARDLoRABank`, :func:`~molora.kinds.ard_lora.ard_penalty`,
   :func:`~molora.kinds.ard_lora.prune_ard`).
+- ``"dora"``: DoRA (Liu et al., 2024): ``m_e / ||W0 + s_e B_e A_e||_c * (W0 + s_e B_e A_e)``, routed as
+  ``B'_e = diag(c_e) B_e`` plus a gate-weighted rescaling of the base output
+  (:class:`molora.kinds.dora.DoRABank`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -25,11 +28,12 @@ from molora.bank import BaseExpertBank, ExpertBank
 from molora.errors import MoLoRAError
 
 from .ard_lora import ARDLoRABank, ard_penalty, effective_rank, project_ard, prune_ard
+from .dora import DoRABank
 from .moslora import MoSLoRABank
 from .qr_lora import QRLoRABank, qr_basis
 
 BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
-                                                 "ard_lora": ARDLoRABank}
+                                                 "ard_lora": ARDLoRABank, "dora": DoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -41,5 +45,5 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
     return cls
 
 
-__all__ = ["ARDLoRABank", "BANK_CLASSES", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "ard_penalty", "bank_class",
-           "effective_rank", "project_ard", "prune_ard", "qr_basis"]
+__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "ard_penalty",
+           "bank_class", "effective_rank", "project_ard", "prune_ard", "qr_basis"]
