@@ -255,7 +255,8 @@ def run_method(spec: str, base, target: str, data: TaskData, dirs: dict[str, Pat
             res = molora.train_router(model, shots, method="auto", **common,
                                       retrieval=(torch.stack([keys[n] for n in others]),
                                                  lambda idx: shot_emb[[pos[i] for i in idx]]))
-            info.update(chosen=res.method, cv_loss={m: round(v, 4) for m, v in res.scores.items()})
+            info.update(chosen=res.method, cv_loss={m: round(v, 4) for m, v in res.scores.items()},
+                        fold_losses={m: [round(x, 4) for x in v] for m, v in res.fold_losses.items()})
         elif method == "xlora_style":
             attach_xlora_style(model, hidden=args.xlora_hidden)
             molora.train_router(model, shots, router="existing", lr=opts.get("lr", args.xlora_lr), **common)
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["timing"] = timing(base, tok, dirs, timing_texts, args)
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(out, shots_list, methods)
+    out["targets_check"] = {str(k): check_targets(cells, k) for k in shots_list}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -505,6 +507,7 @@ def merge(paths: list[str], out_path: str) -> dict:
     out["setup"]["merged_from"] = len(parts)
     methods = list(dict.fromkeys(c["method"] for c in out["cells"]))
     print_table(out, shots_list, methods)
+    out["targets_check"] = {str(k): check_targets(out["cells"], k) for k in shots_list}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {out_path}")
@@ -521,6 +524,44 @@ def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
                                        if m in res.get(str(k), {}) else " " * 16 for k in shots_list))
     if out.get("timing"):
         print_timing(out["timing"])
+
+
+def check_targets(cells: list[dict], k: int, auto: str = "auto", gradient: str = "gradient_router",
+                  hub: str = "lorahub") -> dict | None:
+    """Issue 16's criteria at ``k`` shots, on the (target, seed) pairs where every method ran (a
+    partial grid compares like with like): per target the mean over its seeds, then the average
+    over targets. ``auto >= every method - 0.5`` points, ``auto >= uniform`` on all but at most one
+    target, ``gradient >= lorahub - 0.5``, the best composition within 3 points of the oracle."""
+    at_k = [c for c in cells if c["k"] == k]
+    methods = sorted({c["method"] for c in at_k})
+    acc = {(c["target"], c["seed"], c["method"]): c["accuracy"] for c in at_k}
+    pairs = sorted({(c["target"], c["seed"]) for c in at_k if all((c["target"], c["seed"], m) in acc for m in methods)})
+    if not pairs or auto not in methods:
+        return None
+    targets = sorted({t for t, _ in pairs})
+    per_target = {m: {t: 100 * statistics.mean(acc[(t, s, m)] for tt, s in pairs if tt == t) for t in targets} for m in methods}
+    avg = {m: statistics.mean(v.values()) for m, v in per_target.items()}
+    compositions = [m for m in methods if m not in ("oracle", "fresh_lora")]
+    best = max(compositions, key=avg.get)
+    out = {
+        "k": k, "targets": targets, "pairs": len(pairs), "average": avg, "per_target": per_target,
+        "auto_minus_best_other": avg[auto] - max(v for m, v in avg.items() if m not in (auto, "oracle")),
+        "auto_at_least_uniform_on": sum(per_target[auto][t] >= per_target["uniform"][t] - 1e-9 for t in targets)
+        if "uniform" in methods else None,
+        "gradient_minus_lorahub": avg[gradient] - avg[hub] if gradient in avg and hub in avg else None,
+        "best_composition": best,
+        "oracle_minus_best": avg["oracle"] - avg[best] if "oracle" in avg else None,
+    }
+    print(f"\nk={k}: {len(pairs)} (target, seed) pairs over {len(targets)} targets where every method ran")
+    for m in sorted(methods, key=avg.get, reverse=True):
+        print(f"  {m:<28} {avg[m]:6.1f}")
+    print(f"  auto - best other method: {out['auto_minus_best_other']:+.1f} points (target >= -0.5); auto >= uniform on "
+          f"{out['auto_at_least_uniform_on']}/{len(targets)} targets (target: all but one)")
+    if out["gradient_minus_lorahub"] is not None:
+        print(f"  {gradient} - {hub}: {out['gradient_minus_lorahub']:+.1f} points (target >= -0.5)")
+    if out["oracle_minus_best"] is not None:
+        print(f"  oracle - best composition ({best}): {out['oracle_minus_best']:.1f} points (target <= 3)")
+    return out
 
 
 def print_timing(t: dict) -> None:
