@@ -74,6 +74,7 @@ class BaseExpertBank(nn.Module):
         self._factory = {"dtype": dtype, "device": device}
         self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
         self._stacked_cache: tuple | None = None
+        self._conversions = 0  # see state_key
 
     @property
     def num_experts(self) -> int:
@@ -163,13 +164,21 @@ class BaseExpertBank(nn.Module):
         raise NotImplementedError
 
     def state_key(self, sources: list[Tensor] | None = None) -> tuple:
-        """A value that changes whenever the experts' weights may have: the identity, in-place
-        version, storage and dtype of every tensor :meth:`_stack` reads (``data_ptr`` and dtype
-        because ``Module.to()`` swaps a parameter's ``.data`` without moving its version). What is
-        derived from the experts (the stack, Arrow's prototypes) is keyed on it."""
+        """A value that changes whenever the experts' weights may have: the identity and in-place
+        version of every tensor :meth:`_stack` reads, and a count of the conversions applied to the
+        bank (``Module.to()``/``.half()``/... swap a parameter's ``.data`` without moving its version;
+        they all run through :meth:`_apply`). What is derived from the experts (the stack, Arrow's
+        prototypes) is keyed on it. Assigning ``param.data = ...`` by hand is not seen: write in
+        place (``param.copy_``) or assign a new parameter."""
         sources = self._sources() if sources is None else sources
-        return (tuple(map(id, sources)), tuple(map(_version, sources)), tuple(map(Tensor.data_ptr, sources)),
-                tuple(map(_dtype, sources)))
+        return self._conversions, tuple(map(id, sources)), tuple(map(_version, sources))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        self._conversions += 1  # before and after: a failed conversion also invalidates
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._conversions += 1
 
     def stacked(self) -> tuple[Tensor, Tensor]:
         """Experts stacked for the kernel: ``A [E, r_max, d_in]`` (or the shared ``[r, d_in]``)
@@ -372,7 +381,6 @@ class ExpertBank(BaseExpertBank):
 
 _requires_grad = operator.attrgetter("requires_grad")
 _version = operator.attrgetter("_version")
-_dtype = operator.attrgetter("dtype")
 
 
 def _stack_padded(factors: list[Tensor], r: int, *, rows: bool) -> Tensor:

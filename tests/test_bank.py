@@ -132,6 +132,9 @@ def test_frozen_bank_restacks_only_when_its_weights_change():
     bank.double()  # .data swapped by Module.to
     assert bank.stacked()[1].dtype == torch.float64
     torch.testing.assert_close(bank.stacked(), reference(), rtol=0, atol=0)
+    torch.nn.Sequential(bank).float()  # a conversion of an enclosing module reaches the bank too
+    assert bank.stacked()[1].dtype == torch.float32
+    torch.testing.assert_close(bank.stacked(), reference(), rtol=0, atol=0)
     bank.add_expert(3, 4.0, trainable=False)
     assert bank.stacked()[1].shape[0] == 3
     bank.set_trainable(True)
