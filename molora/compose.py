@@ -14,7 +14,7 @@ from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
 from molora.genknowsub import subtract_general_knowledge
 from molora.kinds import DoRABank
-from molora.layer import RoutedLoRALinear, base_features, build_routed_layer
+from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter
 
@@ -79,18 +79,23 @@ def compose(
     )
     modules = _check_against_base(base_model, loaded)
     first = next(iter(modules.values()))
-    shared = build_shared_router(config, names, base_features(first)[0], first.weight.device)
+    devices = {path: layer_device(base_model, path) for path in modules}  # a meta base without hooks: refused here
+    shared = build_shared_router(config, names, base_features(first)[0], next(iter(devices.values())))
     kwargs = router_kwargs(config)
     layers: dict[str, RoutedLoRALinear] = {}
     for path, module in modules.items():
         d_in, d_out, transposed = base_features(module)
+        if module.weight.is_meta and any(f.magnitude is not None for adapter in loaded
+                                         for f in [adapter.modules.get(path)] if f is not None):
+            raise MoLoRAError(f"module {path!r}: a DoRA adapter needs the base weight, which is offloaded (on the meta "
+                              "device); load the base without offloading these layers")
         present = [(i, adapter.modules[path]) for i, adapter in enumerate(loaded) if path in adapter.modules]
         if any(f.magnitude is not None for _, f in present):
             # a DoRA bank; a plain LoRA adapter there gets m = ||W0 + s B A||_c (c = 1: exactly its LoRA)
             bank = DoRABank(d_in, d_out, base_weight=module.weight.T if transposed else module.weight,
-                            dtype=config.torch_dtype, device=module.weight.device)
+                            dtype=config.torch_dtype, device=devices[path])
         else:
-            bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=module.weight.device)
+            bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=devices[path])
         expert_ids = []
         for i, f in present:
             extra = {"magnitude": f.magnitude} if isinstance(bank, DoRABank) else {}
@@ -98,7 +103,8 @@ def compose(
             expert_ids.append(i)
         layer_router = None if shared is not None else {"name": router, "config": kwargs}
         layers[path] = build_routed_layer(module, name=path, bank=bank, router=layer_router, expert_ids=expert_ids,
-                                          num_global_experts=len(loaded), dropout=dropout, dtype=config.torch_dtype)
+                                          num_global_experts=len(loaded), dropout=dropout, dtype=config.torch_dtype,
+                                          device=devices[path])
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
 
 

@@ -15,6 +15,7 @@ on the layer: what it decided goes to the call's forward scope (:mod:`molora.con
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,57 @@ def base_features(module: nn.Module) -> tuple[int, int, bool]:
         d_in, d_out = module.weight.shape
         return int(d_in), int(d_out), True
     raise MoLoRAError(f"{type(module).__name__} is not supported: molora wraps nn.Linear and transformers' Conv1D")
+
+
+def _hook_device(hook: Any) -> torch.device | None:
+    """The execution device of an accelerate hook (``AlignDevicesHook``, or one inside a ``SequentialHook``)."""
+    if hook is None:
+        return None
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
+
+
+def layer_device(root: nn.Module, path: str) -> torch.device:
+    """Where the base layer at ``path`` of ``root`` computes, so its experts live there: the device
+    of its weight; for a weight on the meta device (offloaded by accelerate's ``device_map``: the
+    weight is brought in for each forward), the execution device of the nearest accelerate hook on
+    the layer or an ancestor. A meta weight with no such hook is a model whose weights were never
+    loaded: refused, since experts built there would hold no values (the adapters' weights lost)."""
+    module = root.get_submodule(path)
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    parts = path.split(".") if path else []
+    for i in range(len(parts), -1, -1):
+        device = _hook_device(getattr(root.get_submodule(".".join(parts[:i])), "_hf_hook", None))
+        if device is not None:
+            return device
+    raise MoLoRAError(
+        f"module {path!r}: its weight is on the meta device and no accelerate hook says where it runs, so experts "
+        "built there would hold no values (the adapters' weights would be lost). Load the base model's weights first "
+        "(from_pretrained, or to_empty() and load_state_dict()), or load it with device_map=..."
+    )
+
+
+def resident_weight(module: nn.Module) -> Tensor:
+    """``module.weight``, or for a weight offloaded by accelerate (on the meta device between
+    forwards) its value from the layer's offload map (read from disk or host memory; the layer
+    itself is not changed)."""
+    weight = module.weight
+    if not weight.is_meta:
+        return weight
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        weights = getattr(h, "weights_map", None)
+        if weights is not None:
+            try:
+                return weights["weight"]
+            except KeyError:
+                pass
+    raise MoLoRAError(f"{type(module).__name__}: its weight is on the meta device and no accelerate offload map holds it")
 
 
 class RoutedLoRALinear(nn.Module):
@@ -270,8 +322,9 @@ class RoutedLoRALinear(nn.Module):
         """``(W [d_out, d_in], b)`` of the base layer when its GEMM can also compute the LoRA shrink
         and the router logits (:func:`molora.kernels.project`): a plain ``nn.Linear`` or
         ``Conv1D`` (not a subclass: quantised layers compute differently), frozen, called with
-        no extra arguments, with weights and input of the experts' dtype, and no autocast (whose
-        base linear would compute, and return, the autocast dtype)."""
+        no extra arguments, with weights and input of the experts' dtype, in memory (not offloaded
+        to the meta device), and no autocast (whose base linear would compute, and return, the
+        autocast dtype)."""
         base = self.base_layer
         if args or kwargs or type(base) not in (nn.Linear, Conv1D) or x.dtype != dtype:
             return None
@@ -279,6 +332,8 @@ class RoutedLoRALinear(nn.Module):
             return None
         weight, bias = base.weight, base.bias
         if weight.dtype != dtype or weight.requires_grad or (bias is not None and (bias.requires_grad or bias.dtype != dtype)):
+            return None
+        if weight.is_meta:  # offloaded (accelerate): calling the layer runs its hook, which brings the weight in
             return None
         return (weight.T if self.transposed else weight), bias
 
@@ -295,8 +350,9 @@ class RoutedLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def unmerged_weight(self) -> Tensor:
-        """The base weight without any merged mixture (the stored original while merged)."""
-        return self.base_layer.weight if self._unmerged is None else self._unmerged
+        """The base weight without any merged mixture (the stored original while merged; an
+        offloaded weight read from its offload map, :func:`resident_weight`)."""
+        return resident_weight(self.base_layer) if self._unmerged is None else self._unmerged
 
     def base_weight_rows(self) -> Tensor:
         """The unmerged base weight as ``[d_out, d_in]`` (a view; ``Conv1D`` stores it transposed):
@@ -325,9 +381,13 @@ class RoutedLoRALinear(nn.Module):
                               f"got shape {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise MoLoRAError(f"module {self.name!r}: merge weights must be finite; got {w.tolist()}")
+        W = self.base_layer.weight
+        if W.is_meta:
+            raise MoLoRAError(f"module {self.name!r}: the base weight is offloaded (on the meta device; accelerate brings "
+                              "it in per forward), so there is no weight to merge into: load the base without offloading "
+                              "to merge, or export_peft() the mix")
         delta = self.bank.delta_weight(w)
         delta = delta.T if self.transposed else delta
-        W = self.base_layer.weight
         merged = (W.detach().float() + delta.to(W.device)).to(W.dtype)
         if not torch.isfinite(merged).all():
             raise MoLoRAError(f"module {self.name!r}: merging gives NaN or inf in the base weight; nothing was merged")
@@ -382,6 +442,7 @@ def build_routed_layer(
     dropout: float = 0.0,
     dtype: torch.dtype | None = None,
     from_base: bool = True,
+    device: torch.device | None = None,
 ) -> RoutedLoRALinear:
     """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints).
 
@@ -391,11 +452,15 @@ def build_routed_layer(
     outside the new layer: the base layer is frozen when the model commits the layers.
     ``from_base``: expert kinds built from the base weight (QR-LoRA's ``Q``) take it from
     ``base_layer``; ``False`` (a checkpoint, whose tensors hold them) skips that work.
+    ``device``: where the experts live (:func:`layer_device`; default: the base weight's device).
     """
     from molora.routers import build_router
 
     d_in, d_out, _ = base_features(base_layer)
-    device = base_layer.weight.device
+    device = base_layer.weight.device if device is None else device
+    if from_base and base_layer.weight.is_meta and isinstance(bank, dict) and bank.get("kind") in ("qr_lora", "dora"):
+        raise MoLoRAError(f"module {name!r}: expert kind {bank['kind']!r} is built from the base weight, which is offloaded "
+                          "(on the meta device); load the base without offloading these layers")
     if isinstance(bank, dict):
         if (bank["d_in"], bank["d_out"]) != (d_in, d_out):
             raise MoLoRAError(f"module {name!r}: the experts are [{bank['d_out']} x {bank['d_in']}] "
@@ -419,8 +484,9 @@ def build_routed_layer(
                             num_global_experts=num_global_experts, freeze_base=False)
 
 
-def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype) -> RoutedLoRALinear:
+def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype,
+                    device: torch.device | None = None) -> RoutedLoRALinear:
     """Rebuild an (untrained) routed layer around ``base_layer`` from :func:`layer_spec`'s output."""
     return build_routed_layer(base_layer, name=name, bank=spec["bank"], router=spec["router"], expert_ids=spec["expert_ids"],
                               num_global_experts=num_global_experts, dropout=spec["dropout"], dtype=dtype,
-                              from_base=False)
+                              from_base=False, device=device)

@@ -16,7 +16,7 @@ from molora.checkpointing import wrap_checkpointing
 from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError, RoutingError
-from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_spec
+from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device, layer_spec
 from molora.routers import Router, build_router, router_class
 from molora.routers.losses import model_aux_loss
 
@@ -568,7 +568,8 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     targets = find_targets(model, config)
     names = config.names()
     first = next(iter(targets.values()))
-    shared = build_shared_router(config, names, base_features(first)[0], first.weight.device)
+    devices = {name: layer_device(model, name) for name in targets}  # a meta base without hooks: refused here
+    shared = build_shared_router(config, names, base_features(first)[0], next(iter(devices.values())))
     layers: dict[str, RoutedLoRALinear] = {}
     for name, module in targets.items():
         d_in, d_out, _ = base_features(module)
@@ -580,5 +581,6 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
                 "init": config.init, "ranks": [rank] * n, "alphas": [settings["alpha"]] * n, "rslora": [config.use_rslora] * n}
         router = None if shared is not None else {"name": config.router, "config": router_kwargs(config, name)}
         layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=range(n),
-                                          num_global_experts=len(names), dropout=config.dropout, dtype=config.torch_dtype)
+                                          num_global_experts=len(names), dropout=config.dropout, dtype=config.torch_dtype,
+                                          device=devices[name])
     return MoLoRAModel(model, config, layers, expert_names=names, shared_router=shared)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from molora.config import MoLoRAConfig
 from molora.errors import CheckpointError, MoLoRAError
-from molora.layer import RoutedLoRALinear, layer_from_spec
+from molora.layer import RoutedLoRALinear, layer_device, layer_from_spec, resident_weight
 from molora.routers import build_router
 
 try:  # POSIX only: without it concurrent writers to one folder are not serialised
@@ -420,7 +420,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def unmerged_weight(layer: RoutedLoRALinear) -> Tensor:
     """The layer's base weight without a mixture merged into it."""
     get = getattr(layer, "unmerged_weight", None)
-    return get() if callable(get) else layer.base_layer.weight
+    return get() if callable(get) else resident_weight(layer.base_layer)
 
 
 def base_fingerprint(layers: Mapping[str, RoutedLoRALinear], samples: int = FINGERPRINT_SAMPLES) -> dict[str, Any]:
@@ -460,7 +460,12 @@ def check_base_fingerprint(modules: Mapping[str, nn.Module], fingerprint: dict[s
                 f"base weight is [{' x '.join(map(str, rec['shape']))}], this one is [{' x '.join(map(str, weight.shape))}])")
         if _dtype_name(weight.dtype) != rec["dtype"]:
             continue
-        digest = sample_digest(weight, samples)
+        try:
+            digest = sample_digest(resident_weight(module), samples)
+        except MoLoRAError:
+            raise CheckpointError(f"{where}: module {name!r}: its weight is on the meta device and no accelerate hook holds "
+                                  "it (the base's weights were never loaded): load them first (from_pretrained, or "
+                                  "to_empty() and load_state_dict()), or load the base with device_map=...") from None
         if digest == rec["sample_sha256"]:
             continue
         (merged if digest == rec.get("merged_sample_sha256") else differs).append(name)
@@ -769,8 +774,8 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
         raise CheckpointError(f"{where}: field 'config.modules_to_save': {exc} (checkpoint made for {made_for})") from None
     with _restored_on_error(modules, saved):
         # an X-LoRA-style router is rebuilt around the shared classifier once the layers exist
-        layers = {name: _build_layer(modules[name], name, _without_xlora(spec), len(names), config, where, made_for)
-                  for name, spec in meta["layers"].items()}
+        layers = {name: _build_layer(base_model, modules[name], name, _without_xlora(spec), len(names), config, where,
+                                     made_for) for name, spec in meta["layers"].items()}
         if meta.get("xlora_style") is not None:
             _attach_xlora(layers, meta, where)
         for name, owner in (meta.get("tied_routers") or {}).items():
@@ -833,10 +838,11 @@ def _attach_xlora(layers: Mapping[str, RoutedLoRALinear], meta: Mapping[str, Any
         layer.router = XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, clf, index, ids).to(device)
 
 
-def _build_layer(module: nn.Module, name: str, spec: dict, num_experts: int, config: MoLoRAConfig, where: str,
-                 made_for: Any) -> RoutedLoRALinear:
+def _build_layer(base_model: nn.Module, module: nn.Module, name: str, spec: dict, num_experts: int, config: MoLoRAConfig,
+                 where: str, made_for: Any) -> RoutedLoRALinear:
     try:
-        return layer_from_spec(module, spec, name=name, num_global_experts=num_experts, dtype=config.torch_dtype)
+        return layer_from_spec(module, spec, name=name, num_global_experts=num_experts, dtype=config.torch_dtype,
+                               device=layer_device(base_model, name))
     except MoLoRAError as exc:
         raise CheckpointError(f"{where}: field 'layers.{name}': {exc} (checkpoint made for {made_for})") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
