@@ -386,6 +386,10 @@ class RoutedLoRALinear(nn.Module):
             raise MoLoRAError(f"module {self.name!r}: the base weight is offloaded (on the meta device; accelerate brings "
                               "it in per forward), so there is no weight to merge into: load the base without offloading "
                               "to merge, or export_peft() the mix")
+        if not W.is_floating_point():
+            raise MoLoRAError(f"module {self.name!r}: the base weight is {W.dtype} ({type(self.base_layer).__name__}: a "
+                              "quantised layer); folding a mixture into it would need dequantising and requantising "
+                              "(lossy): export_peft() the mix, or merge on the base loaded in floating point")
         delta = self.bank.delta_weight(w)
         delta = delta.T if self.transposed else delta
         merged = (W.detach().float() + delta.to(W.device)).to(W.dtype)

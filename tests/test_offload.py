@@ -1,6 +1,7 @@
 """Offloaded and meta-device bases: experts live where each layer computes (accelerate's execution
 device) and hold the adapters' weights; a base whose weights were never loaded is refused, never
-silently given empty experts. References: PEFT on the same base in memory; snapshots."""
+silently given empty experts; merging into an offloaded or a quantised weight is refused. References:
+PEFT on the same base in memory; float references; snapshots."""
 
 from __future__ import annotations
 
@@ -86,3 +87,45 @@ def test_meta_base_without_weights_is_refused(folders, tmp_path):
     with pytest.raises(molora.CheckpointError, match="meta device"):
         molora.MoLoRAModel.from_pretrained(empty, str(tmp_path / "ck"))
     assert {n: type(m) for n, m in empty.named_modules()} == types  # nothing was wrapped
+
+
+def test_merge_into_a_quantised_base_is_refused():
+    """A quantised linear (a subclass of nn.Linear holding packed integer weights, as bitsandbytes'
+    Linear4bit/Linear8bitLt do): routing works through the layer's own call; merging is refused."""
+    from torch import nn
+
+    class PackedLinear(nn.Linear):
+        def __init__(self, d_in, d_out):
+            super().__init__(d_in, d_out, bias=False)
+            q = torch.randint(-8, 8, (d_out, d_in), dtype=torch.int8)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.scale = 0.05
+
+        def forward(self, x):
+            return x @ (self.weight.float() * self.scale).T
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = PackedLinear(8, 6)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = get_molora_model(Net(), MoLoRAConfig(target_modules=["proj"], num_experts=2, rank=2, router="task"))
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.normal_()
+    x = torch.randn(2, 8)
+    layer = model.routed_layers()["proj"]
+    with torch.no_grad(), model.routing(task_ids=[1, 0]):
+        y = model(x)
+    A, B = layer.bank.stacked()
+    ref = x @ (layer.base_layer.weight.float() * 0.05).T
+    ref = ref + torch.stack([float(layer.bank.scaling[e]) * (x[i] @ A[e].T @ B[e].T) for i, e in enumerate([1, 0])])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    before = snapshot(model)
+    with pytest.raises(MoLoRAError, match=r"module 'proj': the base weight is torch.int8 \(PackedLinear: a quantised layer\)"):
+        model.merge([0.5, 0.5])
+    assert_same_snapshot(before, snapshot(model))
