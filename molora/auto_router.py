@@ -39,12 +39,15 @@ from torch import Tensor
 from molora.errors import MoLoRAError
 from molora.model import MoLoRAModel
 
-__all__ = ["AUTO_CANDIDATES", "SIMPLICITY", "AutoRouterResult", "select_router"]
+__all__ = ["AUTO_CANDIDATES", "DEFAULT_RULE", "RULES", "SIMPLICITY", "AutoRouterResult", "choose", "select_router"]
 
 #: Candidates tried when none are named ("retrieval" joins them when ``retrieval=`` is given).
 AUTO_CANDIDATES = ("uniform", "weights", "lorahub", "per_layer")
 #: Tie-break order, simplest first.
 SIMPLICITY = ("uniform", "retrieval", "weights", "lorahub", "per_layer")
+#: Selection rules of :func:`choose`.
+RULES = ("one_se", "paired")
+DEFAULT_RULE = "one_se"
 
 
 @dataclasses.dataclass
@@ -85,6 +88,7 @@ def select_router(
     router_kwargs: dict[str, Any] | None = None,
     lorahub_kwargs: dict[str, Any] | None = None,
     batch_size: int = 32,
+    rule: str = DEFAULT_RULE,
 ) -> AutoRouterResult:
     """Pick a composition by k-fold CV on ``examples`` and apply it (module docstring).
 
@@ -97,6 +101,7 @@ def select_router(
         seed: folds and every fit are deterministic given it.
         router_kwargs: extra arguments of the gradient fits (``steps``, ``lr``, ``prior``, ...).
         lorahub_kwargs: extra arguments of :func:`molora.lorahub.lorahub` (``budget``, ``l1``, ...).
+        rule: how the fold losses pick the winner (:func:`choose`).
     """
     examples = list(examples)
     n = len(examples)
@@ -111,6 +116,8 @@ def select_router(
     k = min(5, n) if folds is None else folds
     if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= n:
         raise ValueError(f"molora.train_router(method='auto'): needs 2 <= folds <= {n} (the number of shots); got folds={k!r}")
+    if rule not in RULES:
+        raise ValueError(f"molora.train_router(method='auto'): rule must be one of {RULES}; got {rule!r}")
     if not isinstance(model, MoLoRAModel):
         raise ValueError(f"molora.train_router: expected a MoLoRAModel; got {type(model).__name__}")
     if not model.routed_layers():
@@ -122,11 +129,11 @@ def select_router(
     from molora.train_router import _mean_loss  # one definition of "mean loss over shots"
 
     with model.routers_kept_on_error():  # a failed fit leaves the model's routers as they were
-        return _select(model, examples, candidates, k, seed, fit, loss_fn, batch_size, _mean_loss)
+        return _select(model, examples, candidates, k, seed, fit, loss_fn, batch_size, _mean_loss, rule)
 
 
 def _select(model: MoLoRAModel, examples: list[Any], candidates: list[str], k: int, seed: int, fit: Callable,
-            loss_fn: Callable, batch_size: int, _mean_loss: Callable) -> AutoRouterResult:
+            loss_fn: Callable, batch_size: int, _mean_loss: Callable, rule: str) -> AutoRouterResult:
     n = len(examples)
     t0 = time.perf_counter()
     order = list(range(n))
@@ -143,12 +150,44 @@ def _select(model: MoLoRAModel, examples: list[Any], candidates: list[str], k: i
                 losses[c].append(_mean_loss(model, loss_fn, val, batch_size))
     scores = {c: sum(v) / k for c, v in losses.items()}
     errors = {c: _std(v) / math.sqrt(k) for c, v in losses.items()}
-    best = min(candidates, key=lambda c: (scores[c], SIMPLICITY.index(c)))
-    bar = scores[best] + errors[best]
-    chosen = min((c for c in candidates if scores[c] <= bar), key=SIMPLICITY.index)
+    chosen = choose(losses, rule)
     final = fit(chosen, examples)
     model.eval()
     return AutoRouterResult(chosen, scores, errors, losses, k, time.perf_counter() - t0, final)
+
+
+def choose(fold_losses: dict[str, list[float]], rule: str = DEFAULT_RULE, z: float = 1.0) -> str:
+    """The candidate a selection ``rule`` picks from each candidate's held-out loss on the same folds.
+
+    * ``"one_se"``: the simplest candidate (:data:`SIMPLICITY`) whose mean is within one standard
+      error of the best mean (Breiman et al., 1984).
+    * ``"paired"``: ``"uniform"`` unless some candidate beats it on the folds by more than ``z``
+      standard errors of the *paired* differences ``d_f = L_f(uniform) - L_f(c)``
+      (``mean(d) > z * std(d) / sqrt(k)``); among those, the largest mean improvement (ties: the
+      simpler). The folds are shared, so the paired test sees a consistent gain that the spread
+      of either candidate's own losses would hide, and a gain on one lucky fold does not pass.
+      Without ``"uniform"`` among the candidates: the least mean loss.
+    """
+    if rule not in RULES:
+        raise ValueError(f"molora.train_router(method='auto'): rule must be one of {RULES}; got {rule!r}")
+    names = sorted(fold_losses, key=SIMPLICITY.index)
+    means = {c: sum(v) / len(v) for c, v in fold_losses.items()}
+    if rule == "one_se" or "uniform" not in fold_losses:
+        best = min(names, key=lambda c: (means[c], SIMPLICITY.index(c)))
+        if rule == "paired":
+            return best
+        bar = means[best] + _std(fold_losses[best]) / math.sqrt(len(fold_losses[best]))
+        return min((c for c in names if means[c] <= bar), key=SIMPLICITY.index)
+    base = fold_losses["uniform"]
+    chosen, gain = "uniform", 0.0
+    for c in names:
+        if c == "uniform":
+            continue
+        d = [u - v for u, v in zip(base, fold_losses[c])]
+        m = sum(d) / len(d)
+        if m > z * _std(d) / math.sqrt(len(d)) and m > gain:
+            chosen, gain = c, m
+    return chosen
 
 
 def _std(values: list[float]) -> float:

@@ -163,12 +163,13 @@ def train_router(
     method: str | None = None,
     candidates: Sequence[str] | None = None,
     retrieval: tuple[Any, Callable[[list[Any]], Tensor]] | None = None,
+    rule: str | None = None,
 ) -> RouterTrainResult | Any:
     """Train only the router of ``model`` on few-shot ``examples`` (module docstring).
 
     ``method="auto"`` instead chooses among uniform weights, retrieval, LoRAHub and the gradient
     routers by k-fold cross-validation on the shots (:mod:`molora.auto_router`; ``candidates``,
-    ``retrieval=(keys, embed)`` and ``folds`` go there, ``steps``/``lr``/``prior``/... to the
+    ``retrieval=(keys, embed)``, ``folds`` and the selection ``rule`` go there, ``steps``/``lr``/``prior``/... to the
     gradient candidates) and returns an :class:`~molora.auto_router.AutoRouterResult`.
 
     The loss minimised is ``loss_fn(model, batch) + prior * R`` with the uniform prior
@@ -215,8 +216,9 @@ def train_router(
         kwargs = dict(granularity=granularity, normalize=normalize, steps=steps, lr=lr, weight_decay=weight_decay,
                       batch_size=batch_size, val_fraction=val_fraction, prior=prior, patience=patience,
                       eval_every=eval_every, min_delta=min_delta, grad_clip=grad_clip)
+        extra = {} if rule is None else {"rule": rule}
         return select_router(model, examples, loss_fn=loss_fn, candidates=candidates, retrieval=retrieval, folds=folds,
-                             seed=seed, router_kwargs=kwargs, batch_size=batch_size)
+                             seed=seed, router_kwargs=kwargs, batch_size=batch_size, **extra)
     if loss_fn is None:
         raise ValueError("molora.train_router: pass loss_fn=(model, batch) -> loss (for a text task: "
                          "molora.apps.textcls.text_classification_loss(tokenizer, task))")

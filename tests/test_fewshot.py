@@ -483,3 +483,19 @@ def test_auto_that_fails_midway_leaves_the_routers_as_they_were(setup):
     after = (model.shared_router, {n: l.router for n, l in model.routed_layers().items()}, model.molora_config.router)
     assert after[0] is before[0] and after[2] == before[2]
     assert all(after[1][n] is r for n, r in before[1].items())
+
+
+def test_auto_selection_rules_on_hand_computed_fold_losses():
+    from molora.auto_router import choose
+
+    folds = {"uniform": [1.0, 1.0, 1.0, 1.0], "weights": [0.8, 0.9, 0.85, 0.95], "per_layer": [0.2, 1.9, 1.0, 1.0]}
+    # weights: paired gains [.2, .1, .15, .05], mean .125 > SE .0323; per_layer: mean gain -.025
+    assert choose(folds, "paired") == "weights" and choose(folds, "one_se") == "weights"
+    # lorahub: the best mean (.7) from three lucky folds, SE .6 -> one_se's bar 1.3 takes the simplest
+    # within it, uniform; its paired gain .3 is below its SE .6, so paired keeps weights
+    folds["lorahub"] = [0.1, 0.1, 0.1, 2.5]
+    assert choose(folds, "one_se") == "uniform" and choose(folds, "paired") == "weights"
+    assert choose(folds, "paired", z=0.0) == "lorahub"  # no significance asked: the largest mean gain
+    assert choose({"weights": [1.0, 2.0], "lorahub": [0.5, 2.0]}, "paired") == "lorahub"  # no uniform: least mean
+    with pytest.raises(ValueError, match="rule must be one of"):
+        choose(folds, "best")
