@@ -65,7 +65,12 @@ DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
            "xlora_style", "fresh_lora", "auto", "oracle"]
 SEED_FREE = {"uniform", "oracle"}  # no shots involved: computed once per target, std 0
-OPTIONS = {"prior": float, "folds": int, "lr": float, "steps": int}  # of the gradient methods and auto
+OPTIONS = {"prior": float, "folds": int, "lr": float, "steps": int,  # of the gradient methods and auto
+           "rule": str, "candidates": lambda v: v.split("+")}  # of auto only ("candidates=uniform+weights")
+# auto's candidates and the standalone methods that run the same procedure (same fit, same seed):
+# what a replay of another selection rule scores each choice with
+AUTO_SAME = {"uniform": "uniform", "retrieval": "retrieval_top1", "weights": "gradient_weights",
+             "lorahub": "lorahub_output", "per_layer": "gradient_router"}
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -82,6 +87,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
         kwargs[key] = OPTIONS[key](value)
     if kwargs and name not in ("gradient_router", "gradient_weights", "xlora_style", "auto"):
         raise ValueError(f"method {spec!r}: {name} takes no options")
+    if name != "auto" and ({"rule", "candidates"} & set(kwargs)):
+        raise ValueError(f"method {spec!r}: rule and candidates are options of auto")
     return name, kwargs
 
 
@@ -253,6 +260,7 @@ def run_method(spec: str, base, target: str, data: TaskData, dirs: dict[str, Pat
             # retrieval queries: the frozen embeddings computed above, looked up by shot index
             pos = {i: j for j, i in enumerate(shots)}
             res = molora.train_router(model, shots, method="auto", **common,
+                                      **{k: opts[k] for k in ("rule", "candidates") if k in opts},
                                       retrieval=(torch.stack([keys[n] for n in others]),
                                                  lambda idx: shot_emb[[pos[i] for i in idx]]))
             info.update(chosen=res.method, cv_loss={m: round(v, 4) for m, v in res.scores.items()},
@@ -350,9 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="only the forward timing (experts from the cache, trained if missing); updates 'timing' in --out")
     p.add_argument("--out", default=str(ROOT / "results" / "fewshot.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge partial runs (e.g. one per k, run in parallel) into --out")
+    p.add_argument("--replay", nargs="+", default=[], metavar="RULE[:CANDIDATES]",
+                   help="with --merge: add auto under other selection rules, replayed from the recorded fold losses "
+                   "(e.g. paired, paired:uniform+weights+lorahub+per_layer)")
     args = p.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.replay)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     shots_list = [int(k) for k in args.shots.split(",")]
@@ -476,7 +487,7 @@ def summarise(cells: list[dict]) -> tuple[dict, dict]:
     return results, per_task
 
 
-def merge(paths: list[str], out_path: str) -> dict:
+def merge(paths: list[str], out_path: str, replays: list[str] = ()) -> dict:
     """Combine runs (disjoint shot counts, seeds, targets or methods; same setup otherwise) into one
     result file; the tables are recomputed from the union of their cells (later files win a duplicate).
     A ``.cells.jsonl`` progress file of a run still going (or killed) merges too."""
@@ -498,6 +509,11 @@ def merge(paths: list[str], out_path: str) -> dict:
         if "timing" in part:
             out["timing"] = part["timing"]
     out["cells"] = list(unique.values())
+    for spec in replays:
+        rule, _, cands = spec.partition(":")
+        new = replay_auto(out["cells"], rule, cands.split("+") if cands else None)
+        labels = {c["method"] for c in new}
+        out["cells"] = [c for c in out["cells"] if c["method"] not in labels] + new  # a replay replaces an older one
     out["results"], out["per_task"] = summarise(out["cells"])
     shots_list = sorted(int(k) for k in out["results"])
     out["setup"]["shots"] = ",".join(map(str, shots_list))
@@ -524,6 +540,28 @@ def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
                                        if m in res.get(str(k), {}) else " " * 16 for k in shots_list))
     if out.get("timing"):
         print_timing(out["timing"])
+
+
+def replay_auto(cells: list[dict], rule: str, candidates: list[str] | None = None, z: float = 1.0) -> list[dict]:
+    """Cells of ``auto`` under another selection ``rule`` (:func:`molora.auto_router.choose`) from the
+    fold losses the grid's ``auto`` cells recorded, each choice scored by the accuracy of the
+    standalone method running the same procedure in the same cell (:data:`AUTO_SAME`); exact, since
+    the folds' fits do not depend on the rule (a replay of the recorded rule reproduces the recorded
+    cells). Cells whose choice has no standalone cell are left out."""
+    from molora.auto_router import choose
+
+    acc = {(c["k"], c["target"], c["seed"], c["method"]): c["accuracy"] for c in cells}
+    label = f"auto:rule={rule}" + (f":candidates={'+'.join(candidates)}" if candidates else "") + " (replayed)"
+    out = []
+    for c in cells:
+        if c["method"] != "auto" or "fold_losses" not in c:
+            continue
+        folds = {m: v for m, v in c["fold_losses"].items() if candidates is None or m in candidates}
+        pick = choose(folds, rule, z=z)
+        a = acc.get((c["k"], c["target"], c["seed"], AUTO_SAME[pick]))
+        if a is not None:
+            out.append({"k": c["k"], "target": c["target"], "seed": c["seed"], "method": label, "accuracy": a, "chosen": pick})
+    return out
 
 
 def check_targets(cells: list[dict], k: int, auto: str = "auto", gradient: str = "gradient_router",

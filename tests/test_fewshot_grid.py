@@ -58,3 +58,16 @@ def test_tables_and_criteria_from_cells(tmp_path):
     out = fewshot.merge([str(tmp_path / "run.json"), str(tmp_path / "more.cells.jsonl")], str(tmp_path / "out.json"))
     assert len(out["cells"]) == len(cells) and out["setup"]["tasks"] == ["a", "b"]
     assert out["results"]["16"]["auto"]["mean"] == pytest.approx(0.4)
+
+
+def test_replay_scores_each_choice_with_the_standalone_method():
+    folds = {"uniform": [1.0, 1.0, 1.0, 1.0], "weights": [0.8, 0.9, 0.85, 0.95], "lorahub": [0.1, 0.1, 0.1, 2.5]}
+    cells = [cell(16, "a", 0, m, v) for m, v in (("uniform", 0.5), ("gradient_weights", 0.6), ("lorahub_output", 0.7))]
+    cells.append({**cell(16, "a", 0, "auto", 0.5), "fold_losses": folds})
+    (one,) = fewshot.replay_auto(cells, "one_se")
+    assert one["chosen"] == "uniform" and one["accuracy"] == 0.5 and one["method"] == "auto:rule=one_se (replayed)"
+    (paired,) = fewshot.replay_auto(cells, "paired")
+    assert paired["chosen"] == "weights" and paired["accuracy"] == 0.6
+    (only,) = fewshot.replay_auto(cells, "paired", ["weights", "lorahub"])  # no uniform: the least mean loss
+    assert only["chosen"] == "lorahub" and only["accuracy"] == 0.7
+    assert only["method"] == "auto:rule=paired:candidates=weights+lorahub (replayed)"
