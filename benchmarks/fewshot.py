@@ -65,7 +65,7 @@ DATA = ROOT.parents[1] / "shared" / "data" / "clbench"
 METHODS = ["uniform", "retrieval_top1", "lorahub", "lorahub_output", "gradient_router", "gradient_weights",
            "xlora_style", "fresh_lora", "auto", "oracle"]
 SEED_FREE = {"uniform", "oracle"}  # no shots involved: computed once per target, std 0
-OPTIONS = {"prior": float, "folds": int, "lr": float, "steps": int,  # of the gradient methods and auto
+OPTIONS = {"prior": float, "folds": int, "lr": float, "steps": int, "normalize": str,  # of the gradient methods and auto
            "rule": str, "candidates": lambda v: v.split("+")}  # of auto only ("candidates=uniform+weights")
 # auto's candidates and the standalone methods that run the same procedure (same fit, same seed):
 # what a replay of another selection rule scores each choice with
@@ -243,7 +243,7 @@ def run_method(spec: str, base, target: str, data: TaskData, dirs: dict[str, Pat
         model = molora.compose(base, others, router="static", weights=[1.0 / E] * E)
     try:
         common = dict(loss_fn=data.loss_fn, seed=seed, patience=args.patience, steps=opts.get("steps", args.router_steps),
-                      **{k: opts[k] for k in ("prior", "folds") if k in opts})
+                      **{k: opts[k] for k in ("prior", "folds", "normalize") if k in opts})
         if method == "retrieval_top1":
             names = list(others)
             best, _ = retrieve_expert(torch.stack([keys[n] for n in names]), shot_emb)
