@@ -9,6 +9,7 @@ config field or module with the model untouched; a cell PEFT or the architecture
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -184,12 +185,21 @@ def render_matrix() -> str:
     return "\n".join(lines) + f"\n\nn/a: {notes}."
 
 
+@functools.cache
+def _base(arch: str) -> torch.nn.Module:
+    return ARCHS[arch].make()  # built once per architecture; every use is a deepcopy
+
+
+def base_model(arch: str) -> torch.nn.Module:
+    return copy.deepcopy(_base(arch))
+
+
 def make_adapter(row: Row, arch: str, path: Path, seed: int, kw: dict | None = None) -> Path:
     """The cell's PEFT adapter (LoraConfig ``kw``, default: the cell's). PiSSA/OLoRA follow PEFT's
     recipe: save the initial state as plain LoRA, "train" (move B), save converted against it
     (``path_initial_model_for_weight_conversion``)."""
     kw = row.config(ARCHS[arch]) if kw is None else kw
-    base = ARCHS[arch].make()
+    base = base_model(arch)
     if row.init is None:
         return make_peft_adapter(base, path, seed=seed, **kw)
     from peft import LoraConfig, get_peft_model
@@ -217,7 +227,7 @@ CELLS = [(row, arch) for row in MATRIX for arch in ARCHS
 def test_matrix_cell_equals_peft_or_is_refused(tmp_path, row, arch):
     from peft import PeftModel
 
-    base = ARCHS[arch].make()
+    base = base_model(arch)
     na = row.config(ARCHS[arch])
     if isinstance(na, NA):  # PEFT itself cannot: n/a until it can
         with pytest.raises(Exception, match=na.error):
