@@ -16,7 +16,7 @@ from molora.genknowsub import subtract_general_knowledge
 from molora.kinds import DoRABank
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
-from molora.peft_io import PeftLoraAdapter, load_peft_adapter
+from molora.peft_io import PeftLoraAdapter, load_peft_adapter, module_factors
 
 
 def compose(
@@ -173,9 +173,11 @@ def _check_against_base(base_model: nn.Module, adapters: list[PeftLoraAdapter]) 
                     "(was it trained on a different base model?)"
                 ) from None
             try:
-                d_in, d_out, _ = base_features(module)
+                d_in, d_out, transposed = base_features(module)
             except MoLoRAError as exc:
                 raise AdapterError(f"adapter {adapter.name!r}, module {path!r}: {exc}") from None
+            # this call's own copy of the adapter: the model is not touched yet
+            f = adapter.modules[path] = module_factors(adapter, path, transposed)
             if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
                 raise AdapterError(
                     f"adapter {adapter.name!r} was made for a different base model: module {path!r} is "

@@ -6,7 +6,9 @@ and ``adapter_model.safetensors`` with tensors
 ``base_model.model.<module>.lora_A.weight [r, d_in]`` and ``...lora_B.weight [d_out, r]`` (DoRA,
 ``use_dora``: also ``...lora_magnitude_vector [d_out]``).
 The LoRA factors are stored the same way for ``Conv1D`` (``fan_in_fan_out``) modules; only the
-base weight is transposed there.
+base weight is transposed there. A ``target_parameters`` adapter is the exception: PEFT's
+``ParamWrapper`` adds ``s B A`` to the parameter as it is stored, so on a ``Conv1D`` weight
+``[d_in, d_out]`` its factors are swapped and transposed (:func:`module_factors`).
 
 Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can run code when
 it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
@@ -40,6 +42,8 @@ from molora.config import pattern_matches
 from molora.errors import AdapterError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# An Embedding LoRA's factors (PEFT: ``<module>.lora_embedding_A``/``_B``).
+_EMBEDDING = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
 # DoRA's magnitude: ``<module>.lora_magnitude_vector`` as PEFT saves it (``.weight`` in older files)
 _MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?$")
 _BOOL_FLAGS = ("use_rslora", "use_dora", "lora_bias", "use_qalora")
@@ -121,6 +125,26 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if pattern_matches(key, module):
             return value
     return default
+
+
+def targets_parameter(adapter: PeftLoraAdapter, module: str, param: str = "weight") -> bool:
+    """Whether the adapter reached ``<module>.<param>`` through ``target_parameters`` (PEFT's match:
+    the key equals an entry or ends with ``.<entry>``)."""
+    key = f"{module}.{param}"
+    return any(key == t or key.endswith(f".{t}") for t in (adapter.config.get("target_parameters") or ()))
+
+
+def module_factors(adapter: PeftLoraAdapter, module: str, transposed: bool) -> LoraFactors:
+    """The factors of ``module`` as a delta of its map, ``y += s B A x`` (``A [r, d_in]``, ``B [d_out, r]``).
+
+    PEFT's ``target_parameters`` (``ParamWrapper``) adds ``s B A`` to the weight as stored; for a
+    ``Conv1D`` (``transposed``: weight ``[d_in, d_out]``, ``y = x W``) the delta of the map is
+    ``(s B A)^T = s A^T B^T``, so ``A' = B^T``, ``B' = A^T`` (same rank and scaling). Everything else
+    is already in that form."""
+    f = adapter.modules[module]
+    if not (transposed and targets_parameter(adapter, module)):
+        return f
+    return dataclasses.replace(f, A=f.B.T.contiguous(), B=f.A.T.contiguous())
 
 
 _BIN_HELP = (
@@ -293,6 +317,11 @@ def load_peft_adapter(
     st = folder / "adapter_model.safetensors"
     factors: dict[str, dict[str, Tensor]] = {}
     use_dora = bool(config.get("use_dora", False))
+    for key in tensors:  # first, so an Embedding LoRA is named as such whatever else the file holds (its base_layer)
+        embedding = _EMBEDDING.match(key)
+        if embedding is not None:
+            raise AdapterError(f"{where}: {st}: module {embedding['module']!r} is an Embedding LoRA (tensor {key!r}); "
+                               "molora routes LoRA on nn.Linear and Conv1D modules only")
     for key, value in tensors.items():
         mag = _MAGNITUDE.match(key)
         if mag is not None:
@@ -303,10 +332,6 @@ def load_peft_adapter(
             factors.setdefault(mag["module"], {})["m"] = value
             continue
         m = _KEY.match(key)
-        embedding = re.match(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$", key)
-        if embedding is not None:
-            raise AdapterError(f"{where}: {st}: module {embedding['module']!r} is an Embedding LoRA (tensor {key!r}); "
-                               "molora routes LoRA on nn.Linear and Conv1D modules only")
         if m is not None and value.dim() in _CONV:
             raise AdapterError(f"{where}: {st}: module {m['module']!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
                                f"is {list(value.shape)}); molora routes LoRA on nn.Linear and Conv1D modules only")

@@ -33,6 +33,37 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_t5():
+    """Encoder-decoder: call it with ``decoder_input_ids``; its MLP is ``wi``/``wo`` (T5DenseActDense)."""
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0,
+                   decoder_start_token_id=0, initializer_factor=1.0)
+    return T5Model(cfg).eval()
+
+
+def tiny_unet():
+    """The README's tiny diffusers ``UNet2DConditionModel`` (8x8 latents, 4 channels, 16-dim text)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
 def minilm():
     from transformers import AutoModel
 

@@ -11,18 +11,9 @@ import torch
 
 from molora import MoLoRAConfig, RoutingError, compose, get_molora_model
 
-from helpers import make_peft_adapter, tiny_gpt2
+from helpers import make_peft_adapter, tiny_gpt2, tiny_llama
 
 GEN = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": None}
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 BASES = {"llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"]), "gpt2": (tiny_gpt2, ["c_attn", "c_fc"])}
