@@ -475,10 +475,11 @@ def add_integration_commands(sub) -> None:
     tr.add_argument("--out", required=True, help="checkpoint folder to write")
     tr.add_argument("--tokenizer", help="tokenizer name or folder (default: --base)")
     tr.add_argument("--steps", type=POSITIVE_INT, default=50)
-    tr.add_argument("--method", choices=["auto", "existing", "per_layer", "weights", "shared"], default="existing",
-                    help="auto: choose uniform / global weights / LoRAHub / per-layer routers by k-fold "
-                    "cross-validation on the rows and apply the winner; existing (default): train the checkpoint's own "
-                    "router; per_layer, weights, shared: train a fresh router of that kind")
+    tr.add_argument("--method", choices=["auto", "existing", "per_layer", "weights", "shared"], default="per_layer",
+                    help="per_layer (default: the best measured on the 11-target clbench grid): a fresh sequence-level soft "
+                    "router per layer; weights, shared: a fresh router of that kind; existing: train the checkpoint's own "
+                    "router; auto: choose uniform / global weights / LoRAHub / per-layer routers by k-fold "
+                    "cross-validation on the rows and apply the winner")
     tr.add_argument("--folds", type=POSITIVE_INT, default=None,
                     help="cross-validation folds (default: 5 below 32 rows for auto/step selection)")
     tr.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default per router kind)")
