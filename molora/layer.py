@@ -43,11 +43,15 @@ def base_features(module: nn.Module) -> tuple[int, int, bool]:
     raise MoLoRAError(f"{type(module).__name__} is not supported: molora wraps nn.Linear and transformers' Conv1D")
 
 
-def _hook_device(hook: Any) -> torch.device | None:
-    """The execution device of an accelerate hook (``AlignDevicesHook``, or one inside a ``SequentialHook``)."""
-    if hook is None:
-        return None
-    for h in [hook, *getattr(hook, "hooks", ())]:
+def _accelerate_hooks(module: nn.Module) -> list[Any]:
+    """The accelerate hooks on ``module``: its ``_hf_hook`` and, for a ``SequentialHook``, the ones inside."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else [hook, *getattr(hook, "hooks", ())]
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device an accelerate hook on ``module`` names (``AlignDevicesHook``), or ``None``."""
+    for h in _accelerate_hooks(module):
         device = getattr(h, "execution_device", None)
         if device is not None:
             return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
@@ -66,7 +70,7 @@ def layer_device(root: nn.Module, path: str) -> torch.device:
         return weight.device
     parts = path.split(".") if path else []
     for i in range(len(parts), -1, -1):
-        device = _hook_device(getattr(root.get_submodule(".".join(parts[:i])), "_hf_hook", None))
+        device = _hook_device(root.get_submodule(".".join(parts[:i])))
         if device is not None:
             return device
     raise MoLoRAError(
@@ -83,8 +87,7 @@ def resident_weight(module: nn.Module) -> Tensor:
     weight = module.weight
     if not weight.is_meta:
         return weight
-    hook = getattr(module, "_hf_hook", None)
-    for h in [hook, *getattr(hook, "hooks", ())]:
+    for h in _accelerate_hooks(module):
         weights = getattr(h, "weights_map", None)
         if weights is not None:
             try:

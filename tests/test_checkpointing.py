@@ -11,14 +11,8 @@ import torch
 
 from molora import MoLoRAConfig, get_molora_model
 
+from helpers import tiny_llama
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
 
 
 def routed(base, router: str):

@@ -18,19 +18,11 @@ from molora import MoLoRAConfig, get_molora_model
 from molora.errors import AdapterError, MoLoRAError
 from molora.kinds import DoRABank
 
-from helpers import model_inputs, tiny_bert, tiny_gpt2
+from helpers import model_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
 
 
 # base maker, PEFT target_modules, output field, input kind
@@ -259,12 +251,17 @@ def test_bank_without_a_base_weight_and_shared_a_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------- files
-def test_nan_magnitude_in_the_file_is_refused(tmp_path):
+def _dora_file(tmp_path):
+    """(base, adapter folder, its safetensors path, its tensors, the key of one magnitude vector)."""
     base = tiny_bert()
     folder = make_dora_adapter(base, tmp_path / "d", seed=1, targets=["query"])
     st = folder / "adapter_model.safetensors"
     tensors = load_file(str(st))
-    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    return base, folder, st, tensors, next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+
+
+def test_nan_magnitude_in_the_file_is_refused(tmp_path):
+    base, folder, st, tensors, key = _dora_file(tmp_path)
     tensors[key][3] = float("nan")
     save_file(tensors, str(st))
     with pytest.raises(AdapterError, match=rf"adapter 'd': .*tensor '{key}'.*NaN"):
@@ -273,11 +270,7 @@ def test_nan_magnitude_in_the_file_is_refused(tmp_path):
 
 
 def test_missing_or_stray_magnitude_is_refused(tmp_path):
-    base = tiny_bert()
-    folder = make_dora_adapter(base, tmp_path / "d", seed=1, targets=["query"])
-    st = folder / "adapter_model.safetensors"
-    tensors = load_file(str(st))
-    key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    base, folder, st, tensors, key = _dora_file(tmp_path)
     save_file({k: v for k, v in tensors.items() if k != key}, str(st))
     with pytest.raises(AdapterError, match=r"is DoRA \(use_dora\) and needs a floating lora_magnitude_vector \[32\].*got none"):
         molora.load_peft_adapter(folder)
