@@ -176,12 +176,12 @@ def choose(fold_losses: dict[str, list[float]], rule: str = DEFAULT_RULE, z: flo
         raise ValueError(f"molora.train_router(method='auto'): rule must be one of {RULES}; got {rule!r}")
     names = sorted(fold_losses, key=SIMPLICITY.index)
     means = {c: sum(v) / len(v) for c, v in fold_losses.items()}
-    if rule == "one_se" or "uniform" not in fold_losses:
-        best = min(names, key=lambda c: (means[c], SIMPLICITY.index(c)))
-        if rule == "paired":
-            return best
+    best = min(names, key=lambda c: (means[c], SIMPLICITY.index(c)))
+    if rule == "one_se":
         bar = means[best] + _std(fold_losses[best]) / math.sqrt(len(fold_losses[best]))
         return min((c for c in names if means[c] <= bar), key=SIMPLICITY.index)
+    if "uniform" not in fold_losses:
+        return best
     base = fold_losses["uniform"]
     chosen, gain = "uniform", 0.0
     for c in names:
