@@ -119,6 +119,104 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _grouped_forward(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, plan: RoutingPlan, s: Tensor,
+                     rank_mask: Tensor | None, y: Tensor, h: Tensor, hp: Tensor) -> Tensor:
+    """The forward of :class:`_GroupedRoutedLoRA`: adds the delta into ``y`` in place, fills the
+    rank-major ``h``/``hp`` (``>= r N`` elements) and returns ``coef`` ``[N]`` (gate times ``s_e``
+    of each sorted pair), all the backward needs besides the inputs."""
+    r = B.shape[2]
+    d_out = B.shape[1]
+    shared = A.dim() == 2
+    order, tokens, experts, counts, pair_experts = plan
+    coef = gates.reshape(-1).index_select(0, order) * s.index_select(0, pair_experts)
+    cmax = min(CHUNK_ROWS, max(counts, default=0))
+    # views of the active experts only, taken once (indexing in the loop costs per piece)
+    A_e = None if shared else _views(A, experts)
+    B_e = _views(B, experts)
+    m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
+    if shared:
+        HT = A @ x.T  # [r, T]: A x once per token, gathered per segment below
+    else:
+        cx = x.new_empty(cmax, x.shape[1])
+    co = x.new_empty(cmax, d_out)
+    for e, start, n, tok in _segments(plan):
+        seg = slice(start, start + n)
+        hT = _seg(h, r, start, n)
+        if shared:
+            torch.index_select(HT, 1, tok, out=hT)
+        else:
+            torch.index_select(x, 0, tok, out=cx[:n])
+            torch.mm(A_e[e], cx[:n].T, out=hT)
+        if m_e is not None:
+            hT *= m_e[e]
+        hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
+        torch.mm(hpT.T, B_e[e].T, out=co[:n])
+        y.index_add_(0, tok, co[:n])
+    return coef
+
+
+def _grouped_backward(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Tensor, rank_mask: Tensor | None, h: Tensor,
+                      hp: Tensor, coef: Tensor, plan: RoutingPlan, gates_shape: torch.Size,
+                      needs: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """The backward of :class:`_GroupedRoutedLoRA`: ``(dx, dA, dB, dgates)`` (``None`` where
+    ``needs`` says the input takes no gradient)."""
+    order, tokens, experts, counts, pair_experts = plan
+    need_x, need_a, need_b, need_g = needs
+    E, d_out, r = B.shape
+    shared = A.dim() == 2
+    N = tokens.shape[0]
+    cmax = min(CHUNK_ROWS, max(counts, default=0))
+    dy = dy.contiguous()
+    U = dy.new_empty(r * N)
+    cdy = dy.new_empty(cmax, d_out)
+    dBt = B.new_zeros(E, r, d_out) if need_b else None  # dB_e^T: [r, d_out] is the fast GEMM layout
+    dA = torch.zeros_like(A) if need_a and not shared else None
+    need_dh = need_x or need_a
+    dh = dy.new_empty(r * N) if need_dh else None
+    dx = None
+    if need_dh and not shared:
+        cx = x.new_empty(cmax, x.shape[1]) if need_a else None
+        cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
+        dx = x.new_zeros(x.shape) if need_x else None
+    A_e = None if shared else _views(A, experts)
+    B_e = _views(B, experts)
+    m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
+    dBt_e = _views(dBt, experts) if need_b else None
+    dA_e = _views(dA, experts) if dA is not None else None
+    dpair = x.new_empty(N) if need_g else None
+    for e, start, n, tok in _segments(plan):
+        seg = slice(start, start + n)
+        torch.index_select(dy, 0, tok, out=cdy[:n])
+        uT = torch.mm(B_e[e].T, cdy[:n].T, out=_seg(U, r, start, n))
+        if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
+            torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
+        if need_b:
+            dBt_e[e].addmm_(_seg(hp, r, start, n), cdy[:n])  # summed over the expert's chunks
+        if need_dh:
+            dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
+            if m_e is not None:
+                dhT *= m_e[e]
+            if not shared:
+                if need_a:
+                    torch.index_select(x, 0, tok, out=cx[:n])
+                    dA_e[e].addmm_(dhT, cx[:n])
+                if need_x:
+                    torch.mm(dhT.T, A_e[e], out=cdx[:n])
+                    dx.index_add_(0, tok, cdx[:n])
+    dg = None
+    if need_g:
+        dpair *= s.index_select(0, pair_experts)
+        dg = dy.new_zeros(gates_shape.numel()).index_copy_(0, order, dpair).view(gates_shape)
+    if shared and need_dh:
+        dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
+        for _, start, n, tok in _segments(plan):
+            dHT.index_add_(1, tok, _seg(dh, r, start, n))
+        dx = dHT.T @ A if need_x else None
+        dA = dHT @ x if need_a else None
+    dB = dBt.transpose(1, 2).contiguous() if need_b else None
+    return dx, dA, dB, dg
+
+
 class _GroupedRoutedLoRA(torch.autograd.Function):
     """Per-expert segments processed piece by piece through small chunk buffers.
 
@@ -134,115 +232,95 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask, out):  # noqa: D401
-        with _one_thread():
-            return _GroupedRoutedLoRA._forward(ctx, x, A, B, gates, plan, s, rank_mask, out)
-
-    @staticmethod
-    def backward(ctx, dy):
-        with _one_thread():
-            return _GroupedRoutedLoRA._backward(ctx, dy)
-
-    @staticmethod
-    def _forward(ctx, x, A, B, gates, plan: RoutingPlan, s: Tensor, rank_mask, out):
-        T = x.shape[0]
-        E, d_out, r = B.shape
-        shared = A.dim() == 2
-        order, tokens, experts, counts, pair_experts = plan
-        N = tokens.shape[0]
-        # [N] gate times s_e of each sorted pair
-        coef = gates.reshape(-1).index_select(0, order) * s.index_select(0, pair_experts)
-        cmax = min(CHUNK_ROWS, max(counts, default=0))
-        # views of the active experts only, taken once (indexing in the loop costs per piece)
-        A_e = None if shared else _views(A, experts)
-        B_e = _views(B, experts)
-        m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
-        h = x.new_empty(r * N)  # rank-major per segment, see _seg
-        hp = x.new_empty(r * N)
-        if shared:
-            HT = A @ x.T  # [r, T]: A x once per token, gathered per segment below
-        else:
-            cx = x.new_empty(cmax, x.shape[1])
-        co = x.new_empty(cmax, d_out)
+        r = B.shape[2]
+        N = plan.tokens.shape[0]
+        h, hp = x.new_empty(r * N), x.new_empty(r * N)
         if out is None:
-            y = x.new_zeros(T, d_out)
+            y = x.new_zeros(x.shape[0], B.shape[1])
         else:  # accumulate into the caller's tensor (the base layer's output): no [T, d_out] temporary
             y = out
             ctx.mark_dirty(out)
-        for e, start, n, tok in _segments(plan):
-            seg = slice(start, start + n)
-            hT = _seg(h, r, start, n)
-            if shared:
-                torch.index_select(HT, 1, tok, out=hT)
-            else:
-                torch.index_select(x, 0, tok, out=cx[:n])
-                torch.mm(A_e[e], cx[:n].T, out=hT)
-            if m_e is not None:
-                hT *= m_e[e]
-            hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
-            torch.mm(hpT.T, B_e[e].T, out=co[:n])
-            y.index_add_(0, tok, co[:n])
+        with _one_thread():
+            coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp)
         ctx.plan, ctx.shape, ctx.has_out = plan, gates.shape, out is not None
         ctx.save_for_backward(x, A, B, s, rank_mask, h, hp, coef)
         return y
 
     @staticmethod
-    def _backward(ctx, dy):
+    def backward(ctx, dy):
         x, A, B, s, rank_mask, h, hp, coef = ctx.saved_tensors
-        order, tokens, experts, counts, pair_experts = ctx.plan
-        need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
-        E, d_out, r = B.shape
-        shared = A.dim() == 2
-        N = tokens.shape[0]
-        cmax = min(CHUNK_ROWS, max(counts, default=0))
-        dy = dy.contiguous()
-        U = dy.new_empty(r * N)
-        cdy = dy.new_empty(cmax, d_out)
-        dBt = B.new_zeros(E, r, d_out) if need_b else None  # dB_e^T: [r, d_out] is the fast GEMM layout
-        dA = torch.zeros_like(A) if need_a and not shared else None
-        need_dh = need_x or need_a
-        dh = dy.new_empty(r * N) if need_dh else None
-        dx = None
-        if need_dh and not shared:
-            cx = x.new_empty(cmax, x.shape[1]) if need_a else None
-            cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
-            dx = x.new_zeros(x.shape) if need_x else None
-        A_e = None if shared else _views(A, experts)
-        B_e = _views(B, experts)
-        m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
-        dBt_e = _views(dBt, experts) if need_b else None
-        dA_e = _views(dA, experts) if dA is not None else None
-        dpair = x.new_empty(N) if need_g else None
-        for e, start, n, tok in _segments(ctx.plan):
-            seg = slice(start, start + n)
-            torch.index_select(dy, 0, tok, out=cdy[:n])
-            uT = torch.mm(B_e[e].T, cdy[:n].T, out=_seg(U, r, start, n))
-            if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
-                torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
-            if need_b:
-                dBt_e[e].addmm_(_seg(hp, r, start, n), cdy[:n])  # summed over the expert's chunks
-            if need_dh:
-                dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
-                if m_e is not None:
-                    dhT *= m_e[e]
-                if not shared:
-                    if need_a:
-                        torch.index_select(x, 0, tok, out=cx[:n])
-                        dA_e[e].addmm_(dhT, cx[:n])
-                    if need_x:
-                        torch.mm(dhT.T, A_e[e], out=cdx[:n])
-                        dx.index_add_(0, tok, cdx[:n])
-        dg = None
-        if need_g:
-            dpair *= s.index_select(0, pair_experts)
-            dg = dy.new_zeros(ctx.shape.numel()).index_copy_(0, order, dpair).view(ctx.shape)
-        if shared and need_dh:
-            dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
-            for _, start, n, tok in _segments(ctx.plan):
-                dHT.index_add_(1, tok, _seg(dh, r, start, n))
-            dx = dHT.T @ A if need_x else None
-            dA = dHT @ x if need_a else None
-        dB = dBt.transpose(1, 2).contiguous() if need_b else None
+        with _one_thread():
+            dx, dA, dB, dg = _grouped_backward(dy, x, A, B, s, rank_mask, h, hp, coef, ctx.plan, ctx.shape,
+                                               tuple(ctx.needs_input_grad[:4]))
         return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
+
+
+# ----------------------------------------------------------------------------- under torch.compile
+# The per-expert segment bounds are data (counts read back to the host), which dynamo cannot trace
+# without a graph break; behind a custom op the whole grouped form is one opaque node of the graph.
+# Its buffers are sized for every ``(token, slot)`` pair (static shapes; ``-1`` slots leave a tail
+# unused) and the routing plan is recomputed in the backward op from the saved indices.
+
+
+@torch.library.custom_op("molora::grouped_lora", mutates_args=())
+def grouped_lora_op(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor, s: Tensor,
+                    rank_mask: Tensor | None, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out + delta, h, hp, coef)``: the grouped forward as a functional op (``out=None``: the
+    delta alone); ``h``, ``hp`` ``[r T k]`` and ``coef`` ``[T k]`` are saved for the backward."""
+    E, d_out, r = B.shape
+    plan = routing_plan(indices, E)
+    slots = indices.numel()
+    h, hp = x.new_zeros(r * slots), x.new_zeros(r * slots)
+    y = x.new_zeros(x.shape[0], d_out) if out is None else x.new_empty(x.shape[0], d_out).copy_(out)
+    with _one_thread():
+        coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp)
+    return y, h, hp, torch.cat([coef, coef.new_zeros(slots - coef.numel())])
+
+
+@grouped_lora_op.register_fake
+def _(x, A, B, gates, indices, s, rank_mask, out):
+    slots = indices.numel()
+    return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(B.shape[2] * slots), x.new_empty(B.shape[2] * slots), \
+        x.new_empty(slots)
+
+
+@torch.library.custom_op("molora::grouped_lora_backward", mutates_args=())
+def grouped_lora_backward_op(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, indices: Tensor, s: Tensor,
+                             rank_mask: Tensor | None, h: Tensor, hp: Tensor, coef: Tensor, need_x: bool, need_a: bool,
+                             need_b: bool, need_g: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB, dgates)`` of :func:`grouped_lora_op`; an input that needs no gradient gets
+    an empty tensor."""
+    plan = routing_plan(indices, B.shape[0])
+    with _one_thread():
+        grads = _grouped_backward(dy, x, A, B, s, rank_mask, h, hp, coef[: plan.tokens.shape[0]], plan, indices.shape,
+                                  (need_x, need_a, need_b, need_g))
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@grouped_lora_backward_op.register_fake
+def _(dy, x, A, B, indices, s, rank_mask, h, hp, coef, need_x, need_a, need_b, need_g):
+    def maybe(need, like):
+        return like.new_empty(like.shape) if need else x.new_empty(0)
+
+    return maybe(need_x, x), maybe(need_a, A), maybe(need_b, B), maybe(need_g, indices.to(x.dtype))
+
+
+def _setup_grouped_lora(ctx, inputs, output) -> None:
+    x, A, B, gates, indices, s, rank_mask, out = inputs
+    _, h, hp, coef = output
+    ctx.save_for_backward(x, A, B, indices, s, rank_mask, h, hp, coef)
+    ctx.has_out = out is not None
+
+
+def _backward_grouped_lora(ctx, dy, *_unused):
+    x, A, B, indices, s, rank_mask, h, hp, coef = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:4])
+    grads = torch.ops.molora.grouped_lora_backward(dy, x, A, B, indices, s, rank_mask, h, hp, coef, *needs)
+    dx, dA, dB, dg = (g if need else None for g, need in zip(grads, needs))
+    return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
+
+
+grouped_lora_op.register_autograd(_backward_grouped_lora, setup_context=_setup_grouped_lora)
 
 
 #: The grouped form hands a decision to the gathered form (:mod:`.gather`) when each active
@@ -289,6 +367,11 @@ def routed_lora_grouped(
         indices = torch.arange(E, device=x.device).expand(gates.shape[0], E)
     s = _scaling_vector(scaling, E, x)
     mask = None if rank_mask is None else rank_mask.to(device=x.device, dtype=x.dtype)
+    if torch.compiler.is_compiling():  # one opaque op of the graph (see grouped_lora_op)
+        if group_rows != 1:
+            gates, indices = gates.repeat_interleave(group_rows, 0), indices.repeat_interleave(group_rows, 0)
+        y = torch.ops.molora.grouped_lora(x, A, B, gates.to(x.dtype), indices, s, mask, out)[0]
+        return y
     if gather is None:
         routed = indices[indices >= 0]
         # counts only (no sort): the gathered form, which decoding takes, needs no plan

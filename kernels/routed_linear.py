@@ -56,10 +56,10 @@ def plan(backend: str, num_experts: int, rank: int, top_k: int | None, threads: 
     """The form of one call: grouped iff the torch backend and ``E r > 32 k threads``
     (:func:`~molora.kernels.torch_backend.use_grouped`; ``top_k=None``: dense gates, dense form).
 
-    Under torch.compile the dense form runs: it is exact for every decision, and the grouped
-    form's segment bounds are data (per-expert counts read back to the host), which would split
-    the graph."""
-    grouped = backend == "torch" and not torch.compiler.is_compiling() and use_grouped(num_experts, rank, top_k, threads)
+    Under torch.compile the grouped form runs as one custom op
+    (:func:`~molora.kernels.grouped.grouped_lora_op`): its segment bounds are data, which dynamo
+    would otherwise have to break the graph for."""
+    grouped = backend == "torch" and use_grouped(num_experts, rank, top_k, threads)
     return Plan(backend, grouped)
 
 
@@ -141,9 +141,11 @@ def expand(
         return routed_lora(x, A, B, gates, indices, scaling, plan.backend, rank_mask, out)
     if plan.grouped:
         # the grouped form scatter-adds rows: into a contiguous output, not into a column block of
-        # the wider projection buffer (index_add_ into strided rows is much slower)
-        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask,
-                                   None if out is None else out.contiguous(), group_rows=group_rows)
+        # the wider projection buffer (index_add_ into strided rows is much slower); compiled, its
+        # op copies ``out`` into a contiguous result itself
+        if out is not None and not torch.compiler.is_compiling():
+            out = out.contiguous()
+        return routed_lora_grouped(x, A, B, gates, indices, scaling, rank_mask, out, group_rows=group_rows)
     if shrink is None:
         shrink = shared_input_linear(x, dense_shrink_weight(A))
     return dense_gate_expand(shrink, B, gates, indices, scaling, rank_mask, out)
