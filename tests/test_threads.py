@@ -193,3 +193,60 @@ def test_aux_loss_reads_this_threads_forward():
         t.join()
     assert got == {0: want[0], 1: want[1]}
     assert model.last_routing() and not hasattr(model.routed_layers()["up"], "last_decision")
+
+
+@pytest.mark.parametrize("router", ["task", "mixture", "topk"])
+def test_two_threads_generating_at_once_equal_sequential(router):
+    """Each generate call reads the bank stacks once and keeps per-example decisions in its own
+    generation scope: two threads generating on one model at once (different prompts and signals,
+    greedy and beam search) give each call's sequential result."""
+    from helpers import tiny_llama
+
+    torch.manual_seed(0)
+    extra = {"top_k": 2} if router == "topk" else {}
+    model = get_molora_model(tiny_llama(), MoLoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=3, rank=4,
+                                                        router=router, **extra))
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(2)
+    calls = []
+    for i in range(4):
+        ids = torch.randint(1, 101, (2, 4 + i % 3), generator=g)
+        signals = {"task_ids": torch.randint(0, 3, (2,), generator=g),
+                   "expert_weights": torch.rand(2, 3, generator=g) * (torch.rand(2, 3, generator=g) < 0.7)}
+        gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=1 + i % 2)
+        calls.append((ids, signals, gen))
+
+    def run(call):
+        ids, signals, gen = call
+        with torch.no_grad(), model.routing(**signals):
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+
+    want = [run(c) for c in calls]
+    got: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def worker(w: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            barrier.wait()
+            for _ in range(2):
+                for i in range(w, len(calls), 2):
+                    out = run(calls[i])
+                    if not torch.equal(out, want[i]):
+                        raise AssertionError(f"call {i}: {out.tolist()} != {want[i].tolist()}")
+                    got[i] = out
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert sorted(got) == list(range(len(calls)))
+    assert len({tuple(w.flatten().tolist()) for w in want}) > 1  # the calls differ
