@@ -272,3 +272,39 @@ def test_fingerprint_reads_a_sample_not_the_whole_weight():
     assert sample_digest(w2, 4096) != sample_digest(w, 4096)
     w3 = w + 1e-3 * torch.randn_like(w)  # a dense change (a folded-in LoRA delta) shows
     assert sample_digest(w3, 4096) != sample_digest(w, 4096)
+
+
+@pytest.mark.parametrize("kind,field", [("ard_lora", "rank_alpha"), ("moslora", "M"), ("qr_lora", "dR"),
+                                        ("dora", "magnitude")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_kind_parameter_in_checkpoint_is_rejected(bert, tmp_path, kind, field, value):
+    """A kind's own tensors (ARD gates, MoSLoRA mixers, QR-LoRA's dR, DoRA magnitudes) are checked
+    as the A/B factors are: a checkpoint whose file holds NaN/inf there does not load, and the
+    base it was loaded onto is left exactly as it was."""
+    import safetensors.torch
+
+    from helpers import assert_same_snapshot, snapshot
+
+    torch.manual_seed(0)
+    model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=["query"], num_experts=2, rank=4,
+                                                               router="topk", top_k=1, expert_kind=kind))
+    model.save_pretrained(tmp_path / "c")
+    (weights,) = (tmp_path / "c").glob("*.safetensors")
+    tensors = safetensors.torch.load_file(weights)
+    names = [n for n in tensors if field in n]
+    assert names, sorted(tensors)
+    tensors[names[0]] = tensors[names[0]].clone().flatten().index_fill_(0, torch.tensor([0]), value).view_as(tensors[names[0]])
+    safetensors.torch.save_file(tensors, weights)
+    meta_path = tmp_path / "c" / "molora_config.json"
+    meta = json.loads(meta_path.read_text())
+    if "sha256" in meta.get("weights", {}):  # the file is checksummed: write the new digest so the value check is reached
+        import hashlib
+
+        meta["weights"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        meta["weights"]["bytes"] = weights.stat().st_size
+        meta_path.write_text(json.dumps(meta))
+    target = copy.deepcopy(bert)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        MoLoRAModel.from_pretrained(target, tmp_path / "c")
+    assert_same_snapshot(before, snapshot(target))
