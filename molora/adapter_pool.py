@@ -175,7 +175,15 @@ class AdapterPool:
         for slot in targets:
             if slot in self._resident:
                 self._evict(slot, clear=False)  # overwritten below
-        self._write_slots({slot: loaded[n] for slot, n in targets.items()})
+        try:
+            self._write_slots({slot: loaded[n] for slot, n in targets.items()})
+        except BaseException:
+            # a slot written part-way holds some modules of the new adapter: leave every target
+            # slot empty (its adapter evicted, reloadable) rather than half an adapter
+            self._clear_slots(targets)
+            for layer in self.layers.values():
+                layer.bank._refresh_scaling()
+            raise
         for slot, n in targets.items():
             self._resident[slot] = n
             self._slot_of[n] = slot

@@ -228,3 +228,38 @@ def test_hotswap_does_not_recompile():
         with pool.routing(["m4", "m5"]):
             torch.testing.assert_close(compiled(x), model(input_ids=x))
     assert graphs >= 1 and len(counts) == graphs  # a further swap compiles nothing new
+
+
+def test_fault_while_writing_slots_leaves_no_half_adapter(adapters, peft_all, monkeypatch):
+    """A failure part-way through writing the slots (here: the second layer's bank raises) leaves
+    the target slots empty and unassigned, the other resident adapters as they were, and the pool
+    usable: the next batch loads the adapter again and equals PEFT."""
+    base, paths = adapters
+    model, pool = make_pool(base, paths, slots=2)
+    x = ids(2, seed=3)
+    with pool.routing(["a0", "a1"]), torch.no_grad():
+        model(input_ids=x)
+    kept = pool.resident["a0"]
+    layers = list(pool.layers.values())
+    calls = {"n": 0}
+    real = type(layers[-1].bank)._refresh_scaling
+
+    def faulty(bank):
+        if bank is layers[-1].bank:
+            calls["n"] += 1
+            raise RuntimeError("injected fault")
+        real(bank)
+
+    monkeypatch.setattr(type(layers[-1].bank), "_refresh_scaling", faulty)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        with pool.routing(["a0", "a2"]):
+            pass
+    monkeypatch.undo()
+    assert calls["n"] >= 1
+    assert pool.resident == {"a0": kept}  # a1 was evicted for a2, a2 did not land
+    freed = 1 - kept
+    for layer in layers:  # the slot written part-way (first layers) holds nothing of a2
+        assert not layer.bank.B[freed].any()
+    with pool.routing(["a0", "a2"]), torch.no_grad():
+        got = model(input_ids=x).logits
+    torch.testing.assert_close(got, peft_logits(peft_all, x, ["a0", "a2"]), atol=1e-5, rtol=1e-5)
