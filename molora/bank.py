@@ -52,6 +52,15 @@ def init_lora_A(A: Tensor, init: str) -> None:
             raise ValueError(f"init must be one of {INITS}; got {init!r}")
 
 
+def resident_base_weight(kind: str, base_weight: Tensor) -> Tensor:
+    """``base_weight`` for a kind built from the base weight's values (QR-LoRA's ``Q``, DoRA's
+    norms); ValueError while it is offloaded (accelerate keeps it on the meta device between calls)."""
+    if base_weight.is_meta:
+        raise ValueError(f"expert kind {kind!r} is built from the base weight, which is offloaded (on the meta device); "
+                         "load the base without offloading these layers")
+    return base_weight
+
+
 class BaseExpertBank(nn.Module):
     """What every expert kind shares: E experts of ranks ``r_e`` with scalings ``s_e`` for one
     base layer ``[d_out, d_in]``; ``delta_e(x) = s_e * B_e A_e x`` where ``(A_e, B_e)`` are what

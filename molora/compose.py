@@ -85,15 +85,14 @@ def compose(
     layers: dict[str, RoutedLoRALinear] = {}
     for path, module in modules.items():
         d_in, d_out, transposed = base_features(module)
-        if module.weight.is_meta and any(f.magnitude is not None for adapter in loaded
-                                         for f in [adapter.modules.get(path)] if f is not None):
-            raise MoLoRAError(f"module {path!r}: a DoRA adapter needs the base weight, which is offloaded (on the meta "
-                              "device); load the base without offloading these layers")
         present = [(i, adapter.modules[path]) for i, adapter in enumerate(loaded) if path in adapter.modules]
         if any(f.magnitude is not None for _, f in present):
             # a DoRA bank; a plain LoRA adapter there gets m = ||W0 + s B A||_c (c = 1: exactly its LoRA)
-            bank = DoRABank(d_in, d_out, base_weight=module.weight.T if transposed else module.weight,
-                            dtype=config.torch_dtype, device=devices[path])
+            try:
+                bank = DoRABank(d_in, d_out, base_weight=module.weight.T if transposed else module.weight,
+                                dtype=config.torch_dtype, device=devices[path])
+            except ValueError as exc:  # e.g. an offloaded base weight, which DoRA's norms need
+                raise MoLoRAError(f"module {path!r}: {exc}") from None
         else:
             bank = ExpertBank(d_in, d_out, dtype=config.torch_dtype, device=devices[path])
         expert_ids = []

@@ -465,9 +465,6 @@ def build_routed_layer(
 
     d_in, d_out, _ = base_features(base_layer)
     device = base_layer.weight.device if device is None else device
-    if from_base and base_layer.weight.is_meta and isinstance(bank, dict) and bank.get("kind") in ("qr_lora", "dora"):
-        raise MoLoRAError(f"module {name!r}: expert kind {bank['kind']!r} is built from the base weight, which is offloaded "
-                          "(on the meta device); load the base without offloading these layers")
     if isinstance(bank, dict):
         if (bank["d_in"], bank["d_out"]) != (d_in, d_out):
             raise MoLoRAError(f"module {name!r}: the experts are [{bank['d_out']} x {bank['d_in']}] "

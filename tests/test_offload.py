@@ -89,6 +89,27 @@ def test_meta_base_without_weights_is_refused(folders, tmp_path):
     assert {n: type(m) for n, m in empty.named_modules()} == types  # nothing was wrapped
 
 
+def test_kinds_built_from_the_base_weight_are_refused_on_an_offloaded_base(folders, tmp_path):
+    """QR-LoRA's Q and DoRA's norms are computed from W0's values, which an offloaded layer does not
+    hold between calls: refused by the bank (one check), named for the module, whether the model is
+    built from a config or composed from PEFT DoRA adapters; the base is left as it was."""
+    tmp, base, ads = folders
+    model = offloaded(tmp)
+    types = {n: type(m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for kind in ("qr_lora", "dora"):
+        with pytest.raises(MoLoRAError, match=rf"module 'encoder\.layer\.0\.attention\.self\.query': expert kind "
+                                              rf"'{kind}' is built from the base weight, which is offloaded"):
+            get_molora_model(model, MoLoRAConfig(target_modules=TARGETS, num_experts=2, rank=4, expert_kind=kind))
+    dora = {n: make_peft_adapter(base, tmp_path / n, seed=s, r=4, alpha=8, target_modules=TARGETS, use_dora=True)
+            for n, s in (("d1", 3), ("d2", 4))}
+    with pytest.raises(MoLoRAError, match=r"module 'encoder\.layer\.0\.attention\.self\.query': expert kind 'dora' "
+                                          r"is built from the base weight, which is offloaded"):
+        molora.compose(model, dora, router="task")
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 def test_merge_into_a_quantised_base_is_refused():
     """A quantised linear (a subclass of nn.Linear holding packed integer weights, as bitsandbytes'
     Linear4bit/Linear8bitLt do): routing works through the layer's own call; merging is refused."""

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molora.bank import ExpertBank, _stack_padded, lora_scaling
+from molora.bank import ExpertBank, _stack_padded, lora_scaling, resident_base_weight
 from molora.errors import MoLoRAError
 from molora.kernels.reference import dense_gates
 
@@ -83,7 +83,7 @@ class DoRABank(ExpertBank):
         # or buffer of the bank (not saved with it, not copied per expert)
         self._base_fn: Callable[[], Tensor] | None = None
         if base_weight is not None:
-            self.attach_base(_Fixed(base_weight))
+            self.attach_base(_Fixed(resident_base_weight(self.kind, base_weight)))
 
     # ------------------------------------------------------------------ the base weight
     def attach_base(self, base_weight: Callable[[], Tensor]) -> None:

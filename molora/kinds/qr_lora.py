@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molora.bank import BaseExpertBank
+from molora.bank import BaseExpertBank, resident_base_weight
 
 
 def qr_basis(weight: Tensor, rank: int) -> Tensor:
@@ -71,6 +71,7 @@ class QRLoRABank(BaseExpertBank):
         if base_weight is None:
             Q = torch.zeros(d_out, rank, dtype=dtype, device=device)
         else:
+            resident_base_weight(self.kind, base_weight)
             if tuple(base_weight.shape) != (d_out, d_in) or not base_weight.dtype.is_floating_point:
                 raise ValueError(f"QRLoRABank: the base weight must be a floating [d_out={d_out}, d_in={d_in}] matrix; "
                                  f"got {list(base_weight.shape)} {base_weight.dtype}")
