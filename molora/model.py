@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from molora import context
-from molora.checkpointing import wrap_checkpointing
 from molora.blockwise import check_patterns_match, with_new_expert
+from molora.checkpointing import wrap_checkpointing
 from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError, RoutingError
