@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from molora.bank import INITS
+from molora.blockwise import block_value, check_block_alphas, check_block_ranks
 from molora.kinds import EXPERT_KINDS
 from molora.checks import finite_number, finite_tensor, positive_int, unique_names
 from molora.errors import MoLoRAError
@@ -67,6 +68,15 @@ class MoLoRAConfig:
             PEFT's ``modules_to_save`` names and matching rules (a path equal to an entry or
             ending with ``"." + entry``). They are trained in place (PEFT trains a copy), so
             :meth:`~molora.MoLoRAModel.disable_adapters` and ``unload`` keep the trained module.
+        block_ranks: Block-wise LoRA (Li et al. 2024, :mod:`molora.blockwise`): each expert's rank
+            per block. Maps a block pattern (a regular expression over whole dotted components of
+            the module path: ``"down_blocks.0"``, ``"mid_block"``, ``r"up_blocks\\.[01]"``,
+            ``"attn2"``) to one rank for all experts or a list of ``num_experts`` ranks; rank 0 =
+            that expert is absent there (a layer holds its live experts only; a module with no
+            live expert is not wrapped). The first matching pattern wins; modules no pattern
+            covers take ``rank`` for every expert. Every pattern must cover some target module.
+        block_alphas: the experts' alphas per block, as :attr:`block_ranks` (scaling
+            ``alpha_e / r_e`` per block); modules no pattern covers take ``alpha``.
     """
 
     target_modules: list[str] | str
@@ -91,6 +101,8 @@ class MoLoRAConfig:
     expert_types: list[int] | None = None
     layer_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    block_ranks: dict[str, int | list[int]] = dataclasses.field(default_factory=dict)
+    block_alphas: dict[str, float | list[float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = "MoLoRAConfig"
@@ -148,6 +160,7 @@ class MoLoRAConfig:
         if self.localized_loss_coef > 0 and self.expert_types is None:
             raise MoLoRAError(f"{where}: localized_loss_coef > 0 needs expert_types (the type of each expert)")
         self._check_layer_overrides()
+        self._check_blocks()
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, (list, tuple)):
                 raise MoLoRAError(f"{where}: modules_to_save must be a list of module names; got {self.modules_to_save!r}")
@@ -214,9 +227,28 @@ class MoLoRAConfig:
             if self.shared_a and "rank" in values:
                 raise MoLoRAError(f"{where}: a shared-A (HydraLoRA) model has one rank; drop 'rank'")
 
+    def _check_blocks(self) -> None:
+        """Block-wise LoRA settings: lists of ``num_experts`` per pattern (an int is given to
+        every expert), ranks >= 0, finite alphas; per-layer expert counts and ranks come from
+        one place, so ``layer_overrides`` may not also set ``num_experts`` or ``rank``."""
+        fixed = self.shared_a or self.expert_kind == "qr_lora"
+        self.block_ranks = check_block_ranks(self.block_ranks, self.num_experts, fixed)
+        self.block_alphas = check_block_alphas(self.block_alphas, self.num_experts)
+        if self.block_ranks:
+            clash = {p: sorted(set(v) & {"num_experts", "rank"}) for p, v in self.layer_overrides.items()
+                     if set(v) & {"num_experts", "rank"}}
+            if clash:
+                raise MoLoRAError(f"MoLoRAConfig: layer_overrides {clash} set experts or ranks per layer and block_ranks "
+                                  "is set: give per-expert ranks in block_ranks only (rank 0 = no expert there)")
+
     def layer_settings(self, module_name: str) -> dict[str, Any]:
-        """``num_experts``, ``top_k``, ``rank`` and ``alpha`` of the layer at ``module_name``:
-        the config's values, updated by the first matching :attr:`layer_overrides` pattern."""
+        """The layer at ``module_name``: ``num_experts``, ``top_k``, ``rank`` and ``alpha`` (the
+        config's values, updated by the first matching :attr:`layer_overrides` pattern), and its
+        live experts, ``expert_ids`` (global indices), ``ranks`` and ``alphas`` (one each):
+        the first ``num_experts`` experts with ``rank`` and ``alpha``, or, where a
+        :attr:`block_ranks` / :attr:`block_alphas` pattern covers the module, the experts whose
+        block rank is > 0 with their block ranks and alphas (``num_experts`` is then their count,
+        ``top_k`` at most that; no live expert: an empty ``expert_ids``, the module stays base)."""
         settings = {"num_experts": self.num_experts, "top_k": self.top_k, "rank": self.rank, "alpha": self.alpha}
         for pattern, values in self.layer_overrides.items():
             if pattern_matches(pattern, module_name):
@@ -224,6 +256,14 @@ class MoLoRAConfig:
                 if "num_experts" in values and "top_k" not in values and settings["top_k"] is not None:
                     settings["top_k"] = min(settings["top_k"], values["num_experts"])
                 break
+        n = settings["num_experts"]
+        ranks = block_value(self.block_ranks, module_name) or [settings["rank"]] * n
+        alphas = block_value(self.block_alphas, module_name) or [settings["alpha"]] * n
+        live = [e for e in range(n) if ranks[e] > 0]
+        settings.update(expert_ids=live, ranks=[ranks[e] for e in live], alphas=[float(alphas[e]) for e in live],
+                        num_experts=len(live))
+        if settings["top_k"] is not None and live:
+            settings["top_k"] = min(settings["top_k"], len(live))
         return settings
 
     @property

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from molora import context
+from molora.blockwise import check_patterns_match, with_new_expert
 from molora.checkpointing import wrap_checkpointing
 from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
@@ -491,6 +492,9 @@ class MoLoRAModel(nn.Module):
                                   trainable=trainable)
             layer.set_expert_ids([*layer.expert_ids, new_id], new_id + 1)
         self.expert_names.append(name)
+        if cfg.block_ranks or cfg.block_alphas:  # the config's per-expert lists keep one entry per expert
+            cfg.block_ranks, cfg.block_alphas = with_new_expert(cfg.block_ranks, cfg.block_alphas, rank, float(alpha),
+                                                                cfg.shared_a or cfg.expert_kind == "qr_lora")
         cfg.num_experts = len(self.expert_names)
         cfg.expert_names = list(self.expert_names)
         return new_id
@@ -564,23 +568,32 @@ def build_shared_router(config: MoLoRAConfig, expert_names: Sequence[str], d_in:
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     """Wrap ``model``: each target linear becomes a :class:`RoutedLoRALinear` with
-    ``config.num_experts`` fresh experts; the base is frozen. Nothing is changed on error."""
+    ``config.num_experts`` fresh experts (per layer: :meth:`MoLoRAConfig.layer_settings`, so MoLA's
+    layer overrides and Block-wise LoRA's per-block ranks apply; a target where every expert has
+    block rank 0 stays the base module); the base is frozen. Nothing is changed on error."""
     targets = find_targets(model, config)
+    check_patterns_match(config.block_ranks, "block_ranks", targets)
+    check_patterns_match(config.block_alphas, "block_alphas", targets)
     names = config.names()
+    settings = {name: config.layer_settings(name) for name in targets}
+    targets = {name: module for name, module in targets.items() if settings[name]["expert_ids"]}
+    if not targets:
+        raise MoLoRAError(f"block_ranks {config.block_ranks} give every expert rank 0 in every target module: "
+                          "nothing to wrap")
     first = next(iter(targets.values()))
     devices = {name: layer_device(model, name) for name in targets}  # a meta base without hooks: refused here
     shared = build_shared_router(config, names, base_features(first)[0], next(iter(devices.values())))
+    fixed = config.shared_a or config.expert_kind == "qr_lora"  # a shared factor fixes the rank
     layers: dict[str, RoutedLoRALinear] = {}
     for name, module in targets.items():
         d_in, d_out, _ = base_features(module)
-        settings = config.layer_settings(name)  # MoLA: experts, top_k, rank may differ per layer
-        n, rank = settings["num_experts"], settings["rank"]
-        fixed = config.shared_a or config.expert_kind == "qr_lora"  # a shared factor fixes the rank
+        layout = settings[name]  # MoLA / Block-wise LoRA: experts, top_k, ranks may differ per layer
+        ids, ranks = layout["expert_ids"], layout["ranks"]
         bank = {"kind": config.expert_kind, "d_in": d_in, "d_out": d_out, "shared_a": config.shared_a,
-                "shared_rank": rank if fixed else None,
-                "init": config.init, "ranks": [rank] * n, "alphas": [settings["alpha"]] * n, "rslora": [config.use_rslora] * n}
+                "shared_rank": ranks[0] if fixed else None, "init": config.init, "ranks": ranks,
+                "alphas": layout["alphas"], "rslora": [config.use_rslora] * len(ids)}
         router = None if shared is not None else {"name": config.router, "config": router_kwargs(config, name)}
-        layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=range(n),
+        layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=ids,
                                           num_global_experts=len(names), dropout=config.dropout, dtype=config.torch_dtype,
                                           device=devices[name])
     return MoLoRAModel(model, config, layers, expert_names=names, shared_router=shared)
