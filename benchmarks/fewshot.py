@@ -542,7 +542,7 @@ def print_table(out: dict, shots_list: list[int], methods: list[str]) -> None:
         print_timing(out["timing"])
 
 
-def replay_auto(cells: list[dict], rule: str, candidates: list[str] | None = None, z: float = 1.0) -> list[dict]:
+def replay_auto(cells: list[dict], rule: str, candidates: list[str] | None = None, z: float | None = None) -> list[dict]:
     """Cells of ``auto`` under another selection ``rule`` (:func:`molora.auto_router.choose`) from the
     fold losses the grid's ``auto`` cells recorded, each choice scored by the accuracy of the
     standalone method running the same procedure in the same cell (:data:`AUTO_SAME`); exact, since

@@ -50,7 +50,7 @@ AUTO_CANDIDATES = ("uniform", "weights", "lorahub", "per_layer")
 #: Tie-break order, simplest first.
 SIMPLICITY = ("uniform", "retrieval", "weights", "lorahub", "per_layer")
 #: Selection rules of :func:`choose`.
-RULES = ("one_se", "paired")
+RULES = ("one_se", "paired", "gradient")
 DEFAULT_RULE = "paired"  # measured on the 11-target clbench grid (README, Few-shot composition)
 
 
@@ -160,17 +160,24 @@ def _select(model: MoLoRAModel, examples: list[Any], candidates: list[str], k: i
     return AutoRouterResult(chosen, scores, errors, losses, k, time.perf_counter() - t0, final)
 
 
-def choose(fold_losses: dict[str, list[float]], rule: str = DEFAULT_RULE, z: float = 1.0) -> str:
+#: The anchor and the margin (in standard errors of the paired differences) of each paired rule.
+PAIRED_RULES = {"paired": ("uniform", 1.0), "gradient": ("per_layer", 2.0)}
+
+
+def choose(fold_losses: dict[str, list[float]], rule: str = DEFAULT_RULE, z: float | None = None) -> str:
     """The candidate a selection ``rule`` picks from each candidate's held-out loss on the same folds.
 
     * ``"one_se"``: the simplest candidate (:data:`SIMPLICITY`) whose mean is within one standard
       error of the best mean (Breiman et al., 1984).
     * ``"paired"``: ``"uniform"`` unless some candidate beats it on the folds by more than ``z``
-      standard errors of the *paired* differences ``d_f = L_f(uniform) - L_f(c)``
+      (default 1) standard errors of the *paired* differences ``d_f = L_f(uniform) - L_f(c)``
       (``mean(d) > z * std(d) / sqrt(k)``); among those, the largest mean improvement (ties: the
       simpler). The folds are shared, so the paired test sees a consistent gain that the spread
       of either candidate's own losses would hide, and a gain on one lucky fold does not pass.
-      Without ``"uniform"`` among the candidates: the least mean loss.
+    * ``"gradient"``: the same test anchored at the per-layer gradient router (``"per_layer"``)
+      with ``z = 2``: it is kept unless another candidate is clearly better on the folds.
+
+    A paired rule whose anchor is not among the candidates takes the least mean loss.
     """
     if rule not in RULES:
         raise ValueError(f"molora.train_router(method='auto'): rule must be one of {RULES}; got {rule!r}")
@@ -180,12 +187,14 @@ def choose(fold_losses: dict[str, list[float]], rule: str = DEFAULT_RULE, z: flo
     if rule == "one_se":
         bar = means[best] + _std(fold_losses[best]) / math.sqrt(len(fold_losses[best]))
         return min((c for c in names if means[c] <= bar), key=SIMPLICITY.index)
-    if "uniform" not in fold_losses:
+    anchor, default_z = PAIRED_RULES[rule]
+    z = default_z if z is None else z
+    if anchor not in fold_losses:
         return best
-    base = fold_losses["uniform"]
-    chosen, gain = "uniform", 0.0
+    base = fold_losses[anchor]
+    chosen, gain = anchor, 0.0
     for c in names:
-        if c == "uniform":
+        if c == anchor:
             continue
         d = [u - v for u, v in zip(base, fold_losses[c])]
         m = sum(d) / len(d)

@@ -502,5 +502,13 @@ def test_auto_selection_rules_on_hand_computed_fold_losses():
     assert choose(folds, "one_se") == "uniform" and choose(folds, "paired") == "weights"
     assert choose(folds, "paired", z=0.0) == "lorahub"  # no significance asked: the largest mean gain
     assert choose({"weights": [1.0, 2.0], "lorahub": [0.5, 2.0]}, "paired") == "lorahub"  # no uniform: least mean
+    # "gradient": anchored at per_layer, z = 2. Paired gains over it: uniform [-.8, .9, 0, 0] (mean .025,
+    # SE .347), weights [-.6, 1, .15, .05] (mean .15, 2 SE .657), lorahub [.1, 1.8, .9, -1.5] (mean .325,
+    # SE .69): none passes, per_layer is kept although weights has the lower mean
+    assert choose(folds, "gradient") == "per_layer"
+    assert choose(folds, "gradient", z=0.0) == "lorahub"
+    # a consistent gain passes: weights beats per_layer by [.5, .45, .55, .5] (mean .5, SE .0204)
+    clear = {"per_layer": [1.0, 1.0, 1.0, 1.0], "weights": [0.5, 0.55, 0.45, 0.5], "uniform": [0.9, 0.2, 1.5, 1.0]}
+    assert choose(clear, "gradient") == "weights"
     with pytest.raises(ValueError, match="rule must be one of"):
         choose(folds, "best")
