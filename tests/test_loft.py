@@ -324,3 +324,23 @@ def test_singular_gram_with_zero_ridge_is_refused_without_changes():
     with pytest.raises(MoLoRAError, match=r"B\^T B \+ 0 I is singular; use ridge > 0"):
         opt.step()
     assert len(opt.state[A]) == 0 and torch.count_nonzero(B) == 0
+
+
+def test_bfloat16_factors_step_in_float32_and_stay_bfloat16():
+    # The same factors and gradients in bfloat16 and float32: LoFT computes in float32, so one
+    # bfloat16 step is the float32 step rounded; the factors and the state stay bfloat16.
+    g = torch.Generator().manual_seed(10)
+    A16 = nn.Parameter(torch.randn(3, 8, generator=g).to(torch.bfloat16))
+    B16 = nn.Parameter((0.1 * torch.randn(6, 3, generator=g)).to(torch.bfloat16))
+    A32, B32 = nn.Parameter(A16.detach().float()), nn.Parameter(B16.detach().float())
+    grads = [torch.randn(3, 8, generator=g).to(torch.bfloat16), torch.randn(6, 3, generator=g).to(torch.bfloat16)]
+    opt16, opt32 = LoFT([(A16, B16, 2.0)], lr=1e-2), LoFT([(A32, B32, 2.0)], lr=1e-2)
+    B_start = B32.detach().clone()
+    for params, opt in (((A16, B16), opt16), ((A32, B32), opt32)):
+        for p, gr in zip(params, grads):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+    assert torch.equal(B16.detach(), B32.detach().to(torch.bfloat16)) and not torch.equal(B32.detach(), B_start)
+    assert A16.dtype == B16.dtype == opt16.state[A16]["row_products"].dtype == opt16.state[B16]["exp_avg"].dtype == torch.bfloat16
+    opt16.step()  # A moves, from bfloat16 state
+    assert torch.isfinite(A16).all() and A16.dtype == torch.bfloat16
