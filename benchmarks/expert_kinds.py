@@ -9,6 +9,8 @@ every kind); QR-LoRA's ``dR`` is stored as ``r x d_in`` of which ``r d_in - r (r
 free (the triangle below the diagonal never trains): both counts are printed. ARD-LoRA's step
 includes what the method adds to it: its penalty (l1 and depth TV, 1e-3 each) in the loss and
 the projection of the gates after the optimizer step; its gates start at 1 (all channels live).
+``lora+loft`` is plain LoRA stepped by :class:`molora.optim.LoFT` (Tastan et al. 2025) instead of
+AdamW (the routers keep AdamW): the cost of its projected moments, same parameters.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
@@ -29,6 +31,10 @@ from timing import interleaved_medians  # noqa: E402
 
 from molora import MoLoRAConfig, get_molora_model  # noqa: E402
 from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, ard_penalty, project_ard  # noqa: E402
+from molora.optim import LoFT  # noqa: E402
+
+# row name -> (expert kind, optimizer of the experts)
+VARIANTS = {**{kind: (kind, "adamw") for kind in EXPERT_KINDS}, "lora+loft": ("lora", "loft")}
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,7 +50,8 @@ class Stack(torch.nn.Module):
         return x
 
 
-def build(kind: str, args: argparse.Namespace):
+def build(variant: str, args: argparse.Namespace):
+    kind, optimizer = VARIANTS[variant]
     torch.manual_seed(0)
     model = get_molora_model(Stack(args.d, args.layers).to(args.device),
                              MoLoRAConfig(target_modules=r"layers\.\d+", num_experts=args.experts, rank=args.rank,
@@ -59,16 +66,23 @@ def build(kind: str, args: argparse.Namespace):
                     a.add_(1.0)
     stored = sum(p.numel() for b in banks for p in b.parameters() if p.requires_grad)
     free = stored - sum(b.num_experts * b.fixed_rank * (b.fixed_rank - 1) // 2 for b in banks if isinstance(b, QRLoRABank))
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    if optimizer == "loft":
+        loft = LoFT(model, lr=1e-4)
+        factors = {id(p) for g in loft.param_groups for p in g["params"]}
+        opts = [loft, torch.optim.AdamW([p for p in model.trainable_parameters() if id(p) not in factors], lr=1e-4)]
+    else:
+        opts = [torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)]
     x = torch.randn(args.tokens, args.d, device=args.device)
 
     ard = kind == "ard_lora"
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss = model(x).square().mean()
         (loss + ard_penalty(model, l1=1e-3, tv=1e-3) if ard else loss).backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         if ard:
             project_ard(model)
 
@@ -88,7 +102,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="result file (default: benchmarks/results/expert-kinds[-DEVICE].json)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    built = {kind: build(kind, args) for kind in EXPERT_KINDS}
+    built = {variant: build(variant, args) for variant in VARIANTS}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     med = interleaved_medians({k: v[0] for k, v in built.items()}, args.rounds, sync=sync)
     rows = []
