@@ -9,6 +9,8 @@ every kind); QR-LoRA's ``dR`` is stored as ``r x d_in`` of which ``r d_in - r (r
 free (the triangle below the diagonal never trains): both counts are printed. ARD-LoRA's step
 includes what the method adds to it: its penalty (l1 and depth TV, 1e-3 each) in the loss and
 the projection of the gates after the optimizer step; its gates start at 1 (all channels live).
+Ortho-LoRA (T-LoRA's parametrisation) runs its rank-2r kernel form (trained and frozen terms) with
+no orthogonality penalty, as the official trainer; only its trained factors are randomised.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
