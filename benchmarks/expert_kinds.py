@@ -11,6 +11,8 @@ includes what the method adds to it: its penalty (l1 and depth TV, 1e-3 each) in
 the projection of the gates after the optimizer step; its gates start at 1 (all channels live).
 ``lora+loft`` is plain LoRA stepped by :class:`molora.optim.LoFT` (Tastan et al. 2025) instead of
 AdamW (the routers keep AdamW): the cost of its projected moments, same parameters.
+Ortho-LoRA (T-LoRA's parametrisation) runs its rank-2r kernel form (trained and frozen terms) with
+no orthogonality penalty, as the official trainer; only its trained factors are randomised.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096

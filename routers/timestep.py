@@ -68,9 +68,20 @@ def interval_index(t: Tensor, n: int, num_timesteps: int) -> Tensor:
 
 
 def tlora_rank(t: Tensor, num_timesteps: int, r_max: int, r_min: int, exponent: float) -> Tensor:
-    """T-LoRA's ``r(t) = floor(((T - t) / T)^a (r_max - r_min)) + r_min`` (float64, exact at t = 0)."""
-    frac = ((num_timesteps - t.to(torch.float64)) / num_timesteps) ** exponent
-    return torch.floor(frac * (r_max - r_min)).long() + r_min
+    """T-LoRA's ``r(t) = floor(((T - t) / T)^a (r_max - r_min)) + r_min`` (float64).
+
+    With ``a = 1`` (the paper's schedule) it is computed as ``floor((T - t)(r_max - r_min) / T)``:
+    for integer t the product is an exact integer and the one rounding of the division cannot
+    cross an integer, so the floor is exact for every t. The other order, ``(T - t) / T`` first
+    (as the official code's ``int(...)``), rounds twice and is one short at some t (T = 1000,
+    t = 420, r_max - r_min = 50: ``0.58 * 50 = 28.999...``, not 29). For ``a != 1`` the power is
+    float64 (exact at t = 0)."""
+    t = t.to(torch.float64)
+    if exponent == 1:
+        value = (num_timesteps - t) * (r_max - r_min) / num_timesteps
+    else:
+        value = ((num_timesteps - t) / num_timesteps) ** exponent * (r_max - r_min)
+    return torch.floor(value).long() + r_min
 
 
 class TimeStepRouter(Router):

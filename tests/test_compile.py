@@ -34,6 +34,7 @@ CASES = {
     "moslora": dict(router="soft", num_experts=3, expert_kind="moslora"),
     "ard_lora": dict(router="task", num_experts=3, expert_kind="ard_lora"),
     "dora": dict(router="topk", top_k=2, num_experts=4, expert_kind="dora"),  # + the base-output rescaling
+    "ortho_lora": dict(router="soft", num_experts=3, expert_kind="ortho_lora"),  # both terms stacked
 }
 
 

@@ -58,7 +58,7 @@ def _base64(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_names_the_allowed_kinds():
-    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora'\]; got 'vera'"):
+    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora'\]; got 'vera'"):
         MoLoRAConfig(target_modules=["q"], expert_kind="vera")
     with pytest.raises(MoLoRAError, match="qr_lora.*shared_a=True is not allowed"):
         MoLoRAConfig(target_modules=["q"], expert_kind="qr_lora", shared_a=True)
@@ -272,7 +272,7 @@ def test_moslora_mixed_ranks_pad_exactly():
 
 
 # ---------------------------------------------------------------------------------------------- shared behaviour
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora", "ortho_lora"])
 def test_save_load_round_trip(kind, tmp_path):
     bert = tiny_bert()
     model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=TARGETS, num_experts=3, rank=4,
@@ -307,12 +307,12 @@ def test_checkpoint_with_an_unknown_kind_is_refused(tmp_path):
     base.add_module("lin", nn.Linear(16, 12))
     torch.manual_seed(0)
     base.lin.load_state_dict(model.routed_layers()["lin"].base_layer.state_dict())
-    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora'\]; got 'vera'"):
+    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora'\]; got 'vera'"):
         molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
     assert isinstance(base.lin, nn.Linear)
 
 
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora", "ortho_lora"])
 def test_export_to_peft_reloads_equal(kind, tmp_path):
     bert = tiny_bert()
     model = get_molora_model(copy.deepcopy(bert), MoLoRAConfig(target_modules=TARGETS, num_experts=3, rank=4,
@@ -336,7 +336,7 @@ def test_export_to_peft_reloads_equal(kind, tmp_path):
     torch.testing.assert_close(peft_output(bert, tmp_path / "peft", inputs), merged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora"])
+@pytest.mark.parametrize("kind", ["qr_lora", "moslora", "ard_lora", "ortho_lora"])
 def test_add_expert_keeps_outputs_and_the_kind(kind):
     model = _lin_model(kind, router="soft")
     _randomize(model)

@@ -310,6 +310,17 @@ def test_tlora_rank_schedule():
     assert d.gates.sum(-1).tolist() == [8, 5, 2] and torch.equal(d.gates[1], torch.tensor([1.0] * 5 + [0.0] * 3))
 
 
+def test_tlora_rank_is_the_papers_floor_at_every_integer_timestep():
+    """``floor((r_max - r_min)(T - t) / T) + r_min`` exactly, in integers, for every t in [0, T)."""
+    T = 1000
+    t = torch.arange(T)
+    for r_max, r_min in ((4, 1), (64, 32), (51, 1), (8, 0)):
+        want = (r_max - r_min) * (T - t) // T + r_min
+        assert torch.equal(tlora_rank(t, T, r_max, r_min, 1.0), want), (r_max, r_min)
+    # computing (T - t) / T first, as the official code does, gives 28.999... + 1 here, not 30
+    assert int(tlora_rank(torch.tensor([420]), T, 51, 1, 1.0)) == 30
+
+
 def test_cluster_router_kmeans_and_universal_expert():
     g = torch.Generator().manual_seed(0)
     centers = torch.eye(4)[:3] * 5  # three well separated directions

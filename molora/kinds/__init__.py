@@ -17,6 +17,10 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
 - ``"dora"``: DoRA (Liu et al., 2024): ``m_e / ||W0 + s_e B_e A_e||_c * (W0 + s_e B_e A_e)``, routed as
   ``B'_e = diag(c_e) B_e`` plus a gate-weighted rescaling of the base output
   (:class:`molora.kinds.dora.DoRABank`).
+- ``"ortho_lora"``: T-LoRA's Ortho-LoRA (Soboleva et al., 2025): ``P diag(lambda) Q - P0 diag(lambda0) Q0``
+  from singular triples of a random matrix, with a frozen copy of the start and an orthogonality
+  regulariser; with the ``"tlora"`` router over rank-1 experts it is T-LoRA
+  (:class:`molora.kinds.ortho_lora.OrthoLoRABank`, :func:`~molora.kinds.ortho_lora.ortho_penalty`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -30,10 +34,12 @@ from molora.errors import MoLoRAError
 from .ard_lora import ARDLoRABank, ard_penalty, effective_rank, project_ard, prune_ard
 from .dora import DoRABank
 from .moslora import MoSLoRABank
+from .ortho_lora import OrthoLoRABank, ortho_init, ortho_penalty
 from .qr_lora import QRLoRABank, qr_basis
 
 BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
-                                                 "ard_lora": ARDLoRABank, "dora": DoRABank}
+                                                 "ard_lora": ARDLoRABank, "dora": DoRABank,
+                                                 "ortho_lora": OrthoLoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -45,5 +51,6 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
     return cls
 
 
-__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "ard_penalty",
-           "bank_class", "effective_rank", "project_ard", "prune_ard", "qr_basis"]
+__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "OrthoLoRABank", "QRLoRABank",
+           "ard_penalty", "bank_class", "effective_rank", "ortho_init", "ortho_penalty", "project_ard", "prune_ard",
+           "qr_basis"]
