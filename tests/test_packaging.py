@@ -197,3 +197,23 @@ def test_application_modules_moved_out_of_the_core():
         assert importlib.util.find_spec(old) is None, f"{old} should live in {APP_PACKAGE}"
     for mod in APP_MODULES:
         assert importlib.util.find_spec(f"{APP_PACKAGE}.{mod}") is not None, mod
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A subpackage missing from pyproject's ``packages`` is importable from an editable install
+    (the source tree) but absent from a wheel: every folder with an ``__init__.py`` under the
+    package dirs must be listed, under the name its package-dir mapping gives it."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for name, folder in tool["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            if "__pycache__" not in rel:
+                found.add(".".join((name, *rel)))
+    # a subpackage of one mapped dir that is itself mapped elsewhere is listed under its own name
+    assert found - listed == set(), f"not in pyproject packages: {sorted(found - listed)}"
