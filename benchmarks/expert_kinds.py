@@ -9,6 +9,10 @@ every kind); QR-LoRA's ``dR`` is stored as ``r x d_in`` of which ``r d_in - r (r
 free (the triangle below the diagonal never trains): both counts are printed. ARD-LoRA's step
 includes what the method adds to it: its penalty (l1 and depth TV, 1e-3 each) in the loss and
 the projection of the gates after the optimizer step; its gates start at 1 (all channels live).
+RiemannLoRA is stepped by its own optimizer (``RiemannianSGD``, heavy-ball 0.9: tangent projection,
+transport and a QR + 2r x 2r SVD retraction per expert) instead of AdamW; its trainable tensors
+are the gradient probes (``(d_out + d_in) r`` per expert, LoRA's count), the manifold's free
+dimension is ``(d_out + d_in - r) r``.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
@@ -28,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians  # noqa: E402
 
 from molora import MoLoRAConfig, get_molora_model  # noqa: E402
-from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, ard_penalty, project_ard  # noqa: E402
+from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, RiemannLoRABank, ard_penalty, project_ard  # noqa: E402
+from molora.kinds.riemann_lora import random_orthonormal  # noqa: E402
+from molora.optim import RiemannianSGD  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,6 +58,12 @@ def build(kind: str, args: argparse.Namespace):
     banks = [layer.bank for layer in model.routed_layers().values()]
     with torch.no_grad():  # non-zero factors everywhere, so no kind takes a shortcut through zeros
         for bank in banks:
+            if isinstance(bank, RiemannLoRABank):  # a random point; the probes stay 0
+                for e, r in enumerate(bank.ranks):
+                    bank.set_point_(e, random_orthonormal(bank.d_out, r, device=args.device),
+                                    torch.randn(r, r, device=args.device) * 0.02,
+                                    random_orthonormal(bank.d_in, r, device=args.device))
+                continue
             for p in bank.parameters():
                 p.normal_(0, 0.02)
             if isinstance(bank, ARDLoRABank):  # gates around 1: every channel live
@@ -59,7 +71,9 @@ def build(kind: str, args: argparse.Namespace):
                     a.add_(1.0)
     stored = sum(p.numel() for b in banks for p in b.parameters() if p.requires_grad)
     free = stored - sum(b.num_experts * b.fixed_rank * (b.fixed_rank - 1) // 2 for b in banks if isinstance(b, QRLoRABank))
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    free -= sum(r * r for b in banks if isinstance(b, RiemannLoRABank) for r in b.ranks)
+    opt = RiemannianSGD(model, lr=1e-4, momentum=0.9) if kind == "riemann_lora" else \
+        torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     x = torch.randn(args.tokens, args.d, device=args.device)
 
     ard = kind == "ard_lora"
@@ -94,13 +108,13 @@ def main() -> None:
     rows = []
     print(f"d={args.d} layers={args.layers} E={args.experts} r={args.rank} top_k={args.top_k} T={args.tokens} "
           f"device={args.device} threads={torch.get_num_threads()} rounds={args.rounds}")
-    print(f"{'kind':<9} {'trainable (stored)':>19} {'free':>9} {'vs lora':>8} {'step ms':>9} {'vs lora':>8}")
+    print(f"{'kind':<12} {'trainable (stored)':>19} {'free':>9} {'vs lora':>8} {'step ms':>9} {'vs lora':>8}")
     for kind, (_, stored, free) in built.items():
         row = {"kind": kind, "trainable_stored": stored, "trainable_free": free,
                "params_vs_lora": free / built["lora"][2], "step_ms": 1e3 * med[kind],
                "step_vs_lora": med[kind] / med["lora"]}
         rows.append(row)
-        print(f"{kind:<9} {stored:>19,d} {free:>9,d} {row['params_vs_lora']:>8.3f} {row['step_ms']:>9.2f} "
+        print(f"{kind:<12} {stored:>19,d} {free:>9,d} {row['params_vs_lora']:>8.3f} {row['step_ms']:>9.2f} "
               f"{row['step_vs_lora']:>8.3f}")
     name = "expert-kinds" + ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}")
     path = Path(args.out) if args.out else RESULTS / f"{name}.json"

@@ -17,6 +17,9 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
 - ``"dora"``: DoRA (Liu et al., 2024): ``m_e / ||W0 + s_e B_e A_e||_c * (W0 + s_e B_e A_e)``, routed as
   ``B'_e = diag(c_e) B_e`` plus a gate-weighted rescaling of the base output
   (:class:`molora.kinds.dora.DoRABank`).
+- ``"riemann_lora"``: RiemannLoRA (Bogachev et al., 2025): a point ``U_e S_e V_e^T`` of the
+  fixed-rank manifold (orthonormal ``U, V``), trained by :class:`molora.optim.RiemannianSGD`
+  (:class:`molora.kinds.riemann_lora.RiemannLoRABank`, :func:`~molora.kinds.riemann_lora.riemann_loi_`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -31,9 +34,11 @@ from .ard_lora import ARDLoRABank, ard_penalty, effective_rank, project_ard, pru
 from .dora import DoRABank
 from .moslora import MoSLoRABank
 from .qr_lora import QRLoRABank, qr_basis
+from .riemann_lora import RiemannLoRABank, loi_point, riemann_loi_
 
 BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
-                                                 "ard_lora": ARDLoRABank, "dora": DoRABank}
+                                                 "ard_lora": ARDLoRABank, "dora": DoRABank,
+                                                 "riemann_lora": RiemannLoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -45,5 +50,6 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
     return cls
 
 
-__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "ard_penalty",
-           "bank_class", "effective_rank", "project_ard", "prune_ard", "qr_basis"]
+__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "QRLoRABank", "RiemannLoRABank",
+           "ard_penalty", "bank_class", "effective_rank", "loi_point", "project_ard", "prune_ard", "qr_basis",
+           "riemann_loi_"]
