@@ -168,51 +168,81 @@ class RiemannianSGD(torch.optim.Optimizer):
         for bank in {id(p.bank): p.bank for p in self._points if p.bank is not None}.values():
             bank.check_probes()
         group = self.param_groups[0]
-        for p in self._points:
+        # a bank's experts of one rank step together: one batched QR / SVD per bank, not one per expert
+        batches: dict[tuple, list[tuple[_Point, Products]]] = {}
+        for i, p in enumerate(self._points):
             if p.bank is not None:
                 products = p.bank.euclidean_products(p.expert)
                 if products is None or not p.bank.Z_left[p.expert].requires_grad:
                     continue  # no tokens reached it (or frozen since): nothing to step on
+                key = (id(p.bank), p.U.shape[-1])
             else:
-                products = _products(next(given), p)
-            self._step_point(p, products, group)
+                products, key = _products(next(given), p), ("triple", i)
+            batches.setdefault(key, []).append((p, products))
+        for batch in batches.values():
+            self._step_batch([p for p, _ in batch], [g for _, g in batch], group)
         return loss
 
-    def _step_point(self, p: _Point, products: Products, group: dict[str, Any]) -> None:
-        dtype = torch.float64 if p.U.dtype == torch.float64 else torch.float32
-        U, S, V = (t.detach().to(dtype) for t in (p.U, p.S, p.V))
-        GV, GtU = (t.detach().to(dtype) for t in products)
+    def _step_batch(self, points: list[_Point], products: list[Products], group: dict[str, Any]) -> None:
+        """One step of ``k`` points of equal shapes, as ``[k, ., .]`` batches."""
+        first = points[0]
+        dtype = torch.float64 if first.U.dtype == torch.float64 else torch.float32
+
+        def stacked(ts: Iterable[Tensor]) -> Tensor:
+            return torch.stack([t.detach().to(dtype) for t in ts])
+
+        U, S, V = stacked(p.U for p in points), stacked(p.S for p in points), stacked(p.V for p in points)
+        GV, GtU = stacked(g[0] for g in products), stacked(g[1] for g in products)
         if not (torch.isfinite(GV).all() and torch.isfinite(GtU).all()):
-            raise MoLoRAError(f"RiemannianSGD: the gradient of {_name(p)} holds NaN/inf; nothing was stepped for it")
+            raise MoLoRAError(f"RiemannianSGD: the gradient of {_name(first)} (or of an expert stepped with it) holds "
+                              "NaN/inf; nothing was stepped for them")
         dA, dB = tangent_from_products(U, GV, GtU)
-        state = self.state[self._key(p)]
+        states = [self.state[self._key(p)] for p in points]
         beta = group["momentum"]
         if beta:
-            if "L" in state:  # transport the last direction onto this tangent space
-                mA, mB = project_lowrank(U, V, state["L"].to(dtype), state["R"].to(dtype))
-                dA, dB = beta * mA + (1 - group["dampening"]) * dA, beta * mB + (1 - group["dampening"]) * dB
+            have = ["L" in st for st in states]
+            if any(have):  # transport the last directions onto these tangent spaces
+                L = torch.stack([st["L"].to(dtype) if h else torch.zeros_like(torch.cat([dA[0], U[0]], -1))
+                                 for st, h in zip(states, have)])
+                R = torch.stack([st["R"].to(dtype) if h else torch.zeros_like(torch.cat([V[0], dB[0]], -1))
+                                 for st, h in zip(states, have)])
+                mA, mB = project_lowrank(U, V, L, R)
+                keep = 1 - group["dampening"]
+                dA = beta * mA + torch.where(_col(have, dA), keep, 1.0) * dA
+                dB = beta * mB + torch.where(_col(have, dB), keep, 1.0) * dB
             # kept as ambient factors M = [dA | U] [V | dB]^T, so the next point can project it
-            state["L"], state["R"] = torch.cat([dA, U], dim=-1), torch.cat([V, dB], dim=-1)
+            L, R = torch.cat([dA, U], dim=-1), torch.cat([V, dB], dim=-1)
+            for i, st in enumerate(states):
+                st["L"], st["R"] = L[i].clone(), R[i].clone()
         if group["normalize"]:
-            g = group["norm_beta"]
-            state["norm_A"] = g * dA.norm() + (1 - g) * state.get("norm_A", torch.zeros((), dtype=dtype, device=U.device))
-            state["norm_B"] = g * dB.norm() + (1 - g) * state.get("norm_B", torch.zeros((), dtype=dtype, device=U.device))
-            dA = dA / state["norm_A"].clamp_min(group["eps"])
-            dB = dB / state["norm_B"].clamp_min(group["eps"])
+            g, zero = group["norm_beta"], torch.zeros((), dtype=dtype, device=U.device)
+            nA = g * dA.flatten(-2).norm(dim=-1) + (1 - g) * torch.stack([st.get("norm_A", zero) for st in states])
+            nB = g * dB.flatten(-2).norm(dim=-1) + (1 - g) * torch.stack([st.get("norm_B", zero) for st in states])
+            for i, st in enumerate(states):
+                st["norm_A"], st["norm_B"] = nA[i].clone(), nB[i].clone()
+            dA = dA / nA.clamp_min(group["eps"])[:, None, None]
+            dB = dB / nB.clamp_min(group["eps"])[:, None, None]
         if group["orthogonalize"]:
             dA, dB = orthogonalize_tangent(U, V, dA, dB)
         if group["weight_decay"]:
             dB = dB + group["weight_decay"] * (V @ S.mT)  # X = U (V S^T)^T lies in its own tangent space
         lr = group["lr"]
         U2, sigma, V2 = retract(U, S, V, -lr * dA, -lr * dB)
-        if p.bank is not None:
-            p.bank.set_point_(p.expert, U2, torch.diag_embed(sigma), V2)
-        else:
-            for dst, src in ((p.U, U2), (p.S, torch.diag_embed(sigma)), (p.V, V2)):
-                dst.copy_(src)
+        S2 = torch.diag_embed(sigma)
+        for i, p in enumerate(points):
+            if p.bank is not None:
+                p.bank.set_point_(p.expert, U2[i], S2[i], V2[i])
+            else:
+                for dst, src in ((p.U, U2[i]), (p.S, S2[i]), (p.V, V2[i])):
+                    dst.copy_(src)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - torch's, over the probes
         super().zero_grad(set_to_none)
+
+
+def _col(flags: list[bool], like: Tensor) -> Tensor:
+    """``flags`` as a ``[k, 1, 1]`` boolean tensor (per point of a batch)."""
+    return torch.tensor(flags, device=like.device).view(-1, 1, 1)
 
 
 def _name(p: _Point) -> str:
