@@ -44,6 +44,12 @@ at ``dW0`` itself (the model's output then moves at init by ``dW0``). The gradie
 exact one (the paper's BackPropRSVD is a randomised approximation of it for large layers).
 
 Experts of different ranks are zero-padded within each block (exact).
+
+Sources: no official code of the paper was found in the stored public corpus; this follows the
+paper's text (v2: eqs. 4-18, Algorithms 1-6, Theorem 5.1, Appendix A) and the standard geometry of
+the fixed-rank manifold (Absil, Mahony & Sepulchre 2008; Vandereycken 2013; Absil & Oseledets
+2015). Choices of ours, named where they are made: the random ``V`` of the zero init, the offset in
+place of ``W' = W - dW0``, the exact SVD in place of BackPropRSVD, the default ``alpha = -1/sqrt(r)``.
 """
 
 from __future__ import annotations
@@ -247,13 +253,13 @@ class RiemannLoRABank(BaseExpertBank):
         return torch.cat(As, dim=1), torch.cat(Bs, dim=2)
 
     def _unpadded(self, stack: tuple[Tensor, Tensor], expert: int) -> tuple[Tensor, Tensor]:
-        """Expert ``expert``'s own rows/columns of every block of the stack (main, probe, offset)."""
+        """Expert ``expert``'s own rows/columns of its point and, if it has one, its offset (the probe
+        block of a training stack adds 0 and is left out)."""
         A, B = stack
         r, r_max = self.ranks[expert], self.max_rank
-        blocks = A.shape[1] // r_max
-        rows = [i for b in range(blocks) for i in range(b * r_max, b * r_max + r)
-                if b == 0 or b < blocks - 1 or not len(self.init_U) or self.has_offset(expert)]
-        idx = torch.tensor(rows, device=A.device)
+        offsets = bool(len(self.init_U))
+        blocks = [0] + ([A.shape[1] // r_max - 1] if offsets and self.has_offset(expert) else [])
+        idx = torch.tensor([i for b in blocks for i in range(b * r_max, b * r_max + r)], device=A.device)
         return A[expert].index_select(0, idx), B[expert].index_select(1, idx)
 
     # ------------------------------------------------------------------ persistence

@@ -32,7 +32,9 @@ matrix, never from its factors, so a step does not depend on which orthonormal b
 ``X``: the same ``X`` factored as ``(U Q_1, Q_1^T S Q_2, V Q_2)`` takes the same step.
 
 All of it is computed in float32 (float64 for float64 factors) and written back in the factors'
-dtype.
+dtype. No official code of the paper was found in the stored public corpus: this follows its
+text and the references above; what the paper leaves open (which momentum is kept, weight decay
+``wd * X``) is said where it is decided.
 """
 
 from __future__ import annotations
@@ -235,9 +237,6 @@ class RiemannianSGD(torch.optim.Optimizer):
             else:
                 for dst, src in ((p.U, U2[i]), (p.S, S2[i]), (p.V, V2[i])):
                     dst.copy_(src)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - torch's, over the probes
-        super().zero_grad(set_to_none)
 
 
 def _col(flags: list[bool], like: Tensor) -> Tensor:
