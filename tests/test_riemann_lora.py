@@ -463,3 +463,38 @@ def test_merge_equals_unmerged_and_peft_export_reloads_equal(tmp_path):
         merged = model(**inputs).last_hidden_state
     torch.testing.assert_close(merged, routed, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(peft_output(bert, tmp_path / "peft", inputs), merged, atol=1e-5, rtol=1e-5)
+
+
+def test_loi_on_a_conv1d_model_reads_the_transposed_gradient_and_trains():
+    from helpers import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    model = get_molora_model(gpt2, MoLoRAConfig(target_modules=["c_attn"], num_experts=2, rank=2, router="topk",
+                                                top_k=1, expert_kind="riemann_lora"))
+    inputs = model_inputs("gpt2")
+    with torch.no_grad():
+        before = model(**inputs).logits
+
+    def closure():
+        return model(**inputs).logits.square().mean()
+
+    grads = riemann_loi_(model, closure)
+    for name, layer in model.routed_layers().items():
+        assert layer.transposed and grads[name].shape == (96, 32)  # [d_out, d_in], from Conv1D's [d_in, d_out]
+        Uf = torch.linalg.svd(grads[name].double())[0]
+        U = layer.bank.U[0].detach().double()
+        torch.testing.assert_close(U @ U.T, Uf[:, :2] @ Uf[:, :2].T, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=0)
+    opt = RiemannianSGD(model, lr=1.0, momentum=0.9)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = closure()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0]
+    for layer in model.routed_layers().values():
+        for e in range(2):
+            _check_manifold(*layer.bank.point(e), 2)
