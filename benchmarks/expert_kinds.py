@@ -13,6 +13,10 @@ the projection of the gates after the optimizer step; its gates start at 1 (all 
 AdamW (the routers keep AdamW): the cost of its projected moments, same parameters.
 Ortho-LoRA (T-LoRA's parametrisation) runs its rank-2r kernel form (trained and frozen terms) with
 no orthogonality penalty, as the official trainer; only its trained factors are randomised.
+RiemannLoRA is stepped by its own optimizer (``RiemannianSGD``, heavy-ball 0.9: tangent projection,
+transport and a QR + 2r x 2r SVD retraction per expert) instead of AdamW; its trainable tensors
+are the gradient probes (``(d_out + d_in) r`` per expert, LoRA's count), the manifold's free
+dimension is ``(d_out + d_in - r) r``.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
@@ -32,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_medians  # noqa: E402
 
 from molora import MoLoRAConfig, get_molora_model  # noqa: E402
-from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, ard_penalty, project_ard  # noqa: E402
-from molora.optim import LoFT  # noqa: E402
+from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, RiemannLoRABank, ard_penalty, project_ard  # noqa: E402
+from molora.kinds.riemann_lora import random_orthonormal  # noqa: E402
+from molora.optim import LoFT, RiemannianSGD  # noqa: E402
 
 # row name -> (expert kind, optimizer of the experts)
 VARIANTS = {**{kind: (kind, "adamw") for kind in EXPERT_KINDS}, "lora+loft": ("lora", "loft")}
@@ -61,6 +66,12 @@ def build(variant: str, args: argparse.Namespace):
     banks = [layer.bank for layer in model.routed_layers().values()]
     with torch.no_grad():  # non-zero factors everywhere, so no kind takes a shortcut through zeros
         for bank in banks:
+            if isinstance(bank, RiemannLoRABank):  # a random point; the probes stay 0
+                for e, r in enumerate(bank.ranks):
+                    bank.set_point_(e, random_orthonormal(bank.d_out, r, device=args.device),
+                                    torch.randn(r, r, device=args.device) * 0.02,
+                                    random_orthonormal(bank.d_in, r, device=args.device))
+                continue
             for p in bank.parameters():
                 p.normal_(0, 0.02)
             if isinstance(bank, ARDLoRABank):  # gates around 1: every channel live
@@ -68,10 +79,13 @@ def build(variant: str, args: argparse.Namespace):
                     a.add_(1.0)
     stored = sum(p.numel() for b in banks for p in b.parameters() if p.requires_grad)
     free = stored - sum(b.num_experts * b.fixed_rank * (b.fixed_rank - 1) // 2 for b in banks if isinstance(b, QRLoRABank))
+    free -= sum(r * r for b in banks if isinstance(b, RiemannLoRABank) for r in b.ranks)
     if optimizer == "loft":
         loft = LoFT(model, lr=1e-4)
         factors = {id(p) for g in loft.param_groups for p in g["params"]}
         opts = [loft, torch.optim.AdamW([p for p in model.trainable_parameters() if id(p) not in factors], lr=1e-4)]
+    elif kind == "riemann_lora":
+        opts = [RiemannianSGD(model, lr=1e-4, momentum=0.9)]
     else:
         opts = [torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)]
     x = torch.randn(args.tokens, args.d, device=args.device)
@@ -110,13 +124,13 @@ def main() -> None:
     rows = []
     print(f"d={args.d} layers={args.layers} E={args.experts} r={args.rank} top_k={args.top_k} T={args.tokens} "
           f"device={args.device} threads={torch.get_num_threads()} rounds={args.rounds}")
-    print(f"{'kind':<9} {'trainable (stored)':>19} {'free':>9} {'vs lora':>8} {'step ms':>9} {'vs lora':>8}")
+    print(f"{'kind':<12} {'trainable (stored)':>19} {'free':>9} {'vs lora':>8} {'step ms':>9} {'vs lora':>8}")
     for kind, (_, stored, free) in built.items():
         row = {"kind": kind, "trainable_stored": stored, "trainable_free": free,
                "params_vs_lora": free / built["lora"][2], "step_ms": 1e3 * med[kind],
                "step_vs_lora": med[kind] / med["lora"]}
         rows.append(row)
-        print(f"{kind:<9} {stored:>19,d} {free:>9,d} {row['params_vs_lora']:>8.3f} {row['step_ms']:>9.2f} "
+        print(f"{kind:<12} {stored:>19,d} {free:>9,d} {row['params_vs_lora']:>8.3f} {row['step_ms']:>9.2f} "
               f"{row['step_vs_lora']:>8.3f}")
     name = "expert-kinds" + ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}")
     path = Path(args.out) if args.out else RESULTS / f"{name}.json"

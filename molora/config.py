@@ -43,10 +43,11 @@ class MoLoRAConfig:
             ``B M A`` with a trainable mixer), ``"ard_lora"`` (ARD-LoRA, Shinwari & Usama 2025:
             ``B diag(alpha) A`` with learnable non-negative per-rank gates, see
             :mod:`molora.kinds.ard_lora`), ``"dora"`` (DoRA, Liu et al. 2024: a trained
-            magnitude over the column norm of ``W0 + s B A``) or ``"ortho_lora"`` (T-LoRA's
+            magnitude over the column norm of ``W0 + s B A``), ``"ortho_lora"`` (T-LoRA's
             Ortho-LoRA, Soboleva et al. 2025: ``P diag(lambda) Q`` minus its frozen start; with
-            ``router="tlora"`` and rank-1 experts it is T-LoRA, see :mod:`molora.kinds.ortho_lora`).
-            One kind for the whole model.
+            ``router="tlora"`` and rank-1 experts it is T-LoRA, see :mod:`molora.kinds.ortho_lora`)
+            or ``"riemann_lora"`` (RiemannLoRA, Bogachev et al. 2025: ``U S V^T`` on the fixed-rank
+            manifold, trained by :class:`molora.optim.RiemannianSGD`). One kind for the whole model.
         init: ``"kaiming"`` (default), ``"gaussian"`` or ``"orthogonal"`` rows of ``A``; ``B`` = 0.
         router: router name (see :data:`molora.routers.ROUTERS`).
         top_k: experts per token for top-k routers; also the ``k`` of the balancing loss.
@@ -139,6 +140,9 @@ class MoLoRAConfig:
             raise MoLoRAError(f"{where}: expert_kind 'dora' has one A per expert; shared_a=True is not allowed with it")
         if self.expert_kind == "ortho_lora" and self.shared_a:
             raise MoLoRAError(f"{where}: expert_kind 'ortho_lora' has its own P, lambda, Q per expert; "
+                              "shared_a=True is not allowed with it")
+        if self.expert_kind == "riemann_lora" and self.shared_a:
+            raise MoLoRAError(f"{where}: expert_kind 'riemann_lora' makes every expert its own point U S V^T; "
                               "shared_a=True is not allowed with it")
         if self.init not in INITS:
             raise MoLoRAError(f"{where}: init must be one of {INITS}; got {self.init!r}")

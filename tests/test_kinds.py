@@ -58,7 +58,7 @@ def _base64(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_names_the_allowed_kinds():
-    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora'\]; got 'vera'"):
+    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora'\]; got 'vera'"):
         MoLoRAConfig(target_modules=["q"], expert_kind="vera")
     with pytest.raises(MoLoRAError, match="qr_lora.*shared_a=True is not allowed"):
         MoLoRAConfig(target_modules=["q"], expert_kind="qr_lora", shared_a=True)
@@ -307,7 +307,7 @@ def test_checkpoint_with_an_unknown_kind_is_refused(tmp_path):
     base.add_module("lin", nn.Linear(16, 12))
     torch.manual_seed(0)
     base.lin.load_state_dict(model.routed_layers()["lin"].base_layer.state_dict())
-    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora'\]; got 'vera'"):
+    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora'\]; got 'vera'"):
         molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
     assert isinstance(base.lin, nn.Linear)
 

@@ -21,6 +21,9 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
   from singular triples of a random matrix, with a frozen copy of the start and an orthogonality
   regulariser; with the ``"tlora"`` router over rank-1 experts it is T-LoRA
   (:class:`molora.kinds.ortho_lora.OrthoLoRABank`, :func:`~molora.kinds.ortho_lora.ortho_penalty`).
+- ``"riemann_lora"``: RiemannLoRA (Bogachev et al., 2025): a point ``U_e S_e V_e^T`` of the
+  fixed-rank manifold (orthonormal ``U, V``), trained by :class:`molora.optim.RiemannianSGD`
+  (:class:`molora.kinds.riemann_lora.RiemannLoRABank`, :func:`~molora.kinds.riemann_lora.riemann_loi_`).
 
 A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
 stack; one kind per bank keeps the stack one batched op).
@@ -36,10 +39,11 @@ from .dora import DoRABank
 from .moslora import MoSLoRABank
 from .ortho_lora import OrthoLoRABank, ortho_init, ortho_penalty
 from .qr_lora import QRLoRABank, qr_basis
+from .riemann_lora import RiemannLoRABank, loi_point, riemann_loi_
 
 BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
                                                  "ard_lora": ARDLoRABank, "dora": DoRABank,
-                                                 "ortho_lora": OrthoLoRABank}
+                                                 "ortho_lora": OrthoLoRABank, "riemann_lora": RiemannLoRABank}
 EXPERT_KINDS = tuple(BANK_CLASSES)
 
 
@@ -52,5 +56,5 @@ def bank_class(kind: str) -> type[BaseExpertBank]:
 
 
 __all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "OrthoLoRABank", "QRLoRABank",
-           "ard_penalty", "bank_class", "effective_rank", "ortho_init", "ortho_penalty", "project_ard", "prune_ard",
-           "qr_basis"]
+           "RiemannLoRABank", "ard_penalty", "bank_class", "effective_rank", "loi_point", "ortho_init",
+           "ortho_penalty", "project_ard", "prune_ard", "qr_basis", "riemann_loi_"]
