@@ -184,6 +184,11 @@ class RoutedLoRALinear(nn.Module):
         """Width of the rows the layer's router scores: the base layer's input features."""
         return base_features(base_layer)[0]
 
+    @property
+    def router_width(self) -> int:
+        """:meth:`router_dim` of this layer's base: what a router built for it takes as ``d_in``."""
+        return self.router_dim(self.base_layer)
+
     def peft_factors(self, A: Tensor, B: Tensor) -> dict[str, Tensor]:
         """``A [r, d_in]``, ``B [d_out, r]`` as PEFT saves this layer's LoRA, by key suffix."""
         return {"lora_A.weight": A, "lora_B.weight": B}

@@ -242,3 +242,32 @@ def test_peft_grouped_conv_and_changed_saved_embedding_are_adapter_errors(tmp_pa
     with pytest.raises(AdapterError, match=r"module 'model.embed_tokens': the adapter saved a base embedding \[101, 32\]"):
         molora.compose(llama, [e], router="task")
     assert_same_snapshot(before, snapshot(llama))
+
+
+def test_per_layer_routers_checkpoint(tmp_path):
+    """Per-layer top-k routers take the layers' router widths (embedding_dim, in_channels, not the
+    banks' d_in) and a checkpoint of them reloads the same outputs."""
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("emb", nn.Embedding(11, 12))
+    base.add_module("conv", nn.Conv2d(1, 2, 3, padding=1))
+    base.eval()
+    model = molora.get_molora_model(copy.deepcopy(base), molora.MoLoRAConfig(
+        target_modules=["emb", "conv"], num_experts=3, rank=2, router="topk", top_k=2))
+    layers = model.routed_layers()
+    assert {n: (m.bank.d_in, m.router.d_in) for n, m in layers.items()} == {"emb": (11, 12), "conv": (9, 1)}
+    with torch.no_grad():
+        for layer in layers.values():
+            for b in layer.bank.B:
+                b.normal_()
+
+    def run(model):
+        with torch.no_grad():
+            return model.base_model.conv(model.base_model.emb(IDS).unsqueeze(1))
+
+    out = run(model)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ckpt"))
+    torch.testing.assert_close(run(loaded), out)
+    with model.disable_adapters():
+        assert not torch.allclose(run(model), out)
