@@ -271,3 +271,26 @@ def test_per_layer_routers_checkpoint(tmp_path):
     torch.testing.assert_close(run(loaded), out)
     with model.disable_adapters():
         assert not torch.allclose(run(model), out)
+
+
+def test_generate_with_embedding_experts_equals_peft(tmp_path):
+    """Beam search with a per-example task routing on embed_tokens (+ q_proj): the new tokens'
+    embeddings follow each row's adapter through the KV-cached decoding, as PEFT's adapter_names=."""
+    from peft import PeftModel
+
+    base = tiny_llama()
+    folders = {n: make_peft_adapter(base, tmp_path / n, seed=s, r=4, target_modules=["embed_tokens", "q_proj"])
+               for n, s in (("a", 1), ("b", 2))}
+    model = molora.compose(copy.deepcopy(base), folders, router="task").eval()
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(folders["a"]), adapter_name="a").eval()
+    pm.load_adapter(str(folders["b"]), adapter_name="b")
+    ids = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(3))
+    gen = {"max_new_tokens": 5, "pad_token_id": 0, "eos_token_id": None, "num_beams": 2, "do_sample": False,
+           "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        with model.routing(task_ids=["b", "a"]):
+            ours = model.generate(input_ids=ids, **gen)
+        ref = pm.generate(input_ids=ids, adapter_names=["b", "a"], **gen)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
