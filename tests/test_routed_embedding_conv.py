@@ -294,3 +294,24 @@ def test_generate_with_embedding_experts_equals_peft(tmp_path):
     assert torch.equal(ours.sequences, ref.sequences)
     for a, b in zip(ours.scores, ref.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_conv1d_lora_and_a_layout_for_another_layer_type_are_adapter_errors(tmp_path):
+    """Conv1d LoRA stays refused; an Embedding LoRA on a module that is an nn.Linear of the same
+    shapes (another base model) is refused, not composed as a linear LoRA."""
+    torch.manual_seed(0)
+    c1 = nn.Sequential()
+    c1.add_module("conv", nn.Conv1d(3, 4, 3))
+    a = make_peft_adapter(c1, tmp_path / "c1", seed=1, r=2, target_modules=["conv"])
+    with pytest.raises(AdapterError, match=r"module 'conv' is a Conv1d LoRA \(tensor .* is \[2, 3, 3\]\)"):
+        molora.load_peft_adapter(a)
+    emb = nn.Sequential()
+    emb.add_module("e", nn.Embedding(7, 5))
+    e = make_peft_adapter(emb, tmp_path / "e", seed=1, r=2, target_modules=["e"])
+    lin = nn.Sequential()
+    lin.add_module("e", nn.Linear(7, 5))  # lora_embedding_A [2, 7], _B [5, 2] would fit its shapes
+    before = snapshot(lin)
+    with pytest.raises(AdapterError, match=r"adapter 'e', module 'e': the adapter holds embedding LoRA factors, but "
+                                           r"the base model's module is Linear"):
+        molora.compose(lin, [e], router="task")
+    assert_same_snapshot(before, snapshot(lin))
