@@ -315,3 +315,29 @@ def test_conv1d_lora_and_a_layout_for_another_layer_type_are_adapter_errors(tmp_
                                            r"the base model's module is Linear"):
         molora.compose(lin, [e], router="task")
     assert_same_snapshot(before, snapshot(lin))
+
+
+def test_bfloat16_base_is_bit_exact_with_peft(tmp_path):
+    """A bf16 base with float32 experts: the delta is added in float32 and the sum cast back, as
+    PEFT does, so the outputs are PEFT's bit for bit (embedding and strided conv)."""
+    from peft import PeftModel
+
+    from helpers import tiny_bert
+
+    bert = tiny_bert()
+    torch.manual_seed(0)
+    conv = nn.Sequential()
+    conv.add_module("conv", nn.Conv2d(3, 5, 3, stride=2, padding=1))
+    x = torch.randn(2, 3, 8, 8).bfloat16()
+    ids = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(1))
+    for base, target, run in ((bert, "word_embeddings", lambda m: m(input_ids=ids).last_hidden_state),
+                              (conv.eval(), "conv", lambda m: m(x))):
+        a = make_peft_adapter(base, tmp_path / target, seed=1, r=2, target_modules=[target])
+        b16 = copy.deepcopy(base).to(torch.bfloat16)
+        pm = PeftModel.from_pretrained(copy.deepcopy(b16), str(a)).eval()
+        model = molora.compose(copy.deepcopy(b16), [a], router="task")
+        with torch.no_grad(), model.routing(task_ids=[0, 0]):
+            out, ref = run(model), run(pm)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+        with torch.no_grad():
+            assert not torch.equal(ref, run(b16))
