@@ -17,6 +17,8 @@ from molora.errors import AdapterError, CheckpointError, MoLoRAError, RoutingErr
 from molora.layer import RoutedLoRALinear
 from molora.model import MoLoRAModel, get_molora_model
 from molora.peft_io import load_peft_adapter
+from molora.routed_conv import RoutedConv2d
+from molora.routed_embedding import RoutedEmbedding
 from molora.train_router import train_router
 
 __version__ = "0.1.0"
@@ -29,6 +31,8 @@ __all__ = [
     "MoLoRAConfig",
     "MoLoRAError",
     "MoLoRAModel",
+    "RoutedConv2d",
+    "RoutedEmbedding",
     "RoutedLoRALinear",
     "RoutingError",
     "RoutingSignals",

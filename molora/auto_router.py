@@ -218,7 +218,7 @@ def _fit(model: MoLoRAModel, name: str, shots: list[Any], loss_fn: Callable, ret
     if name == "uniform":
         first = next(iter(model.routed_layers().values()))
         E = model.num_experts
-        model.set_router(StaticRouter(E, first.bank.d_in, weights=[1.0 / E] * E).to(first.bank.device))
+        model.set_router(StaticRouter(E, first.router_width, weights=[1.0 / E] * E).to(first.bank.device))
         return None
     if name == "retrieval":
         keys, embed = retrieval

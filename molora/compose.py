@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from molora.bank import ExpertBank
@@ -14,7 +15,7 @@ from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
 from molora.genknowsub import subtract_general_knowledge
 from molora.kinds import DoRABank
-from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device
+from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device, resident_weight, routed_layer_class
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter, module_factors
 
@@ -80,7 +81,7 @@ def compose(
     modules = _check_against_base(base_model, loaded)
     first = next(iter(modules.values()))
     devices = {path: layer_device(base_model, path) for path in modules}  # a meta base without hooks: refused here
-    shared = build_shared_router(config, names, base_features(first)[0], next(iter(devices.values())))
+    shared = build_shared_router(config, names, routed_layer_class(first).router_dim(first), next(iter(devices.values())))
     kwargs = router_kwargs(config)
     layers: dict[str, RoutedLoRALinear] = {}
     for path, module in modules.items():
@@ -175,6 +176,7 @@ def _check_against_base(base_model: nn.Module, adapters: list[PeftLoraAdapter]) 
                 d_in, d_out, transposed = base_features(module)
             except MoLoRAError as exc:
                 raise AdapterError(f"adapter {adapter.name!r}, module {path!r}: {exc}") from None
+            _check_layer_type(adapter, path, module, f)
             # this call's own copy of the adapter: the model is not touched yet
             f = adapter.modules[path] = module_factors(adapter, path, transposed)
             if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
@@ -184,3 +186,30 @@ def _check_against_base(base_model: nn.Module, adapters: list[PeftLoraAdapter]) 
                 )
             modules[path] = module
     return modules
+
+
+# which LoRA layout PEFT saves for each base layer type (peft_io.LoraFactors.layer)
+_LAYOUTS = ((nn.Embedding, "embedding"), (nn.Conv2d, "conv2d"))
+
+
+def _check_layer_type(adapter: PeftLoraAdapter, path: str, module: nn.Module, f: Any) -> None:
+    """The adapter's factors of ``path`` are of the layout PEFT gives the base module's type (an
+    Embedding LoRA on an ``nn.Embedding``, a Conv2d LoRA of its kernel size on an ``nn.Conv2d``,
+    else linear), and a base weight saved with them is the base's own; else an AdapterError."""
+    expected = next((name for cls, name in _LAYOUTS if isinstance(module, cls)), "linear")
+    where = f"adapter {adapter.name!r}, module {path!r}"
+    if f.layer != expected:
+        raise AdapterError(f"{where}: the adapter holds {f.layer} LoRA factors, but the base model's module is "
+                           f"{type(module).__name__} (was it trained on a different base model?)")
+    if f.layer == "conv2d" and tuple(f.kernel_size) != tuple(module.kernel_size):
+        raise AdapterError(f"adapter {adapter.name!r} was made for a different base model: module {path!r} has kernel "
+                           f"{tuple(module.kernel_size)} but the adapter's lora_A has kernel {tuple(f.kernel_size)}")
+    saved = adapter.base_weights.get(path)
+    if saved is not None:
+        weight = resident_weight(module)
+        same = (tuple(saved.shape) == tuple(weight.shape)
+                and torch.equal(saved.to(device=weight.device, dtype=weight.dtype), weight.detach()))
+        if not same:
+            raise AdapterError(f"{where}: the adapter saved a base embedding {list(saved.shape)} (PEFT's "
+                               "save_embedding_layers) that differs from the base model's (resized or trained "
+                               "embeddings?); molora composes on the base model's own weights and would drop it")

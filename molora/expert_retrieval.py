@@ -56,4 +56,4 @@ def route_to_expert(model: MoLoRAModel, expert: int | str) -> None:
     first = next(iter(model.routed_layers().values()))
     one_hot = [0.0] * model.num_experts
     one_hot[index] = 1.0
-    model.set_router(StaticRouter(model.num_experts, first.bank.d_in, weights=one_hot).to(first.bank.device))
+    model.set_router(StaticRouter(model.num_experts, first.router_width, weights=one_hot).to(first.bank.device))

@@ -15,6 +15,7 @@ from molora.bank import lora_scaling
 from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
 from molora.kinds.dora import DoRABank, dora_export
+from molora.layer import Conv1D
 from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
 
@@ -84,6 +85,12 @@ def export_peft(
     if dora and options.combination != "cat":
         raise MoLoRAError(f"export_peft: modules {dora[:3]} hold DoRA experts, whose mixture is exact only as "
                           f"combination 'cat' (one DoRA adapter); got {options.combination!r}")
+    if dora:
+        other = [n for n, layer in layers.items() if layer.expert_kinds is not None and "dora" not in layer.expert_kinds]
+        if other:
+            raise MoLoRAError(f"export_peft: modules {dora[:3]} hold DoRA experts, so the export is one DoRA adapter, "
+                              f"and modules {other[:3]} ({type(layers[other[0]].base_layer).__name__}) cannot be "
+                              "written as DoRA layers; export them separately")
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     transposed = False
@@ -109,20 +116,19 @@ def export_peft(
         # The scalings from alpha and rank in float64 (bank.scaling is their float32 copy).
         scalings = [lora_scaling(bank.alphas[e], bank.ranks[e], bank.rslora[e]) for e in experts]
         A, B = merge_module(As, Bs, [float(w[e]) for e in experts], scalings, options, generator)
-        parts = [("lora_A", A)]
         if dora:  # the mixture as one DoRA adapter (a plain LoRA layer: a = 1, m = its own norm)
             a = layer.bank.static_scale(w) if isinstance(layer.bank, DoRABank) else torch.ones(bank.d_out, dtype=torch.float64)
             try:
                 B, m = dora_export(layer.base_weight_rows(), A, B, a)
             except MoLoRAError as exc:
                 raise MoLoRAError(f"{where}: {exc}") from None
-            parts.append(("lora_magnitude_vector", m))
-        parts.append(("lora_B", B))
-        for ab, t in parts:
-            key = f"base_model.model.{name}.{ab}" + ("" if ab == "lora_magnitude_vector" else ".weight")
-            state[key] = finite_tensor(t.float().contiguous(), where, f"{ab} (tensor {key!r})")
+        # PEFT's layout of this layer type (an embedding's lora_embedding_A/B, a conv's kernels)
+        parts = {**layer.peft_factors(A, B), **({"lora_magnitude_vector": m} if dora else {})}
+        for suffix, t in parts.items():
+            key = f"base_model.model.{name}.{suffix}"
+            state[key] = finite_tensor(t.float().contiguous(), where, f"{suffix.split('.')[0]} (tensor {key!r})")
         ranks[name] = int(A.shape[0])
-        transposed |= layer.transposed
+        transposed |= Conv1D is not None and isinstance(layer.base_layer, Conv1D)  # an embedding's [V, d] is not fan_in_fan_out
     if not state:
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")
     r = max(ranks.values())

@@ -34,13 +34,37 @@ except ImportError:  # pragma: no cover
 
 
 def base_features(module: nn.Module) -> tuple[int, int, bool]:
-    """``(d_in, d_out, transposed)`` of a supported base layer, or a MoLoRAError."""
+    """``(d_in, d_out, transposed)`` of a supported base layer as a map of its LoRA factors
+    ``A [r, d_in]``, ``B [d_out, r]`` (``transposed``: the weight is stored ``[d_in, d_out]``), or a
+    MoLoRAError. An ``nn.Embedding`` maps one-hot ids (``d_in = num_embeddings``, weight ``[V, d]``);
+    an ``nn.Conv2d`` its flattened patches (``d_in = c_in k_h k_w / groups``)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if Conv1D is not None and isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
         return int(d_in), int(d_out), True
-    raise MoLoRAError(f"{type(module).__name__} is not supported: molora wraps nn.Linear and transformers' Conv1D")
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, True
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels // module.groups * kh * kw, module.out_channels, False
+    raise MoLoRAError(f"{type(module).__name__} is not supported: molora wraps nn.Linear, transformers' Conv1D, "
+                      "nn.Embedding and nn.Conv2d")
+
+
+def routed_layer_class(base_layer: nn.Module) -> type[RoutedLoRALinear]:
+    """The routed layer class for a base layer (PEFT's ``_create_new_module`` dispatch, in small):
+    :class:`~molora.routed_embedding.RoutedEmbedding` for ``nn.Embedding``,
+    :class:`~molora.routed_conv.RoutedConv2d` for ``nn.Conv2d``, else :class:`RoutedLoRALinear`."""
+    if isinstance(base_layer, nn.Embedding):
+        from molora.routed_embedding import RoutedEmbedding
+
+        return RoutedEmbedding
+    if isinstance(base_layer, nn.Conv2d):
+        from molora.routed_conv import RoutedConv2d
+
+        return RoutedConv2d
+    return RoutedLoRALinear
 
 
 def _accelerate_hooks(module: nn.Module) -> list[Any]:
@@ -151,6 +175,23 @@ class RoutedLoRALinear(nn.Module):
         self.register_buffer("_local_to_global", torch.empty(0, dtype=torch.long), persistent=False)
         self.set_expert_ids(ids, len(ids) if num_global_experts is None else int(num_global_experts))
         bank.attach_base(self.base_weight_rows)  # kinds that read W0 at every call (DoRA) read it here
+
+    #: The expert kinds (:mod:`molora.kinds`) the layer can run; ``None``: every kind.
+    expert_kinds: tuple[str, ...] | None = None
+
+    @staticmethod
+    def router_dim(base_layer: nn.Module) -> int:
+        """Width of the rows the layer's router scores: the base layer's input features."""
+        return base_features(base_layer)[0]
+
+    @property
+    def router_width(self) -> int:
+        """:meth:`router_dim` of this layer's base: what a router built for it takes as ``d_in``."""
+        return self.router_dim(self.base_layer)
+
+    def peft_factors(self, A: Tensor, B: Tensor) -> dict[str, Tensor]:
+        """``A [r, d_in]``, ``B [d_out, r]`` as PEFT saves this layer's LoRA, by key suffix."""
+        return {"lora_A.weight": A, "lora_B.weight": B}
 
     def set_expert_ids(self, expert_ids: Sequence[int], num_global_experts: int) -> None:
         """Set which global experts the local experts are (index maps both ways)."""
@@ -395,7 +436,7 @@ class RoutedLoRALinear(nn.Module):
                               "(lossy): export_peft() the mix, or merge on the base loaded in floating point")
         delta = self.bank.delta_weight(w)
         delta = delta.T if self.transposed else delta
-        merged = (W.detach().float() + delta.to(W.device)).to(W.dtype)
+        merged = (W.detach().float() + delta.to(W.device).reshape(W.shape)).to(W.dtype)  # a conv's kernel: [d_out, c_in, kh, kw]
         if not torch.isfinite(merged).all():
             raise MoLoRAError(f"module {self.name!r}: merging gives NaN or inf in the base weight; nothing was merged")
         return merged, w
@@ -451,7 +492,8 @@ def build_routed_layer(
     from_base: bool = True,
     device: torch.device | None = None,
 ) -> RoutedLoRALinear:
-    """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints).
+    """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints), of the
+    class :func:`routed_layer_class` picks for ``base_layer``.
 
     ``bank`` is an expert bank or its :meth:`~molora.bank.BaseExpertBank.spec` (fresh experts of that
     layout); ``router`` a per-layer router, its ``{"name", "config"}`` spec, or ``None`` (the
@@ -464,6 +506,11 @@ def build_routed_layer(
     from molora.routers import build_router
 
     d_in, d_out, _ = base_features(base_layer)
+    cls = routed_layer_class(base_layer)
+    kind = bank.get("kind", "lora") if isinstance(bank, dict) else bank.kind
+    if cls.expert_kinds is not None and kind not in cls.expert_kinds:
+        raise MoLoRAError(f"module {name!r}: a routed {type(base_layer).__name__} holds experts of kind "
+                          f"{' or '.join(map(repr, cls.expert_kinds))}; got {kind!r}")
     device = base_layer.weight.device if device is None else device
     if isinstance(bank, dict):
         if (bank["d_in"], bank["d_out"]) != (d_in, d_out):
@@ -478,14 +525,15 @@ def build_routed_layer(
             raise MoLoRAError(f"module {name!r}: {exc}") from None
     if isinstance(router, dict):
         try:
-            router = build_router(router["name"], num_experts=bank.num_experts, d_in=d_in, **router["config"])
+            router = build_router(router["name"], num_experts=bank.num_experts, d_in=cls.router_dim(base_layer),
+                                  **router["config"])
         except MoLoRAError:
             raise
         except ValueError as exc:  # e.g. a top_k above the experts this layer holds
             raise MoLoRAError(f"module {name!r}: {exc}") from None
         router = router.to(device=device, dtype=dtype)
-    return RoutedLoRALinear(base_layer, bank, router, dropout=dropout, name=name, expert_ids=expert_ids,
-                            num_global_experts=num_global_experts, freeze_base=False)
+    return cls(base_layer, bank, router, dropout=dropout, name=name, expert_ids=expert_ids,
+               num_global_experts=num_global_experts, freeze_base=False)
 
 
 def layer_from_spec(base_layer: nn.Module, spec: dict, *, name: str, num_global_experts: int, dtype: torch.dtype,

@@ -231,7 +231,7 @@ def lorahub(
         def apply(w: np.ndarray) -> None:
             full = dict(zip(adapters, w.tolist()))
             gates = [full.get(name, 0.0) for name in model.expert_names]
-            model.set_router(StaticRouter(model.num_experts, first.bank.d_in, weights=gates).to(first.bank.device))
+            model.set_router(StaticRouter(model.num_experts, first.router_width, weights=gates).to(first.bank.device))
 
     model.eval()
     losses: dict[bytes, float] = {}

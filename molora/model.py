@@ -17,7 +17,8 @@ from molora.checkpointing import wrap_checkpointing
 from molora.checks import mixture_weights
 from molora.config import MoLoRAConfig
 from molora.errors import MoLoRAError, RoutingError
-from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device, layer_spec
+from molora.layer import (RoutedLoRALinear, base_features, build_routed_layer, layer_device, layer_spec,
+                          routed_layer_class)
 from molora.routers import Router, build_router, router_class
 from molora.routers.losses import model_aux_loss
 
@@ -582,7 +583,7 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
                           "nothing to wrap")
     first = next(iter(targets.values()))
     devices = {name: layer_device(model, name) for name in targets}  # a meta base without hooks: refused here
-    shared = build_shared_router(config, names, base_features(first)[0], next(iter(devices.values())))
+    shared = build_shared_router(config, names, routed_layer_class(first).router_dim(first), next(iter(devices.values())))
     fixed = config.shared_a or config.expert_kind == "qr_lora"  # a shared factor fixes the rank
     layers: dict[str, RoutedLoRALinear] = {}
     for name, module in targets.items():

@@ -6,7 +6,11 @@ and ``adapter_model.safetensors`` with tensors
 ``base_model.model.<module>.lora_A.weight [r, d_in]`` and ``...lora_B.weight [d_out, r]`` (DoRA,
 ``use_dora``: also ``...lora_magnitude_vector [d_out]``).
 The LoRA factors are stored the same way for ``Conv1D`` (``fan_in_fan_out``) modules; only the
-base weight is transposed there. A ``target_parameters`` adapter is the exception: PEFT's
+base weight is transposed there. An ``nn.Embedding`` LoRA is ``...lora_embedding_A [r, V]`` and
+``...lora_embedding_B [d, r]`` (PEFT may save the base embedding ``...base_layer.weight`` with
+it); an ``nn.Conv2d`` LoRA is ``lora_A.weight [r, c_in, k_h, k_w]`` and ``lora_B.weight
+[c_out, r, 1, 1]``, read flattened to ``[r, c_in k_h k_w]`` and ``[c_out, r]``
+(:attr:`LoraFactors.layer` says which). A ``target_parameters`` adapter is the exception: PEFT's
 ``ParamWrapper`` adds ``s B A`` to the parameter as it is stored, so on a ``Conv1D`` weight
 ``[d_in, d_out]`` its factors are swapped and transposed (:func:`module_factors`).
 
@@ -42,8 +46,10 @@ from molora.config import pattern_matches
 from molora.errors import AdapterError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-# An Embedding LoRA's factors (PEFT: ``<module>.lora_embedding_A``/``_B``).
-_EMBEDDING = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+# An Embedding LoRA's factors (PEFT: ``<module>.lora_embedding_A [r, V]``/``_B [d, r]``).
+_EMBEDDING = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+# The base weight PEFT saves next to an Embedding LoRA (``save_embedding_layers``, e.g. LLaMA's embed_tokens)
+_BASE_WEIGHT = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 # DoRA's magnitude: ``<module>.lora_magnitude_vector`` as PEFT saves it (``.weight`` in older files)
 _MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?$")
 _BOOL_FLAGS = ("use_rslora", "use_dora", "lora_bias", "use_qalora")
@@ -90,13 +96,16 @@ _REFUSED = {
 @dataclasses.dataclass
 class LoraFactors:
     """One module's LoRA factors: ``delta W = scaling * B @ A``; for a DoRA adapter also its
-    magnitude ``m [d_out]`` (:mod:`molora.kinds.dora`), else ``None``."""
+    magnitude ``m [d_out]`` (:mod:`molora.kinds.dora`), else ``None``. An Embedding LoRA has
+    ``A [r, V]``, ``B [d, r]``; a Conv2d LoRA ``A`` flattened ``[r, c_in k_h k_w]``, ``B [c_out, r]``."""
 
     A: Tensor
     B: Tensor
     alpha: float
     use_rslora: bool
     magnitude: Tensor | None = None
+    layer: str = "linear"  # "linear" (nn.Linear, Conv1D), "embedding" or "conv2d" (A flattened)
+    kernel_size: tuple[int, int] | None = None  # a conv2d LoRA's lora_A kernel
 
     @property
     def rank(self) -> int:
@@ -116,6 +125,9 @@ class PeftLoraAdapter:
     config: dict[str, Any]
     modules: dict[str, LoraFactors]
     peft_config: Any = None  # the peft.LoraConfig PEFT reads from the folder
+    # base weights PEFT saved with the adapter (an Embedding LoRA's base_layer), by module path:
+    # composing checks they are the base model's own
+    base_weights: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -317,11 +329,8 @@ def load_peft_adapter(
     st = folder / "adapter_model.safetensors"
     factors: dict[str, dict[str, Tensor]] = {}
     use_dora = bool(config.get("use_dora", False))
-    for key in tensors:  # first, so an Embedding LoRA is named as such whatever else the file holds (its base_layer)
-        embedding = _EMBEDDING.match(key)
-        if embedding is not None:
-            raise AdapterError(f"{where}: {st}: module {embedding['module']!r} is an Embedding LoRA (tensor {key!r}); "
-                               "molora routes LoRA on nn.Linear and Conv1D modules only")
+    base_weights: dict[str, Tensor] = {}
+    layers: dict[str, str] = {}  # module -> "embedding" / "conv2d" for the factors that say so
     for key, value in tensors.items():
         mag = _MAGNITUDE.match(key)
         if mag is not None:
@@ -331,15 +340,29 @@ def load_peft_adapter(
                 raise AdapterError(f"{where}: {st}: module {mag['module']!r} has two lora_magnitude_vector tensors")
             factors.setdefault(mag["module"], {})["m"] = value
             continue
-        m = _KEY.match(key)
-        if m is not None and value.dim() in _CONV:
-            raise AdapterError(f"{where}: {st}: module {m['module']!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
-                               f"is {list(value.shape)}); molora routes LoRA on nn.Linear and Conv1D modules only")
+        base = _BASE_WEIGHT.match(key)
+        if base is not None:
+            base_weights[base["module"]] = value
+            continue
+        m = _EMBEDDING.match(key) or _KEY.match(key)
         if m is None:
-            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers, and DoRA's lora_magnitude_vector, are supported)")
-        if m["ab"] in factors.get(m["module"], {}):
-            raise AdapterError(f"{where}: {st}: module {m['module']!r} has two lora_{m['ab']} tensors (multiple adapters in one file?)")
-        factors.setdefault(m["module"], {})[m["ab"]] = value
+            raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear and Conv2d "
+                               "layers, lora_embedding_A/B of embeddings, and DoRA's lora_magnitude_vector, are supported)")
+        module = m["module"]
+        layer = "embedding" if m.re is _EMBEDDING else "conv2d" if value.dim() == 4 else "linear"
+        if layer == "linear" and value.dim() in _CONV:
+            raise AdapterError(f"{where}: {st}: module {module!r} is a {_CONV[value.dim()]} LoRA (tensor {key!r} "
+                               f"is {list(value.shape)}); molora routes LoRA on nn.Linear, Conv1D, nn.Embedding and "
+                               "nn.Conv2d modules only")
+        if layers.setdefault(module, layer) != layer:
+            raise AdapterError(f"{where}: {st}: module {module!r} has both {layers[module]} and {layer} LoRA tensors")
+        if m["ab"] in factors.get(module, {}):
+            raise AdapterError(f"{where}: {st}: module {module!r} has two lora_{m['ab']} tensors (multiple adapters in one file?)")
+        factors.setdefault(module, {})[m["ab"]] = value
+    stray = sorted(set(base_weights) - {mod for mod, kind in layers.items() if kind == "embedding"})
+    if stray:
+        raise AdapterError(f"{where}: {st}: module {stray[0]!r} has a saved base_layer.weight but no Embedding LoRA "
+                           "(PEFT saves the base weight only with one); molora composes LoRA factors only")
     modules: dict[str, LoraFactors] = {}
     r_default, alpha_default = config["r"], config.get("lora_alpha", 8)
     for module, ab in factors.items():
@@ -347,8 +370,20 @@ def load_peft_adapter(
             present = ", ".join(f"lora_{k}" if k != "m" else "lora_magnitude_vector" for k in ab)
             raise AdapterError(f"{where}: {st}: module {module!r} has {present} but not both lora_A and lora_B")
         A, B, magnitude = ab["A"], ab["B"], ab.get("m")
+        layer = layers.get(module, "linear")
         if not (A.is_floating_point() and B.is_floating_point()):
             raise AdapterError(f"{where}: {st}: module {module!r} has lora_A {A.dtype} and lora_B {B.dtype}; expected floating tensors")
+        kernel = None
+        if layer == "conv2d":
+            if A.dim() != 4 or B.dim() != 4 or tuple(B.shape[2:]) != (1, 1) or A.shape[0] != B.shape[1]:
+                raise AdapterError(f"{where}: {st}: module {module!r} is a Conv2d LoRA with lora_A {list(A.shape)} and "
+                                   f"lora_B {list(B.shape)}, not [r, c_in, k_h, k_w] and [c_out, r, 1, 1] (a conv with "
+                                   "groups > 1 is not supported)")
+            kernel = (int(A.shape[2]), int(A.shape[3]))
+            A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+        if use_dora and layer != "linear":
+            raise AdapterError(f"{where}: {st}: module {module!r} is a DoRA {layer} LoRA; molora composes DoRA on "
+                               "nn.Linear and Conv1D modules only")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterError(f"{where}: {st}: module {module!r} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, not [r, d_in] and [d_out, r]")
         rank = pattern_value(config.get("rank_pattern"), module, r_default)
@@ -361,7 +396,8 @@ def load_peft_adapter(
                                f"lora_magnitude_vector [{B.shape[0]}] (d_out of its lora_B); got {got}")
         alpha = float(pattern_value(config.get("alpha_pattern"), module, alpha_default))
         modules[module] = LoraFactors(A=A, B=B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)),
-                                      magnitude=magnitude)
+                                      magnitude=magnitude, layer=layer, kernel_size=kernel)
     if not modules:
         raise AdapterError(f"{where}: {st} holds no LoRA weights")
-    return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config)
+    return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config,
+                           base_weights=base_weights)

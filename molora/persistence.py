@@ -596,7 +596,7 @@ def check_savable(model: MoLoRAModel) -> tuple[dict[str, Any] | None, dict[str, 
             continue
         seen[id(router)] = path
         if getattr(router, "name", None) != XLORA_STYLE:
-            check_router_rebuilds(router, f"module {path!r}", layer.bank.num_experts, layer.bank.d_in)
+            check_router_rebuilds(router, f"module {path!r}", layer.bank.num_experts, layer.router_width)
     record = xlora_record(model, layers)
     if model.shared_router is not None:
         check_router_rebuilds(model.shared_router, "the model's shared router", model.num_experts, model.shared_router.d_in)
@@ -835,7 +835,7 @@ def _attach_xlora(layers: Mapping[str, RoutedLoRALinear], meta: Mapping[str, Any
             raise CheckpointError(f"{where}: field 'layers.{name}.router.config' must give a layer_index in "
                                   f"[0, {clf.num_layers}) and {layer.bank.num_experts} expert_ids in [0, {clf.num_experts}); "
                                   f"got {json.dumps(cfg)[:80]}")
-        layer.router = XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, clf, index, ids).to(device)
+        layer.router = XLoRAStyleRouter(layer.bank.num_experts, layer.router_width, clf, index, ids).to(device)
 
 
 def _build_layer(base_model: nn.Module, module: nn.Module, name: str, spec: dict, num_experts: int, config: MoLoRAConfig,

@@ -110,14 +110,14 @@ def install_router(model: MoLoRAModel, router: str = "per_layer", *, granularity
     device = first.bank.device
     dtype = model.molora_config.torch_dtype
     if router == "weights":
-        model.set_router(GlobalWeightsRouter(model.num_experts, first.bank.d_in, normalize=normalize).to(device))
+        model.set_router(GlobalWeightsRouter(model.num_experts, first.router_width, normalize=normalize).to(device))
         return
     kwargs = {"granularity": granularity, "temperature": temperature}
     if router == "per_layer":
-        model.set_layer_routers(lambda _, layer: SoftRouter(layer.bank.num_experts, layer.bank.d_in, **kwargs).to(device, dtype),
+        model.set_layer_routers(lambda _, layer: SoftRouter(layer.bank.num_experts, layer.router_width, **kwargs).to(device, dtype),
                                 "soft", kwargs)
         return
-    widths = {layer.bank.d_in for layer in layers.values()}
+    widths = {layer.router_width for layer in layers.values()}
     partial = [n for n, layer in layers.items() if layer.bank.num_experts != model.num_experts]
     if len(widths) != 1 or partial:
         raise MoLoRAError(

@@ -109,11 +109,11 @@ def attach_xlora_style(model: MoLoRAModel, *, hidden: int = 64, temperature: flo
         raise MoLoRAError("attach_xlora_style: the model has no routed layers")
     first = next(iter(layers.values()))
     device = first.bank.device
-    classifier = XLoRAStyleClassifier(first.bank.d_in, len(layers), model.num_experts, hidden=hidden,
+    classifier = XLoRAStyleClassifier(first.router_width, len(layers), model.num_experts, hidden=hidden,
                                       temperature=temperature).to(device)
     index = {path: i for i, path in enumerate(layers)}
     model.set_layer_routers(
-        lambda path, layer: XLoRAStyleRouter(layer.bank.num_experts, layer.bank.d_in, classifier, index[path],
+        lambda path, layer: XLoRAStyleRouter(layer.bank.num_experts, layer.router_width, classifier, index[path],
                                              list(layer.expert_ids)).to(device),
         XLoRAStyleRouter.name, {"hidden": hidden, "temperature": temperature})
     return classifier

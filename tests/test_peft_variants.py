@@ -42,7 +42,7 @@ class Arch:
     excluded: str  # one full module name for exclude_modules
     kept: str  # a non-LoRA module for modules_to_save
     embedding: str | None  # an nn.Embedding (trainable tokens, Embedding LoRA)
-    conv: str | None  # an nn.Conv2d
+    conv: list[str] | None  # nn.Conv2d modules: 3x3, 3x3 strided, 1x1
     causal_lm: bool
     conv1d: bool  # transformers' Conv1D projections (weights [d_in, d_out])
     layers_pattern: str | None  # None: PEFT finds the layer index itself; "": there is none
@@ -61,7 +61,7 @@ ARCHS = {
                "decoder.block.0.layer.1.EncDecAttention.q", "final_layer_norm", "shared", None, False, False, "block"),
     "unet": Arch("UNet (diffusers)", tiny_unet, ["to_q", "to_k", "to_v", "to_out.0"], r".*\.to_(q|v)",
                  ["to_q.weight"], "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "conv_out", None,
-                 "conv_in", False, False, ""),
+                 ["conv_in", "downsamplers.0.conv", "conv_shortcut"], False, False, ""),
 }
 
 
@@ -152,10 +152,10 @@ MATRIX = [
     Row("trainable_tokens", "`trainable_token_indices`", _needs("embedding", NO_EMBEDDING, lambda a: dict(
         target_modules=a.targets, trainable_token_indices={a.embedding: [1, 2]})),
         lambda a: re.escape(f"trainable_token_indices={ {a.embedding: [1, 2]}!r}")),
-    Row("embedding", "Embedding target", _needs("embedding", NO_EMBEDDING, lambda a: dict(target_modules=[a.embedding])),
-        lambda a: rf"module '(\S+\.)?{a.embedding}' is an Embedding LoRA"),
-    Row("conv2d", "Conv2d target", _needs("conv", "no nn.Conv2d in the model", lambda a: dict(target_modules=[a.conv])),
-        lambda a: rf"module '{a.conv}' is a Conv2d LoRA"),
+    Row("embedding", "Embedding target (+ a linear)", _needs("embedding", NO_EMBEDDING, lambda a: dict(
+        target_modules=[a.embedding, a.targets[0]]))),
+    Row("conv2d", "Conv2d targets (+ a linear)", _needs("conv", "no nn.Conv2d in the model", lambda a: dict(
+        target_modules=[*a.conv, a.targets[0]]))),
     Row("pissa_raw", "PiSSA, not converted", lambda a: dict(target_modules=a.targets), init="pissa", converted=False,
         refused=lambda a: r"init_lora_weights='pissa': the initialisation changes the base weights"),
     Row("olora_raw", "OLoRA, not converted", lambda a: dict(target_modules=a.targets), init="olora", converted=False,
@@ -254,6 +254,10 @@ def test_matrix_cell_equals_peft_or_is_refused(tmp_path, row, arch):
     assert not torch.allclose(refs[0], refs[1], atol=1e-3)
 
     model = molora.compose(copy.deepcopy(base), {"a": a, "b": b}, router="task")
+    from peft.tuners.lora import LoraLayer
+
+    peft_layers = {n: type(m.get_base_layer()) for n, m in pm.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    assert {n: type(m.base_layer) for n, m in model.routed_layers().items()} == peft_layers  # every module PEFT adapts
     for i, ref in enumerate(refs):
         with model.routing(task_ids=[i] * BATCH):
             torch.testing.assert_close(output(model, arch), ref, atol=1e-5, rtol=1e-5)
