@@ -2,7 +2,7 @@
 
 ``get_molora_model`` around a module holding a frozen ``nn.Linear(d, d)`` (top-k router, E experts
 of rank r), called as a model is called (``[1, T, d]`` input, through the ``MoLoRAModel`` and
-its forward scope), forward + backward, one intra-op thread. Variants, each against the bare
+its forward scope), forward + backward, one intra-op thread (``--threads``: more). Variants, each against the bare
 linear (``x`` requires grad, ``W`` does not) timed in the same round:
 
 * ``model``: the model as above; ``layer``: the ``RoutedLoRALinear`` alone (``[T, d]``);
@@ -105,7 +105,7 @@ def _build(d: int, T: int, E: int, r: int, k: int, compile_: bool):
 def worker(args) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     variants, run = _build(args.d, args.T, args.E, args.r, args.k, args.compile)
     names = list(variants)
     print(json.dumps({"ready": names}), flush=True)
@@ -118,9 +118,11 @@ def worker(args) -> None:
 
 
 # ----------------------------------------------------------------------------- parent side
-def _spawn(checkout: Path, shape: dict, compile_: bool) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(_import_root(checkout)), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *sum(([f"--{k}", str(v)] for k, v in shape.items()), [])]
+def _spawn(checkout: Path, shape: dict, compile_: bool, threads: int = 1) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(_import_root(checkout)), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
+           *sum(([f"--{k}", str(v)] for k, v in shape.items()), [])]
     if compile_:
         cmd.append("--compile")
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(checkout))
@@ -151,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--compare", default=None, help="another checkout to time alongside ('before')")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (the CPU-time columns "
+                    "then count the calling thread only)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd model and base")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer-overhead.json"))
     args = ap.parse_args(argv)
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
         for E in experts:
             shape = {"d": args.d, "T": args.T, "E": E, "r": args.r, "k": args.k}
             # "before" checkouts may lack --compile: only the current one compiles
-            workers[(label, E)] = _spawn(path, shape, args.compile and label == "after")
+            workers[(label, E)] = _spawn(path, shape, args.compile and label == "after", args.threads)
     names = {key: json.loads(w.stdout.readline())["ready"] for key, w in workers.items()}
     ratios: dict = {key: {n: [] for n in names[key] if n != "base"} for key in workers}
     base_ms: dict = {key: [] for key in workers}
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
         print(f"{r['checkout']:>8} {r['E']:>3} {r['base_ms']:>8.1f} "
               + " ".join(f"{r[c]:>14.3f}x" if c in r else f"{'-':>15}" for c in cols))
     result = {"command": "python benchmarks/layer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "clock": "wall (perf_counter), one intra-op thread per worker, fwd+bwd", "rounds": args.rounds,
+              "clock": f"wall (perf_counter), {args.threads} intra-op thread(s) per worker, fwd+bwd", "rounds": args.rounds,
               "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
