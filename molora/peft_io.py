@@ -271,13 +271,14 @@ def _peft_config(folder: Path, raw: dict[str, Any], cfg_path: Path, where: str) 
 def _saved_module(key: str, modules_to_save: list[str] | None) -> tuple[str, str] | None:
     """``(module path, state-dict key)`` of a tensor PEFT saved for ``modules_to_save`` (saved as
     ``base_model.model.<module>.<param>``; the module is the outermost prefix PEFT's rule matches:
-    equal to an entry or ending with ``.<entry>``), or ``None``."""
+    its path ends with an entry, as a plain string: PEFT's ``_set_trainable`` wraps ``input_layernorm``
+    for the entry ``"norm"``), or ``None``."""
     if not modules_to_save:
         return None
     parts = key.removeprefix("base_model.model.").split(".")
     for i in range(1, len(parts)):
         module = ".".join(parts[:i])
-        if any(module == t or module.endswith("." + t) for t in modules_to_save):
+        if any(module.endswith(t) for t in modules_to_save):
             return module, ".".join(parts[i:])
     return None
 
