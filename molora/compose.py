@@ -64,7 +64,12 @@ def compose(
     loaded = [load_peft_adapter(path, name) for name, path in adapters.items()]
     if general_adapters is not None:
         general = named_adapters(general_adapters, "compose general_adapters")
-        loaded = subtract_general_knowledge(loaded, [load_peft_adapter(path, name) for name, path in general.items()])
+        general_loaded = [load_peft_adapter(path, name) for name, path in general.items()]
+        with_modules = [g.name for g in general_loaded if g.saved_modules]
+        if with_modules:  # only the LoRA factors are subtracted: their saved modules would be dropped silently
+            raise AdapterError(f"compose: general adapters {with_modules} saved whole modules (PEFT's modules_to_save); "
+                               "GenKnowSub subtracts LoRA factors only")
+        loaded = subtract_general_knowledge(loaded, general_loaded)
     names = [a.name for a in loaded]
     config = MoLoRAConfig(
         target_modules=sorted({m for a in loaded for m in a.modules}),

@@ -14,6 +14,10 @@ it); an ``nn.Conv2d`` LoRA is ``lora_A.weight [r, c_in, k_h, k_w]`` and ``lora_B
 ``ParamWrapper`` adds ``s B A`` to the parameter as it is stored, so on a ``Conv1D`` weight
 ``[d_in, d_out]`` its factors are swapped and transposed (:func:`module_factors`).
 
+Modules saved whole with the adapter (``modules_to_save``, saved as ``<module>.<param>``) are read
+into :attr:`PeftLoraAdapter.saved_modules`; :func:`molora.compose` runs them as per-expert copies
+(:mod:`molora.routed_copies`).
+
 Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can run code when
 it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
 Every field molora reads from ``adapter_config.json`` and every tensor is checked (types,

@@ -199,3 +199,13 @@ def test_a_per_layer_router_set_later_is_refused_at_the_head(setup):
                                                              d_in=layer.router_width), "soft")
     with pytest.raises(RoutingError, match=r"module 'classifier' holds per-adapter copies"):
         logits(model, ids)
+
+
+def test_general_adapters_with_a_saved_head_are_refused(setup):
+    """GenKnowSub subtracts LoRA factors only: a general adapter's head would be dropped silently."""
+    base, dirs, *_ = setup
+    target = copy.deepcopy(base)
+    before = snapshot(target)
+    with pytest.raises(AdapterError, match=r"general adapters \['a'\] saved whole modules"):
+        molora.compose(target, {"c": dirs["c"]}, router="task", general_adapters={"a": dirs["a"]})
+    assert_same_snapshot(before, snapshot(target))
