@@ -208,6 +208,10 @@ class AdapterPool:
             self.stats.warm_seconds += time.perf_counter() - t0
             return cached
         adapter = load_peft_adapter(source, name=name)
+        if adapter.saved_modules:  # the pool swaps LoRA factors only; dropping the modules would be silent
+            raise AdapterError(f"AdapterPool: adapter {name!r} saved modules {sorted(adapter.saved_modules)} whole "
+                               "(PEFT's modules_to_save), which a pool slot cannot hold; compose such adapters with "
+                               "molora.compose(..., router='task')")
         factors = {m: self._check_factors(name, m, f) for m, f in adapter.modules.items()}
         self.stats.cold_loads += 1
         self.stats.cold_seconds += time.perf_counter() - t0

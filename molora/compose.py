@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from molora.genknowsub import subtract_general_knowledge
 from molora.kinds import DoRABank
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device, resident_weight, routed_layer_class
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
+from molora.routers import router_class
 from molora.peft_io import PeftLoraAdapter, load_peft_adapter, module_factors
 
 
@@ -62,7 +64,12 @@ def compose(
     loaded = [load_peft_adapter(path, name) for name, path in adapters.items()]
     if general_adapters is not None:
         general = named_adapters(general_adapters, "compose general_adapters")
-        loaded = subtract_general_knowledge(loaded, [load_peft_adapter(path, name) for name, path in general.items()])
+        general_loaded = [load_peft_adapter(path, name) for name, path in general.items()]
+        with_modules = [g.name for g in general_loaded if g.saved_modules]
+        if with_modules:  # only the LoRA factors are subtracted: their saved modules would be dropped silently
+            raise AdapterError(f"compose: general adapters {with_modules} saved whole modules (PEFT's modules_to_save); "
+                               "GenKnowSub subtracts LoRA factors only")
+        loaded = subtract_general_knowledge(loaded, general_loaded)
     names = [a.name for a in loaded]
     config = MoLoRAConfig(
         target_modules=sorted({m for a in loaded for m in a.modules}),
@@ -79,6 +86,13 @@ def compose(
         adapter_dtype=adapter_dtype,
     )
     modules = _check_against_base(base_model, loaded)
+    saved = _check_saved_modules(base_model, loaded, modules)
+    if saved and not router_class(router).shared:
+        where = next(iter(saved))
+        raise AdapterError(f"compose: adapters {sorted({a.name for a in loaded if where in a.saved_modules})} saved "
+                           f"module {where!r} whole (PEFT's modules_to_save); per-adapter copies run per example by a "
+                           f"model-level router (router='task', 'static', 'mixture', ...), not router {router!r}, whose "
+                           "per-token gates have no per-example copy")
     first = next(iter(modules.values()))
     devices = {path: layer_device(base_model, path) for path in modules}  # a meta base without hooks: refused here
     shared = build_shared_router(config, names, routed_layer_class(first).router_dim(first), next(iter(devices.values())))
@@ -105,7 +119,51 @@ def compose(
         layers[path] = build_routed_layer(module, name=path, bank=bank, router=layer_router, expert_ids=expert_ids,
                                           num_global_experts=len(loaded), dropout=dropout, dtype=config.torch_dtype,
                                           device=devices[path])
+    for path, module in saved.items():
+        # each adapter's own copy of the module (PEFT's ModulesToSaveWrapper), trainable like the experts
+        copies = {}
+        for i, adapter in enumerate(loaded):
+            if path in adapter.saved_modules:
+                c = copies[i] = copy.deepcopy(module)
+                c.load_state_dict(adapter.saved_modules[path])  # cast to the module's dtype and device
+                c.requires_grad_(trainable_experts)
+        layers[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=sorted(copies),
+                                          num_global_experts=len(loaded), copies=copies)
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+
+
+def _check_saved_modules(base_model: nn.Module, adapters: list[PeftLoraAdapter],
+                         lora: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The base modules the adapters saved whole (PEFT's ``modules_to_save``), by path, each
+    saved copy checked against the base module (the same tensors, of the same shapes, finite:
+    the loader checked that); an AdapterError naming adapter, module and tensor otherwise."""
+    found: dict[str, nn.Module] = {}
+    for adapter in adapters:
+        for path, tensors in adapter.saved_modules.items():
+            where = f"adapter {adapter.name!r}, module {path!r} (modules_to_save)"
+            try:
+                module = base_model.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"{where}: {type(base_model).__name__} has no such module (was the adapter trained "
+                                   "on a different base model?)") from None
+            inner = [p for p in lora if p == path or p.startswith(path + ".") or path.startswith(p + ".")]
+            if inner:
+                raise AdapterError(f"{where}: the module holds, or sits inside, a LoRA-adapted module {inner[0]!r}; "
+                                   "molora routes whole saved modules that no adapter's LoRA reaches")
+            expected = {k: v for k, v in module.state_dict().items()}
+            missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            if missing or unexpected:
+                raise AdapterError(f"{where}: the saved module's tensors do not match the base module "
+                                   f"{type(module).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            for key, t in tensors.items():
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise AdapterError(f"adapter {adapter.name!r} was made for a different base model: module {path!r} "
+                                       f"(modules_to_save) has {key} {list(t.shape)} in the adapter but "
+                                       f"{list(expected[key].shape)} in the base model (e.g. another number of labels)")
+                if expected[key].is_floating_point() != t.is_floating_point():
+                    raise AdapterError(f"{where}: tensor {key!r} is {t.dtype}; the base module's is {expected[key].dtype}")
+            found[path] = module
+    return found
 
 
 def adapter_name(path: str | os.PathLike) -> str:

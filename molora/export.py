@@ -18,6 +18,7 @@ from molora.kinds.dora import DoRABank, dora_export
 from molora.layer import Conv1D
 from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
+from molora.routed_copies import ORIGINAL
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -131,6 +132,18 @@ def export_peft(
         transposed |= Conv1D is not None and isinstance(layer.base_layer, Conv1D)  # an embedding's [V, d] is not fan_in_fan_out
     if not state:
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")
+    # whole per-expert module copies (PEFT's modules_to_save): the one copy the mix picks is
+    # written back as PEFT saves it; a blend of several copies is refused (static_choice)
+    saved = []
+    for path, copies in model.routed_copies().items():
+        pick = copies.static_choice(w_all, "export_peft")
+        if pick == ORIGINAL:
+            continue
+        for key, t in copies.copy_of(pick).state_dict().items():
+            name = f"base_model.model.{path}.{key}"
+            state[name] = (finite_tensor(t.detach(), f"export_peft: module {path!r}", f"tensor {key!r}")
+                           if t.is_floating_point() else t.detach()).cpu().contiguous()
+        saved.append(path)
     r = max(ranks.values())
     patterns = {re.escape(n): k for n, k in ranks.items()}
     from peft import LoraConfig
@@ -150,6 +163,7 @@ def export_peft(
         use_dora=bool(dora),
         init_lora_weights=True,
         inference_mode=True,
+        modules_to_save=saved or None,
     )
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:

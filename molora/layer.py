@@ -14,7 +14,7 @@ on the layer: what it decided goes to the call's forward scope (:mod:`molora.con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -491,6 +491,7 @@ def build_routed_layer(
     dtype: torch.dtype | None = None,
     from_base: bool = True,
     device: torch.device | None = None,
+    copies: Mapping[int, nn.Module] | None = None,
 ) -> RoutedLoRALinear:
     """The one place routed layers are built (``get_molora_model``, ``compose``, checkpoints), of the
     class :func:`routed_layer_class` picks for ``base_layer``.
@@ -502,8 +503,18 @@ def build_routed_layer(
     ``from_base``: expert kinds built from the base weight (QR-LoRA's ``Q``) take it from
     ``base_layer``; ``False`` (a checkpoint, whose tensors hold them) skips that work.
     ``device``: where the experts live (:func:`layer_device`; default: the base weight's device).
+    ``copies``: ``{global expert: module}``, whole per-expert copies of ``base_layer`` (PEFT's
+    ``modules_to_save``): a :class:`~molora.routed_copies.RoutedCopies` instead (``bank`` and
+    ``router`` are ``None``; the model's shared router decides).
     """
     from molora.routers import build_router
+
+    if copies is not None:
+        from molora.routed_copies import build_routed_copies
+
+        if bank is not None or router is not None:
+            raise MoLoRAError(f"module {name!r}: per-expert copies take no bank or router")
+        return build_routed_copies(base_layer, name=name, copies=copies, num_global_experts=num_global_experts)
 
     d_in, d_out, _ = base_features(base_layer)
     cls = routed_layer_class(base_layer)

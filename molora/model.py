@@ -272,6 +272,13 @@ class MoLoRAModel(nn.Module):
         """The routed layers by module path (relative to the base model)."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, RoutedLoRALinear)}
 
+    def routed_copies(self) -> dict[str, Any]:
+        """The whole per-expert module copies (PEFT's ``modules_to_save``,
+        :class:`~molora.routed_copies.RoutedCopies`) by module path."""
+        from molora.routed_copies import routed_copies
+
+        return routed_copies(self.base_model)
+
     @property
     def num_experts(self) -> int:
         return len(self.expert_names)
@@ -331,6 +338,8 @@ class MoLoRAModel(nn.Module):
         for layer in self.routed_layers().values():
             layer.router = None
             layer.set_shared_router(router)
+        for copies in self.routed_copies().values():
+            copies.set_shared_router(router)
         self.molora_config.router = router.name
         self.molora_config.router_kwargs = {}
 
@@ -350,6 +359,8 @@ class MoLoRAModel(nn.Module):
             layer.router = routers[path]
             layer.set_shared_router(None)
         self.shared_router = None
+        for copies in self.routed_copies().values():  # they refuse per-layer routing at their forward
+            copies.set_shared_router(None)
         self.molora_config.router, self.molora_config.router_kwargs = name, dict(kwargs or {})
 
     @contextlib.contextmanager
@@ -358,6 +369,7 @@ class MoLoRAModel(nn.Module):
         layers = self.routed_layers().values()
         if any(layer.merged_weights is not None for layer in layers):
             raise MoLoRAError("adapters are merged into the base weights; unmerge() before disabling them")
+        layers = [*layers, *self.routed_copies().values()]  # a copied module runs its original
         previous = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True
@@ -392,8 +404,13 @@ class MoLoRAModel(nn.Module):
         per_layer = self.layer_weights(weights)
         layers = self.routed_layers()
         staged = {name: layer.merged_weight(per_layer[name]) for name, layer in layers.items()}
+        # a per-expert module copy (modules_to_save) runs the one copy the mix picks while merged
+        w_all = mixture_weights(weights, self.expert_names, "merge")
+        pins = {copies: copies.static_choice(w_all, "merge") for copies in self.routed_copies().values()}
         for name, (merged, w) in staged.items():
             layers[name].commit_merge(merged, w)
+        for copies, pin in pins.items():
+            copies.pinned = pin
 
     def fold(self, weights: Mapping[str, float] | Sequence[float]) -> None:
         """Add the mixture ``sum_e w_e s_e B_e A_e`` to the base weights for good (O-LoRA folds a
@@ -410,6 +427,8 @@ class MoLoRAModel(nn.Module):
         """Put back the base weights as they were before :meth:`merge` (bit-exact)."""
         for layer in self.routed_layers().values():
             layer.unmerge()
+        for copies in self.routed_copies().values():
+            copies.pinned = None
 
     # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> Tensor:
@@ -442,6 +461,8 @@ class MoLoRAModel(nn.Module):
         for layer in self.routed_layers().values():
             local = [i for i, g in enumerate(layer.expert_ids) if g in ids]
             layer.bank.set_trainable(trainable, None if experts is None else local)
+        for copies in self.routed_copies().values():
+            copies.set_trainable(trainable, None if experts is None else sorted(ids))
 
     def add_expert(
         self,
@@ -508,7 +529,8 @@ class MoLoRAModel(nn.Module):
         """Only molora's tensors: experts and routers, keyed ``<module path>.<param>``."""
         from molora.persistence import adapter_modules, adapter_tensors
 
-        return adapter_tensors(adapter_modules(self.routed_layers(), self.shared_router, self.saved_modules()))
+        return adapter_tensors(adapter_modules({**self.routed_layers(), **self.routed_copies()}, self.shared_router,
+                                               self.saved_modules()))
 
     def saved_modules(self) -> dict[str, nn.Module]:
         """The base modules that :attr:`MoLoRAConfig.modules_to_save` names, by path: trainable,
@@ -540,7 +562,7 @@ class MoLoRAModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original base layers back (merged mixtures stay folded in) and return the base model."""
-        for name, layer in self.routed_layers().items():
+        for name, layer in {**self.routed_layers(), **self.routed_copies()}.items():
             self.base_model.set_submodule(name, layer.base_layer)
         for h in self._hooks:
             h.remove()

@@ -14,6 +14,10 @@ it); an ``nn.Conv2d`` LoRA is ``lora_A.weight [r, c_in, k_h, k_w]`` and ``lora_B
 ``ParamWrapper`` adds ``s B A`` to the parameter as it is stored, so on a ``Conv1D`` weight
 ``[d_in, d_out]`` its factors are swapped and transposed (:func:`module_factors`).
 
+Modules saved whole with the adapter (``modules_to_save``, saved as ``<module>.<param>``) are read
+into :attr:`PeftLoraAdapter.saved_modules`; :func:`molora.compose` runs them as per-expert copies
+(:mod:`molora.routed_copies`).
+
 Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can run code when
 it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
 Every field molora reads from ``adapter_config.json`` and every tensor is checked (types,
@@ -63,6 +67,7 @@ _COMPOSED = frozenset({
     "layers_to_transform", "layers_pattern", "target_parameters",
     "fan_in_fan_out",  # transposes the base weight only; the factors are stored the same way
     "use_dora",  # DoRA: the magnitude vectors load as experts of a "dora" bank (molora.kinds.dora)
+    "modules_to_save",  # whole modules saved with the adapter: per-expert copies (molora.routed_copies)
 })
 # Fields that do not change an eval forward: metadata, runtime, training-only (dropout, VeLoRA's
 # backward) and initialisation-only (the saved factors are what the initialisation produced).
@@ -81,8 +86,6 @@ _REFUSED = {
                                "change every token before them)",
     "lora_bias": "a bias on lora_B",
     "bias": "trained base-layer biases saved with the adapter",
-    "modules_to_save": "full modules saved with the adapter (molora composes the LoRA factors only and would "
-                       "silently drop them)",
     "trainable_token_indices": "trained embedding rows (trainable tokens)",
     "use_qalora": "QALoRA (input pooling before lora_A)",
     "layer_replication": "replicated base layers",
@@ -128,6 +131,9 @@ class PeftLoraAdapter:
     # base weights PEFT saved with the adapter (an Embedding LoRA's base_layer), by module path:
     # composing checks they are the base model's own
     base_weights: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    # whole modules saved with the adapter (PEFT's modules_to_save), by module path: their state
+    # dict (``{param: tensor}``), composed as the expert's own copy (molora.routed_copies)
+    saved_modules: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -266,6 +272,21 @@ def _peft_config(folder: Path, raw: dict[str, Any], cfg_path: Path, where: str) 
     return config
 
 
+def _saved_module(key: str, modules_to_save: list[str] | None) -> tuple[str, str] | None:
+    """``(module path, state-dict key)`` of a tensor PEFT saved for ``modules_to_save`` (saved as
+    ``base_model.model.<module>.<param>``; the module is the outermost prefix PEFT's rule matches:
+    its path ends with an entry, as a plain string: PEFT's ``_set_trainable`` wraps ``input_layernorm``
+    for the entry ``"norm"``), or ``None``."""
+    if not modules_to_save:
+        return None
+    parts = key.removeprefix("base_model.model.").split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any(module.endswith(t) for t in modules_to_save):
+            return module, ".".join(parts[i:])
+    return None
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -331,6 +352,7 @@ def load_peft_adapter(
     use_dora = bool(config.get("use_dora", False))
     base_weights: dict[str, Tensor] = {}
     layers: dict[str, str] = {}  # module -> "embedding" / "conv2d" for the factors that say so
+    saved_modules: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         mag = _MAGNITUDE.match(key)
         if mag is not None:
@@ -345,6 +367,10 @@ def load_peft_adapter(
             base_weights[base["module"]] = value
             continue
         m = _EMBEDDING.match(key) or _KEY.match(key)
+        saved = _saved_module(key, config.get("modules_to_save")) if m is None else None
+        if saved is not None:
+            saved_modules.setdefault(saved[0], {})[saved[1]] = value
+            continue
         if m is None:
             raise AdapterError(f"{where}: {st}: unsupported tensor {key!r} (only lora_A/lora_B of linear and Conv2d "
                                "layers, lora_embedding_A/B of embeddings, and DoRA's lora_magnitude_vector, are supported)")
@@ -400,4 +426,4 @@ def load_peft_adapter(
     if not modules:
         raise AdapterError(f"{where}: {st} holds no LoRA weights")
     return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config,
-                           base_weights=base_weights)
+                           base_weights=base_weights, saved_modules=saved_modules)

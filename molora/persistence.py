@@ -39,6 +39,7 @@ with a CheckpointError saying what to do. Version 3 adds those three optional fi
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 
 from molora.config import MoLoRAConfig
 from molora.errors import CheckpointError, MoLoRAError
-from molora.layer import RoutedLoRALinear, layer_device, layer_from_spec, resident_weight
+from molora.layer import RoutedLoRALinear, build_routed_layer, layer_device, layer_from_spec, resident_weight
 from molora.routers import build_router
 
 try:  # POSIX only: without it concurrent writers to one folder are not serialised
@@ -364,6 +365,22 @@ def validate_extras(meta: dict[str, Any], where: str, prefix: str = "") -> None:
     if users and xl is None:
         raise CheckpointError(f"{where}: field {prefix + 'layers.' + users[0] + '.router'!r} names router "
                               f"{XLORA_STYLE!r} but the checkpoint has no field {prefix + 'xlora_style'!r} (its classifier)")
+    copies = field(meta, "routed_copies", DICT, where, prefix, optional=True, nullable=True)
+    for path, rec in (copies or {}).items():
+        p = f"{prefix}routed_copies.{path}."
+        rec = require_object(rec, where, f"field {p.rstrip('.')!r}")
+        ids = field(rec, "expert_ids", INTS, where, p)
+        pinned = field(rec, "pinned", INT, where, p, nullable=True)
+        flags = field(rec, "trainable", BOOLS, where, p, optional=True)
+        if flags is not None and len(flags) != len(ids):
+            raise CheckpointError(f"{where}: field {p + 'trainable'!r} has {len(flags)} entries for {len(ids)} experts")
+        n = len(meta["expert_names"])
+        if not ids or any(not 0 <= i < n for i in ids) or len(set(ids)) != len(ids) \
+                or (pinned is not None and pinned != -1 and pinned not in ids):
+            raise CheckpointError(f"{where}: field {p + 'expert_ids'!r} must list distinct experts of the {n} "
+                                  f"(and 'pinned' one of them, -1 or null); got {ids}, pinned {pinned}")
+        if path in layers:
+            raise CheckpointError(f"{where}: field {p.rstrip('.')!r} names a routed LoRA layer")
     tied = field(meta, "tied_routers", DICT, where, prefix, optional=True, nullable=True)
     for name, owner in (tied or {}).items():
         p = f"{prefix}tied_routers."
@@ -633,6 +650,7 @@ def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple
         "base_fingerprint": base_fingerprint(model.routed_layers()) if fingerprint else None,
         "xlora_style": xlora,
         "tied_routers": tied or None,
+        "routed_copies": {path: c.spec() for path, c in model.routed_copies().items()} or None,
     }
     return meta, blob
 
@@ -780,6 +798,7 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
             _attach_xlora(layers, meta, where)
         for name, owner in (meta.get("tied_routers") or {}).items():
             layers[name].router = layers[owner].router
+        copies = _build_copies(base_model, meta, where, made_for)
         shared = None
         if meta["shared_router"] is not None:
             sr = meta["shared_router"]
@@ -790,7 +809,7 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
             device = next(iter(layers.values())).bank.device if layers else None
             shared = shared.to(device=device, dtype=config.torch_dtype)
         try:
-            load_adapter_tensors(adapter_modules(layers, shared, saved), tensors)
+            load_adapter_tensors(adapter_modules({**layers, **copies}, shared, saved), tensors)
         except CheckpointError as exc:
             raise CheckpointError(f"{where}: the weights do not fit the layout of field 'layers': {exc}") from None
         merges = {}
@@ -800,10 +819,39 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
                     merges[name] = layers[name].merged_weight(spec["merged_weights"])
                 except MoLoRAError as exc:
                     raise CheckpointError(f"{where}: field 'layers.{name}.merged_weights': {exc}") from None
-        model = MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+        model = MoLoRAModel(base_model, config, {**layers, **copies}, expert_names=names, shared_router=shared)
         for name, (merged, w) in merges.items():
             layers[name].commit_merge(merged, w)
+        for path, rec in (meta.get("routed_copies") or {}).items():
+            copies[path].pinned = rec.get("pinned")
         return model
+
+
+def _build_copies(base_model: nn.Module, meta: Mapping[str, Any], where: str, made_for: Any) -> dict[str, nn.Module]:
+    """The per-expert module copies (PEFT's modules_to_save, :mod:`molora.routed_copies`) that
+    ``meta["routed_copies"]`` records: fresh copies of the base modules, whose values the
+    checkpoint's tensors then give; the base model is not changed."""
+    from molora.routed_copies import RoutedCopies
+
+    built: dict[str, nn.Module] = {}
+    for path, rec in (meta.get("routed_copies") or {}).items():
+        try:
+            module = base_model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"{where}: the base model ({type(base_model).__name__}) has no module {path!r} "
+                                  f"(field 'routed_copies'): the checkpoint was made for {made_for}") from None
+        if isinstance(module, (RoutedLoRALinear, RoutedCopies)):
+            raise CheckpointError(f"{where}: module {path!r} is already routed: load into a plain base model")
+        copies = {i: copy.deepcopy(module) for i in rec["expert_ids"]}
+        trainable = rec.get("trainable") or [False] * len(copies)
+        for c, flag in zip(copies.values(), trainable):
+            c.requires_grad_(bool(flag))
+        try:
+            built[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=rec["expert_ids"],
+                                             num_global_experts=len(meta["expert_names"]), copies=copies)
+        except MoLoRAError as exc:
+            raise CheckpointError(f"{where}: field 'routed_copies.{path}': {exc}") from None
+    return built
 
 
 def _without_xlora(spec: dict) -> dict:
