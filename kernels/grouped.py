@@ -24,11 +24,9 @@ Hand-written backward (``dY`` gathered once as ``dY_s``)::
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,77 +83,16 @@ def _views(t: Tensor, experts: list[int]) -> dict[int, Tensor]:
 CHUNK_ROWS = 256
 
 
-def _segments(plan: RoutingPlan, bounds: list[tuple[int, int]] | None = None):
+def _segments(plan: RoutingPlan):
     """``(expert, start, n, tokens)`` of each segment piece (``n <= CHUNK_ROWS``) of the active
-    experts, in sorted order; ``bounds``: each active expert's ``[lo, hi)`` sub-range of its segment
-    (default: all of it)."""
+    experts, in sorted order."""
     start = 0
-    for i, (e, count) in enumerate(zip(plan.experts, plan.counts)):
-        lo, hi = (0, count) if bounds is None else bounds[i]
-        n = hi - lo
-        if n > 0:
-            size = -(-n // -(-n // CHUNK_ROWS))  # ceil(n / pieces), pieces = ceil(n / CHUNK_ROWS)
-            for c in range(lo, hi, size):
-                m = min(size, hi - c)
-                yield e, start + c, m, plan.tokens[start + c : start + c + m]
-        start += count
-
-
-#: The per-expert loop runs on up to this many threads (never more than torch's intra-op thread
-#: count), each over its own contiguous range of tokens, when each gets at least
-#: ``LOOP_MIN_PAIRS_PER_THREAD`` (token, slot) pairs.
-LOOP_MAX_THREADS = 8
-LOOP_MIN_PAIRS_PER_THREAD = 1024
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _loop_parts(pairs: int, threads: int) -> int:
-    """How many token ranges (threads) the loop over ``pairs`` sorted pairs is split into."""
-    return max(1, min(threads, LOOP_MAX_THREADS, pairs // LOOP_MIN_PAIRS_PER_THREAD))
-
-
-def _token_bounds(plan: RoutingPlan, T: int, parts: int) -> list[list[tuple[int, int]]]:
-    """For each of ``parts`` equal token ranges ``[w T / parts, (w + 1) T / parts)``, each active
-    expert's sub-range of its segment: the segment's tokens ascend (a stable sort of ``t k + j``),
-    so the key ``expert T + token`` ascends over the sorted pairs and one ``searchsorted`` finds
-    every cut. Ranges of different parts touch disjoint rows of ``y``/``dx``: no two threads
-    add into one row."""
-    key = plan.pair_experts * T + plan.tokens
-    experts = torch.tensor(plan.experts, dtype=key.dtype, device=key.device)
-    edges = torch.tensor([T * w // parts for w in range(parts + 1)], dtype=key.dtype, device=key.device)
-    cuts = torch.searchsorted(key, experts[:, None] * T + edges[None, :]).tolist()
-    starts = [0]
-    for c in plan.counts[:-1]:
-        starts.append(starts[-1] + c)
-    return [[(cut[w] - s0, cut[w + 1] - s0) for cut, s0 in zip(cuts, starts)] for w in range(parts)]
-
-
-def partition(plan: RoutingPlan, T: int, threads: int) -> list[list[tuple[int, int]] | None]:
-    """The token ranges the loop over ``plan`` runs as (``[None]``: one, the whole of each
-    segment). The rank-major buffers' layout follows the pieces, so a forward and its backward
-    must use the same partition: it is computed once per call and kept with the plan."""
-    parts = _loop_parts(plan.tokens.shape[0], threads)
-    return [None] if parts == 1 else _token_bounds(plan, T, parts)
-
-
-def _in_parallel(fn: Callable[[int], Any], parts: int) -> list[Any]:
-    """``[fn(0), ..., fn(parts - 1)]``, part 0 on the calling thread and the others on a shared
-    pool of one-intra-op-thread workers (torch ops release the GIL); grad mode off in all."""
-    global _POOL
-    if parts == 1:
-        return [fn(0)]
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(LOOP_MAX_THREADS - 1, thread_name_prefix="molora-grouped",
-                                                          initializer=torch.set_num_threads, initargs=(1,))
-    def task(w: int) -> Any:
-        with torch.no_grad():
-            return fn(w)
-
-    futures = [_POOL.submit(task, w) for w in range(1, parts)]
-    first = fn(0)
-    return [first, *(f.result() for f in futures)]
+    for e, n, tok in zip(plan.experts, plan.counts, plan.tokens.split(plan.counts)):
+        size = -(-n // -(-n // CHUNK_ROWS))  # ceil(n / pieces), pieces = ceil(n / CHUNK_ROWS)
+        for c in range(0, n, size):
+            m = min(size, n - c)
+            yield e, start + c, m, tok[c : c + m]
+        start += n
 
 
 #: Run the per-expert loop on one intra-op thread (see :func:`_one_thread`).
@@ -183,12 +120,10 @@ def _one_thread() -> Iterator[None]:
 
 
 def _grouped_forward(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, plan: RoutingPlan, s: Tensor,
-                     rank_mask: Tensor | None, y: Tensor, h: Tensor, hp: Tensor,
-                     bounds: list[list[tuple[int, int]] | None] = (None,)) -> Tensor:
+                     rank_mask: Tensor | None, y: Tensor, h: Tensor, hp: Tensor) -> Tensor:
     """The forward of :class:`_GroupedRoutedLoRA`: adds the delta into ``y`` in place, fills the
     rank-major ``h``/``hp`` (``>= r N`` elements) and returns ``coef`` ``[N]`` (gate times ``s_e``
-    of each sorted pair), all the backward needs besides the inputs. ``bounds``: the
-    :func:`partition` of the loop into token ranges, one thread each."""
+    of each sorted pair), all the backward needs besides the inputs."""
     r = B.shape[2]
     d_out = B.shape[1]
     shared = A.dim() == 2
@@ -199,36 +134,32 @@ def _grouped_forward(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, plan: Routi
     A_e = None if shared else _views(A, experts)
     B_e = _views(B, experts)
     m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
-    HT = A @ x.T if shared else None  # [r, T]: A x once per token, gathered per segment below
-
-    def loop(w: int) -> None:
-        cx = None if shared else x.new_empty(cmax, x.shape[1])
-        co = x.new_empty(cmax, d_out)
-        for e, start, n, tok in _segments(plan, bounds[w]):
-            seg = slice(start, start + n)
-            hT = _seg(h, r, start, n)
-            if shared:
-                torch.index_select(HT, 1, tok, out=hT)
-            else:
-                torch.index_select(x, 0, tok, out=cx[:n])
-                torch.mm(A_e[e], cx[:n].T, out=hT)
-            if m_e is not None:
-                hT *= m_e[e]
-            hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
-            torch.mm(hpT.T, B_e[e].T, out=co[:n])
-            y.index_add_(0, tok, co[:n])
-
-    _in_parallel(loop, len(bounds))
+    if shared:
+        HT = A @ x.T  # [r, T]: A x once per token, gathered per segment below
+    else:
+        cx = x.new_empty(cmax, x.shape[1])
+    co = x.new_empty(cmax, d_out)
+    for e, start, n, tok in _segments(plan):
+        seg = slice(start, start + n)
+        hT = _seg(h, r, start, n)
+        if shared:
+            torch.index_select(HT, 1, tok, out=hT)
+        else:
+            torch.index_select(x, 0, tok, out=cx[:n])
+            torch.mm(A_e[e], cx[:n].T, out=hT)
+        if m_e is not None:
+            hT *= m_e[e]
+        hpT = torch.mul(hT, coef[None, seg], out=_seg(hp, r, start, n))
+        torch.mm(hpT.T, B_e[e].T, out=co[:n])
+        y.index_add_(0, tok, co[:n])
     return coef
 
 
 def _grouped_backward(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Tensor, rank_mask: Tensor | None, h: Tensor,
                       hp: Tensor, coef: Tensor, plan: RoutingPlan, gates_shape: torch.Size,
-                      needs: tuple[bool, bool, bool, bool],
-                      bounds: list[list[tuple[int, int]] | None] = (None,)) -> tuple[Tensor | None, ...]:
+                      needs: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
     """The backward of :class:`_GroupedRoutedLoRA`: ``(dx, dA, dB, dgates)`` (``None`` where
-    ``needs`` says the input takes no gradient). ``bounds``: the forward's :func:`partition`; each
-    part sums its own weight gradients, added up after."""
+    ``needs`` says the input takes no gradient)."""
     order, tokens, experts, counts, pair_experts = plan
     need_x, need_a, need_b, need_g = needs
     E, d_out, r = B.shape
@@ -237,58 +168,49 @@ def _grouped_backward(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Tensor, ra
     cmax = min(CHUNK_ROWS, max(counts, default=0))
     dy = dy.contiguous()
     U = dy.new_empty(r * N)
+    cdy = dy.new_empty(cmax, d_out)
+    dBt = B.new_zeros(E, r, d_out) if need_b else None  # dB_e^T: [r, d_out] is the fast GEMM layout
+    dA = torch.zeros_like(A) if need_a and not shared else None
     need_dh = need_x or need_a
     dh = dy.new_empty(r * N) if need_dh else None
-    dx = x.new_zeros(x.shape) if need_dh and need_x and not shared else None
+    dx = None
+    if need_dh and not shared:
+        cx = x.new_empty(cmax, x.shape[1]) if need_a else None
+        cdx = x.new_empty(cmax, x.shape[1]) if need_x else None
+        dx = x.new_zeros(x.shape) if need_x else None
     A_e = None if shared else _views(A, experts)
     B_e = _views(B, experts)
     m_e = None if rank_mask is None else _views(rank_mask.unsqueeze(-1), experts)
+    dBt_e = _views(dBt, experts) if need_b else None
+    dA_e = _views(dA, experts) if dA is not None else None
     dpair = x.new_empty(N) if need_g else None
-
-    def loop(w: int) -> tuple[Tensor | None, Tensor | None]:
-        cdy = dy.new_empty(cmax, d_out)
-        dBt = B.new_zeros(E, r, d_out) if need_b else None  # dB_e^T: [r, d_out] is the fast GEMM layout
-        dA = torch.zeros_like(A) if need_a and not shared else None
-        cx = x.new_empty(cmax, x.shape[1]) if dA is not None else None
-        cdx = x.new_empty(cmax, x.shape[1]) if dx is not None else None
-        dBt_e = _views(dBt, experts) if need_b else None
-        dA_e = _views(dA, experts) if dA is not None else None
-        for e, start, n, tok in _segments(plan, bounds[w]):
-            seg = slice(start, start + n)
-            torch.index_select(dy, 0, tok, out=cdy[:n])
-            uT = torch.mm(B_e[e].T, cdy[:n].T, out=_seg(U, r, start, n))
-            if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
-                torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
-            if need_b:
-                dBt_e[e].addmm_(_seg(hp, r, start, n), cdy[:n])  # summed over the expert's chunks
-            if need_dh:
-                dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
-                if m_e is not None:
-                    dhT *= m_e[e]
-                if dA is not None:
+    for e, start, n, tok in _segments(plan):
+        seg = slice(start, start + n)
+        torch.index_select(dy, 0, tok, out=cdy[:n])
+        uT = torch.mm(B_e[e].T, cdy[:n].T, out=_seg(U, r, start, n))
+        if need_g:  # dg = s_e <U, m_e * H> per pair (h carries the mask; s_e applied below)
+            torch.sum(uT * _seg(h, r, start, n), 0, out=dpair[seg])
+        if need_b:
+            dBt_e[e].addmm_(_seg(hp, r, start, n), cdy[:n])  # summed over the expert's chunks
+        if need_dh:
+            dhT = torch.mul(uT, coef[None, seg], out=_seg(dh, r, start, n))
+            if m_e is not None:
+                dhT *= m_e[e]
+            if not shared:
+                if need_a:
                     torch.index_select(x, 0, tok, out=cx[:n])
                     dA_e[e].addmm_(dhT, cx[:n])
-                if dx is not None:
+                if need_x:
                     torch.mm(dhT.T, A_e[e], out=cdx[:n])
                     dx.index_add_(0, tok, cdx[:n])
-        return dBt, dA
-
-    results = _in_parallel(loop, len(bounds))
-    dBt, dA = results[0]
-    for other_dBt, other_dA in results[1:]:
-        if dBt is not None:
-            dBt += other_dBt
-        if dA is not None:
-            dA += other_dA
     dg = None
     if need_g:
         dpair *= s.index_select(0, pair_experts)
         dg = dy.new_zeros(gates_shape.numel()).index_copy_(0, order, dpair).view(gates_shape)
     if shared and need_dh:
         dHT = x.new_zeros(r, x.shape[0])  # sum over each token's pairs of dH, rank-major
-        for part in bounds:
-            for _, start, n, tok in _segments(plan, part):
-                dHT.index_add_(1, tok, _seg(dh, r, start, n))
+        for _, start, n, tok in _segments(plan):
+            dHT.index_add_(1, tok, _seg(dh, r, start, n))
         dx = dHT.T @ A if need_x else None
         dA = dHT @ x if need_a else None
     dB = dBt.transpose(1, 2).contiguous() if need_b else None
@@ -318,10 +240,9 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         else:  # accumulate into the caller's tensor (the base layer's output): no [T, d_out] temporary
             y = out
             ctx.mark_dirty(out)
-        bounds = partition(plan, x.shape[0], torch.get_num_threads())
         with _one_thread():
-            coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp, bounds)
-        ctx.plan, ctx.bounds, ctx.shape, ctx.has_out = plan, bounds, gates.shape, out is not None
+            coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp)
+        ctx.plan, ctx.shape, ctx.has_out = plan, gates.shape, out is not None
         ctx.save_for_backward(x, A, B, s, rank_mask, h, hp, coef)
         return y
 
@@ -330,7 +251,7 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
         x, A, B, s, rank_mask, h, hp, coef = ctx.saved_tensors
         with _one_thread():
             dx, dA, dB, dg = _grouped_backward(dy, x, A, B, s, rank_mask, h, hp, coef, ctx.plan, ctx.shape,
-                                               tuple(ctx.needs_input_grad[:4]), ctx.bounds)
+                                               tuple(ctx.needs_input_grad[:4]))
         return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
 
 
@@ -343,22 +264,21 @@ class _GroupedRoutedLoRA(torch.autograd.Function):
 
 @torch.library.custom_op("molora::grouped_lora", mutates_args=())
 def grouped_lora_op(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, indices: Tensor, s: Tensor,
-                    rank_mask: Tensor | None, out: Tensor | None, threads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    rank_mask: Tensor | None, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out + delta, h, hp, coef)``: the grouped forward as a functional op (``out=None``: the
-    delta alone); ``h``, ``hp`` ``[r T k]`` and ``coef`` ``[T k]`` are saved for the backward.
-    ``threads``: of the loop's :func:`partition` (an argument, so the backward op gets the same)."""
+    delta alone); ``h``, ``hp`` ``[r T k]`` and ``coef`` ``[T k]`` are saved for the backward."""
     E, d_out, r = B.shape
     plan = routing_plan(indices, E)
     slots = indices.numel()
     h, hp = x.new_zeros(r * slots), x.new_zeros(r * slots)
     y = x.new_zeros(x.shape[0], d_out) if out is None else x.new_empty(x.shape[0], d_out).copy_(out)
     with _one_thread():
-        coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp, partition(plan, x.shape[0], threads))
+        coef = _grouped_forward(x, A, B, gates, plan, s, rank_mask, y, h, hp)
     return y, h, hp, torch.cat([coef, coef.new_zeros(slots - coef.numel())])
 
 
 @grouped_lora_op.register_fake
-def _(x, A, B, gates, indices, s, rank_mask, out, threads):
+def _(x, A, B, gates, indices, s, rank_mask, out):
     slots = indices.numel()
     return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(B.shape[2] * slots), x.new_empty(B.shape[2] * slots), \
         x.new_empty(slots)
@@ -367,18 +287,18 @@ def _(x, A, B, gates, indices, s, rank_mask, out, threads):
 @torch.library.custom_op("molora::grouped_lora_backward", mutates_args=())
 def grouped_lora_backward_op(dy: Tensor, x: Tensor, A: Tensor, B: Tensor, indices: Tensor, s: Tensor,
                              rank_mask: Tensor | None, h: Tensor, hp: Tensor, coef: Tensor, need_x: bool, need_a: bool,
-                             need_b: bool, need_g: bool, threads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             need_b: bool, need_g: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dA, dB, dgates)`` of :func:`grouped_lora_op`; an input that needs no gradient gets
     an empty tensor."""
     plan = routing_plan(indices, B.shape[0])
     with _one_thread():
         grads = _grouped_backward(dy, x, A, B, s, rank_mask, h, hp, coef[: plan.tokens.shape[0]], plan, indices.shape,
-                                  (need_x, need_a, need_b, need_g), partition(plan, x.shape[0], threads))
+                                  (need_x, need_a, need_b, need_g))
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @grouped_lora_backward_op.register_fake
-def _(dy, x, A, B, indices, s, rank_mask, h, hp, coef, need_x, need_a, need_b, need_g, threads):
+def _(dy, x, A, B, indices, s, rank_mask, h, hp, coef, need_x, need_a, need_b, need_g):
     def maybe(need, like):
         return like.new_empty(like.shape) if need else x.new_empty(0)
 
@@ -386,18 +306,18 @@ def _(dy, x, A, B, indices, s, rank_mask, h, hp, coef, need_x, need_a, need_b, n
 
 
 def _setup_grouped_lora(ctx, inputs, output) -> None:
-    x, A, B, gates, indices, s, rank_mask, out, threads = inputs
+    x, A, B, gates, indices, s, rank_mask, out = inputs
     _, h, hp, coef = output
     ctx.save_for_backward(x, A, B, indices, s, rank_mask, h, hp, coef)
-    ctx.has_out, ctx.threads = out is not None, threads
+    ctx.has_out = out is not None
 
 
 def _backward_grouped_lora(ctx, dy, *_unused):
     x, A, B, indices, s, rank_mask, h, hp, coef = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:4])
-    grads = torch.ops.molora.grouped_lora_backward(dy, x, A, B, indices, s, rank_mask, h, hp, coef, *needs, ctx.threads)
+    grads = torch.ops.molora.grouped_lora_backward(dy, x, A, B, indices, s, rank_mask, h, hp, coef, *needs)
     dx, dA, dB, dg = (g if need else None for g, need in zip(grads, needs))
-    return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None), None
+    return dx, dA, dB, dg, None, None, None, (dy if ctx.has_out else None)
 
 
 grouped_lora_op.register_autograd(_backward_grouped_lora, setup_context=_setup_grouped_lora)
@@ -450,9 +370,7 @@ def routed_lora_grouped(
     if torch.compiler.is_compiling():  # one opaque op of the graph (see grouped_lora_op)
         if group_rows != 1:
             gates, indices = gates.repeat_interleave(group_rows, 0), indices.repeat_interleave(group_rows, 0)
-        from .torch_backend import intra_op_threads
-
-        y = torch.ops.molora.grouped_lora(x, A, B, gates.to(x.dtype), indices, s, mask, out, intra_op_threads())[0]
+        y = torch.ops.molora.grouped_lora(x, A, B, gates.to(x.dtype), indices, s, mask, out)[0]
         return y
     if gather is None:
         routed = indices[indices >= 0]

@@ -109,8 +109,7 @@ def test_grouped_custom_op_passes_opcheck(shared, masked, with_out):
 
     x, A, B, gates, idx, s, mask = _grouped_case(shared, masked)
     out = torch.randn(x.shape[0], B.shape[1], dtype=x.dtype, requires_grad=True) if with_out else None
-    torch.library.opcheck(grouped_lora_op, (x, A, B, gates, idx, s, mask, out, 1))
-    torch.library.opcheck(grouped_lora_op, (x, A, B, gates, idx, s, mask, out, 2))
+    torch.library.opcheck(grouped_lora_op, (x, A, B, gates, idx, s, mask, out))
 
 
 def test_compiled_grouped_form_is_one_op_equal_to_eager():

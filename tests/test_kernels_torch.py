@@ -191,8 +191,7 @@ def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
 
     seen = []
     real = grouped._segments
-    monkeypatch.setattr(grouped, "_segments",
-                        lambda plan, bounds=None: (seen.append(torch.get_num_threads()), real(plan, bounds))[1])
+    monkeypatch.setattr(grouped, "_segments", lambda plan: (seen.append(torch.get_num_threads()), real(plan))[1])
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -202,85 +201,6 @@ def test_grouped_loop_runs_on_one_thread_and_restores(monkeypatch):
         assert seen and set(seen) == {1}  # forward and backward loops
     finally:
         torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_grouped_loop_split_over_threads_equals_reference(monkeypatch, shared, threads):
-    """With several intra-op threads the per-expert loop is split into token ranges, one worker
-    thread each (each on one intra-op thread), forward and backward: the same float64 result as
-    the reference (chunks, dropped slots, mixed ranks, shared A), and the workers did run."""
-    import threading
-
-    import molora.kernels.grouped as grouped
-
-    monkeypatch.setattr(grouped, "LOOP_MIN_PAIRS_PER_THREAD", 4)
-    monkeypatch.setattr(grouped, "CHUNK_ROWS", 5)
-    seen = []
-    real = grouped._segments
-
-    def spy(plan, bounds=None):
-        seen.append((threading.current_thread().name, torch.get_num_threads(), bounds is not None))
-        return real(plan, bounds)
-
-    monkeypatch.setattr(grouped, "_segments", spy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for routing in ("random", "dropped", "one_expert"):
-            case = make_case(T=37, E=5, r=3, k=2, shared=shared, routing=routing, mixed_ranks=not shared, seed=4)
-            assert_matches_reference(case, torch.float64, routed_lora_grouped_loop, atol=1e-10, rtol=1e-10)
-        assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(n)
-    workers = {name for name, _, split in seen if split and name.startswith("molora-grouped")}
-    assert workers and {t for _, t, _ in seen} == {1}
-
-
-def test_backward_keeps_the_forwards_partition_when_threads_change(monkeypatch):
-    """The buffers' layout follows the forward's token ranges: a backward run with another
-    thread count (here 1 after a 2-thread forward) uses the forward's partition and is exact."""
-    import molora.kernels.grouped as grouped
-
-    monkeypatch.setattr(grouped, "LOOP_MIN_PAIRS_PER_THREAD", 4)
-    g = torch.Generator().manual_seed(5)
-    T, d, E, r, k = 41, 6, 5, 3, 2
-    x = torch.randn(T, d, dtype=torch.float64, generator=g, requires_grad=True)
-    A = torch.randn(r, d, dtype=torch.float64, generator=g, requires_grad=True)
-    B = torch.randn(E, d, r, dtype=torch.float64, generator=g, requires_grad=True)
-    gates, idx = torch.randn(T, E, generator=g).softmax(-1).topk(k, -1)
-    gates = gates.double().requires_grad_()
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        want = torch.autograd.grad(grouped.routed_lora_grouped(x, A, B, gates, idx, gather=False).square().sum(),
-                                   [x, A, B, gates])
-        torch.set_num_threads(2)
-        y = grouped.routed_lora_grouped(x, A, B, gates, idx, gather=False)
-        torch.set_num_threads(1)
-        got = torch.autograd.grad(y.square().sum(), [x, A, B, gates])
-    finally:
-        torch.set_num_threads(n)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-
-
-def test_token_bounds_cut_each_segment_at_the_range_edges():
-    """Every sorted pair lands in exactly one part, the part of its token's range."""
-    from molora.kernels.grouped import _segments, _token_bounds, routing_plan
-
-    g = torch.Generator().manual_seed(0)
-    T, E, k, parts = 50, 6, 2, 3
-    idx = torch.randint(0, E, (T, k), generator=g)
-    idx[::7, 1] = -1
-    plan = routing_plan(idx, E)
-    seen = []
-    for w, bounds in enumerate(_token_bounds(plan, T, parts)):
-        for e, start, n, tok in _segments(plan, bounds):
-            assert (tok >= T * w // parts).all() and (tok < T * (w + 1) // parts).all()
-            assert (plan.pair_experts[start:start + n] == e).all()
-            seen.extend(range(start, start + n))
-    assert sorted(seen) == list(range(plan.tokens.shape[0]))
 
 
 def test_gather_rule_and_dispatch(monkeypatch):
