@@ -200,7 +200,7 @@ def accuracy_variant(variant: str, tasks, cache, protos, cfg, args) -> dict:
 
 def accuracy_run(args: argparse.Namespace) -> dict:
     """Every variant's ``single`` / ``task_routed`` / ``soft_routed`` mean accuracy over ``--tasks``."""
-    from molora.apps.continual_bench import RunConfig, build_cache, load_order
+    from molora.apps.continual_bench import RunConfig, build_cache, load_order, untrained_accuracies
 
     cfg = RunConfig(frozen_layers=args.frozen_layers, rank=args.acc_rank, alpha=2.0 * args.acc_rank,
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
@@ -209,6 +209,9 @@ def accuracy_run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cache, protos = build_cache(tasks, cfg, progress=False)
     cache_s = round(time.perf_counter() - t0, 1)
+    base = dict(zip([t.name for t in tasks], untrained_accuracies(tasks, cache, protos, cfg)))  # no expert at all
+    print(f"  untrained encoder: {100 * sum(base.values()) / len(base):.1f} "
+          f"({', '.join(f'{k} {100 * v:.1f}' for k, v in base.items())})", flush=True)
     variants = args.kinds.split(",") if args.kinds else list(VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -220,7 +223,7 @@ def accuracy_run(args: argparse.Namespace) -> dict:
               flush=True)
     return {"config": cfg.to_dict() | {"tasks": [t.name for t in tasks], "router_epochs": args.router_epochs,
                                        "router_lr": args.router_lr, "riemann_lr": args.riemann_lr},
-            "cache_seconds": cache_s, "rows": rows}
+            "cache_seconds": cache_s, "untrained": base, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------- tiny UNet
@@ -283,6 +286,9 @@ def format_accuracy(result: dict) -> str:
         acc = result["accuracy"]
         lines.append(f"mean accuracy over {', '.join(acc['config']['tasks'])} (points)")
         lines.append(f"{'kind':<13} {'single':>7} {'task-routed':>12} {'soft-routed':>12} {'sec':>6}")
+        if "untrained" in acc:
+            u = 100 * sum(acc["untrained"].values()) / len(acc["untrained"])
+            lines.append(f"{'(untrained)':<13} {u:7.1f} {u:12.1f} {u:12.1f} {'-':>6}")
         for r in acc["rows"]:
             lines.append(f"{r['kind']:<13} {100 * r['single']:7.1f} {100 * r['task_routed']:12.1f} "
                          f"{100 * r['soft_routed']:12.1f} {r['seconds']:6.0f}")

@@ -56,7 +56,7 @@ def test_blockwise_unet_redistributes_lora_rank():
 
 def test_format_accuracy_table_in_points():
     result = {
-        "accuracy": {"config": {"tasks": ["t1", "t2"]},
+        "accuracy": {"config": {"tasks": ["t1", "t2"]}, "untrained": {"t1": 0.25, "t2": 0.5},
                      "rows": [{"kind": "lora", "single": 0.5, "task_routed": 0.5, "soft_routed": 0.25, "seconds": 3.0},
                               {"kind": "dora", "single": 0.875, "task_routed": 0.875, "soft_routed": 0.625, "seconds": 4.0}]},
         "unet": {"config": {"steps": 5},
@@ -64,7 +64,8 @@ def test_format_accuracy_table_in_points():
     }
     lines = ek.format_accuracy(result).splitlines()
     assert lines[0] == "mean accuracy over t1, t2 (points)"
-    assert lines[2].split() == ["lora", "50.0", "50.0", "25.0", "3"]
-    assert lines[3].split() == ["dora", "87.5", "87.5", "62.5", "4"]
-    assert lines[4].startswith("tiny UNet, 5 steps")
-    assert lines[6].split() == ["lora", "1,234", "1.5000", "1.2500", "1.3000"]
+    assert lines[2].split() == ["(untrained)", "37.5", "37.5", "37.5", "-"]
+    assert lines[3].split() == ["lora", "50.0", "50.0", "25.0", "3"]
+    assert lines[4].split() == ["dora", "87.5", "87.5", "62.5", "4"]
+    assert lines[5].startswith("tiny UNet, 5 steps")
+    assert lines[7].split() == ["lora", "1,234", "1.5000", "1.2500", "1.3000"]
