@@ -209,3 +209,23 @@ def test_train_rejects_bad_inputs(encoder, tickets):
     frozen = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(frozen, tok, tickets, progress=False)
+
+
+def test_given_optimizers_replace_adamw_and_after_step_runs_after_them(encoder, tickets):
+    base, tok = encoder
+    model = copy.deepcopy(base)
+    params = _add_lora(model)
+    lr = 0.5
+    seen = []
+
+    def after():  # grads of this step are still there: the update must be plain SGD's -lr * grad
+        seen.append(all(torch.allclose(p.detach(), b - lr * p.grad, atol=1e-7) for p, b in zip(params, prev)))
+        prev[:] = [p.detach().clone() for p in params]
+
+    prev = [p.detach().clone() for p in params]
+    stats = train(model, tok, tickets.with_limits(train=16), params=params, max_steps=2, batch_size=8, max_length=24,
+                  grad_clip=None, optimizers=[torch.optim.SGD(params, lr=lr)], after_step=after, progress=False)
+    assert stats.steps == 2 and seen == [True, True]
+    assert params[1].abs().sum() > 0  # B moved from 0 (AdamW would have moved it by ~lr per entry, not lr * grad)
+    with pytest.raises(ValueError, match="at least one optimizer"):
+        train(model, tok, tickets, params=params, optimizers=[], progress=False)

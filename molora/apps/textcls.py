@@ -176,9 +176,16 @@ def train(model: torch.nn.Module, tokenizer: Any, tasks: TextTask | Sequence[Tex
           batch_size: int = 32, max_length: int = 64, seed: int = 0, tau: float = DEFAULT_TAU,
           task_ids: Sequence[int] | None = None, prototypes: LabelPrototypes | None = None,
           batch_context: BatchContext | None = None, extra_loss: Callable[[], Tensor] | None = None,
-          max_steps: int | None = None, grad_clip: float | None = 1.0, progress: bool = True) -> TrainStats:
+          max_steps: int | None = None, grad_clip: float | None = 1.0, progress: bool = True,
+          optimizers: Sequence[torch.optim.Optimizer] | None = None,
+          after_step: Callable[[], None] | None = None) -> TrainStats:
     """Train ``params`` (default: all parameters with ``requires_grad``) with AdamW on the
     label-prototype cross-entropy (module docstring), over the train splits of ``tasks`` mixed.
+
+    ``optimizers`` replace AdamW (e.g. :class:`molora.optim.RiemannianSGD` or
+    :class:`molora.optim.LoFT` for the experts plus AdamW for the rest; ``lr`` is then theirs);
+    each is zeroed and stepped every step, ``params`` are still the ones clipped. ``after_step()``
+    runs after the optimizer steps (a projection, e.g. :func:`molora.kinds.project_ard`).
 
     Each batch may mix tasks: the loss is the mean over examples of the cross-entropy over each
     example's own task's labels. ``task_ids[k]`` (default ``k``) is the index passed to
@@ -208,7 +215,9 @@ def train(model: torch.nn.Module, tokenizer: Any, tasks: TextTask | Sequence[Tex
     total = int(round(epochs * steps_per_epoch))
     if max_steps is not None:
         total = min(total, max_steps)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opts = list(optimizers) if optimizers is not None else [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
+    if not opts:
+        raise ValueError("optimizers: give at least one optimizer (or None for AdamW)")
     stats = TrainStats()
     was_training = model.training
     model.train()
@@ -238,11 +247,15 @@ def train(model: torch.nn.Module, tokenizer: Any, tasks: TextTask | Sequence[Tex
                 loss = loss / len(batch)
                 if extra_loss is not None:
                     loss = loss + extra_loss()
-                opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
+                for opt in opts:
+                    opt.step()
+                if after_step is not None:
+                    after_step()
                 stats.losses.append(float(loss.detach()))
                 stats.steps += 1
                 stats.examples += len(batch)
