@@ -452,9 +452,12 @@ def test_auto_picks_uniform_when_the_experts_are_noise(setup):
     # targets unrelated to any expert: each example gets its own random direction
     targets = torch.randn(10, 32, generator=torch.Generator().manual_seed(11)) * scale
     # the gradient routers find nothing to fit (early stopping keeps their uniform start): no consistent gain
-    _, res = _auto(base, dirs, inputs, targets, candidates=["uniform", "weights", "per_layer"])
+    _, res = _auto(base, dirs, inputs, targets, candidates=["uniform", "weights", "per_layer"], rule="paired")
     assert res.method == "uniform", res.scores
     assert res.scores["weights"] == res.scores["uniform"] == res.scores["per_layer"]
+    # the default rule keeps its anchor, the per-layer router, which stayed at its uniform start
+    model, res = _auto(base, dirs, inputs, targets, candidates=["uniform", "weights", "per_layer"])
+    assert res.method == "per_layer", res.scores
 
 
 def test_auto_rejects_bad_input(setup):
