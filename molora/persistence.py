@@ -314,7 +314,9 @@ def validate_meta(meta: Any, where: str, prefix: str = "") -> dict[str, Any]:
         raise CheckpointError(f"{where}: field {p + 'bytes'!r} must be >= 0")
     fp = field(meta, "base_fingerprint", DICT, where, prefix, optional=True, nullable=True)
     if fp is not None:
-        validate_fingerprint(fp, set(layers), where, f"{prefix}base_fingerprint.")
+        copied = meta.get("routed_copies")
+        validate_fingerprint(fp, set(layers) | (set(copied) if isinstance(copied, dict) else set()), where,
+                             f"{prefix}base_fingerprint.")
     validate_extras(meta, where, prefix)
     return meta
 
@@ -440,11 +442,19 @@ def unmerged_weight(layer: RoutedLoRALinear) -> Tensor:
     return get() if callable(get) else resident_weight(layer.base_layer)
 
 
-def base_fingerprint(layers: Mapping[str, RoutedLoRALinear], samples: int = FINGERPRINT_SAMPLES) -> dict[str, Any]:
+def base_fingerprint(layers: Mapping[str, RoutedLoRALinear], samples: int = FINGERPRINT_SAMPLES,
+                     copies: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
     """Per routed layer: shape, dtype and :func:`sample_digest` of the *unmerged* base weight,
     and, for a layer saved merged, the digest of the merged weight too (so loading onto a base
-    that still holds that merge can be told from loading onto another base)."""
+    that still holds that merge can be told from loading onto another base). ``copies``: the
+    routed per-expert module copies (:mod:`molora.routed_copies`), whose original module's
+    weight is fingerprinted too (an expert without a copy runs it)."""
     modules = {}
+    for name, c in (copies or {}).items():
+        weight = getattr(c.base_layer, "weight", None)
+        if isinstance(weight, Tensor):
+            modules[name] = {"shape": list(weight.shape), "dtype": _dtype_name(weight.dtype),
+                             "sample_sha256": sample_digest(resident_weight(c.base_layer), samples)}
     for name, layer in layers.items():
         weight = unmerged_weight(layer)
         rec = {"shape": list(weight.shape), "dtype": _dtype_name(weight.dtype), "sample_sha256": sample_digest(weight, samples)}
@@ -647,7 +657,7 @@ def checkpoint_payload(model: MoLoRAModel, *, fingerprint: bool = True) -> tuple
             "name_or_path": getattr(getattr(model.base_model, "config", None), "_name_or_path", None),
         },
         "weights": {"file": f"molora_model-{digest[:16]}.safetensors", "sha256": digest, "bytes": len(blob)},
-        "base_fingerprint": base_fingerprint(model.routed_layers()) if fingerprint else None,
+        "base_fingerprint": base_fingerprint(model.routed_layers(), copies=model.routed_copies()) if fingerprint else None,
         "xlora_style": xlora,
         "tied_routers": tied or None,
         "routed_copies": {path: c.spec() for path, c in model.routed_copies().items()} or None,
@@ -785,7 +795,13 @@ def build_model(base_model: nn.Module, meta: dict[str, Any], tensors: dict[str, 
                                   f"(field 'layers'): the checkpoint was made for {made_for}") from None
         if isinstance(modules[name], RoutedLoRALinear):
             raise CheckpointError(f"{where}: module {name!r} is already a routed LoRA layer: load into a plain base model")
-    check_base_fingerprint(modules, meta.get("base_fingerprint"), where)
+    originals = {}  # the modules routed copies are made of: fingerprinted too (missing ones: _build_copies says so)
+    for path in meta.get("routed_copies") or {}:
+        try:
+            originals[path] = base_model.get_submodule(path)
+        except AttributeError:
+            pass
+    check_base_fingerprint({**modules, **originals}, meta.get("base_fingerprint"), where)
     try:
         saved = find_modules_to_save(base_model, config, list(meta["layers"]))
     except MoLoRAError as exc:

@@ -209,3 +209,20 @@ def test_general_adapters_with_a_saved_head_are_refused(setup):
     with pytest.raises(AdapterError, match=r"general adapters \['a'\] saved whole modules"):
         molora.compose(target, {"c": dirs["c"]}, router="task", general_adapters={"a": dirs["a"]})
     assert_same_snapshot(before, snapshot(target))
+
+
+def test_checkpoint_refuses_a_base_whose_copied_module_differs(setup, tmp_path):
+    """The original of a copied module (what an expert without a copy runs) is part of the base
+    fingerprint: loading onto a base with another head is refused by name, the base untouched."""
+    from helpers import assert_same_snapshot, snapshot
+
+    base, dirs, ids, refs, _ = setup
+    molora.compose(copy.deepcopy(base), dirs, router="task").save_pretrained(str(tmp_path / "ck"))
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.classifier.weight.mul_(1.5)
+    before = snapshot(other)
+    with pytest.raises(molora.CheckpointError, match=r"another base model \(module 'classifier' differs"):
+        molora.MoLoRAModel.from_pretrained(other, str(tmp_path / "ck"))
+    assert_same_snapshot(before, snapshot(other))
+    molora.MoLoRAModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ck"))  # the right base loads
