@@ -18,6 +18,16 @@ also under ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+if __name__ == "kernels":  # pragma: no cover - only from the source root
+    # This folder installs as molora.kernels. Imported as top-level ``kernels`` it is Python finding
+    # the source root on sys.path first (``python -m ...`` / ``python -c`` run there), in place of
+    # Hugging Face's ``kernels`` package, which transformers imports: say so instead of failing
+    # deep inside transformers.
+    raise ImportError("the molora source folder 'kernels/' was imported as the top-level 'kernels' package (it "
+                      "installs as molora.kernels): the current folder, the molora source root, is on sys.path and "
+                      "shadows Hugging Face's 'kernels', which transformers imports. Run from another folder, or run "
+                      "the tests with the 'pytest' command rather than 'python -m pytest'")
+
 import importlib.util
 import os
 

@@ -326,7 +326,7 @@ grouped_lora_op.register_autograd(_backward_grouped_lora, setup_context=_setup_g
 #: The grouped form hands a decision to the gathered form (:mod:`.gather`) when each active
 #: expert's share of gathered weights, ``rows r (d_in + d_out)``, is at most this many elements:
 #: then the gathered batched GEMVs cost less than the per-expert loop. Measured with
-#: ``python benchmarks/kernels.py --gather --threads 1 --repeats 7`` (CPU fp32, one thread, r = 8,
+#: ``python benchmarks/grouped_kernels.py --gather --threads 1 --repeats 7`` (CPU fp32, one thread, r = 8,
 #: 64 active experts of 512, k = 1, forward; time of the gathered form / the grouped form):
 #: d = 256: 1 row 0.12, 4 rows 0.27, 16 rows 0.90; d = 1024: 1 row 0.28, 4 rows 0.63, 8 rows 1.49;
 #: d = 4096: 1 row 0.89, 2 rows 1.02, 4 rows 2.68. The

@@ -14,7 +14,7 @@ independent of ``r``. Both scale with ``d``, so ``d`` drops out, and the switch 
 
 with ``threads = torch.get_num_threads()``. Dense gates (every expert selected) stay dense.
 
-Measured with ``python benchmarks/kernels.py --switch --repeats 5 --threads 1 --clock cpu``
+Measured with ``python benchmarks/grouped_kernels.py --switch --repeats 5 --threads 1 --clock cpu``
 (CPU fp32, one thread, timed by the thread's CPU time; d = 1024, T = 4096, the whole layer as
 :mod:`molora.kernels.routed_linear` runs it: the dense form with the base output, the LoRA
 shrink and the router logits in one GEMM, the grouped form with the base output and the router
@@ -34,7 +34,7 @@ faster (k=2 r=8 E=8: 1.06). The same rule held before the base linear joined bot
 
 The ``threads`` factor: with ``n`` threads the dense form's GEMMs run ~``n`` times faster and the
 grouped loop does not, so the crossing moves to ``n`` times more columns. Measured with two
-threads (``python benchmarks/kernels.py --switch --repeats 3``, same shapes, one other job on
+threads (``python benchmarks/grouped_kernels.py --switch --repeats 3``, same shapes, one other job on
 the 2 cores; before the base linear joined the forms' GEMMs;
 ``benchmarks/results/kernels-switch-cpu-threads2.json``)::
 

@@ -14,7 +14,8 @@ for name in ("routers", "continual", "kernels"):
     places = [] if spec is None else [spec.origin, *(spec.submodule_search_locations or [])]
     # Another project's top-level package of that name (e.g. Hugging Face `kernels`) is fine;
     # ours must not be importable under the bare name.
-    assert not any(p and str(p).startswith(repo) for p in places), (name, places)
+    ours = str(pathlib.Path(repo, name))
+    assert not any(p and str(pathlib.Path(p).resolve()).startswith(ours) for p in places), (name, places)
 print(molora.kernels.__name__)
 """
 
@@ -217,3 +218,26 @@ def test_every_subpackage_is_listed_for_installation():
                 found.add(".".join((name, *rel)))
     # a subpackage of one mapped dir that is itself mapped elsewhere is listed under its own name
     assert found - listed == set(), f"not in pyproject packages: {sorted(found - listed)}"
+
+
+def test_benchmark_scripts_shadow_no_module():
+    # A script's folder is sys.path[0] when it runs: benchmarks/kernels.py once hid Hugging Face's
+    # `kernels`, which transformers imports, so every benchmark failed to import transformers.
+    import importlib.machinery
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    path = [p for p in sys.path if p and pathlib.Path(p).resolve() not in (bench, bench.parent)]
+    stems = sorted(p.stem for p in bench.glob("*.py"))
+    assert "many_adapters" in stems
+    clash = [s for s in stems if s in sys.stdlib_module_names or importlib.machinery.PathFinder.find_spec(s, path)]
+    assert not clash, f"benchmarks/{clash}.py would shadow an installed module of that name"
+
+
+def test_source_root_kernels_import_says_why(tmp_path):
+    # From the source root the folder kernels/ is importable as top-level `kernels`: a clear error.
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", "import kernels"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode != 0 and "installs as molora.kernels" in out.stderr, out.stderr[-500:]

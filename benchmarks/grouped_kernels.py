@@ -20,13 +20,13 @@ of forward and of forward+backward for:
 
 Ratios are to ``base`` in the same run. Writes ``benchmarks/results/kernels-<device>.json``.
 
-    python benchmarks/kernels.py            # default: the CPU target shapes + a few more
-    python benchmarks/kernels.py --full     # the issue's whole grid (slow on a CPU)
-    python benchmarks/kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
-    python benchmarks/kernels.py --switch   # the dense/grouped switch point of the torch backend
-    python benchmarks/kernels.py --gather   # the grouped/gathered switch point (few rows per expert)
-    python benchmarks/kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
-    python benchmarks/kernels.py --threads 1 --clock cpu   # the thread's CPU time, not wall time
+    python benchmarks/grouped_kernels.py            # default: the CPU target shapes + a few more
+    python benchmarks/grouped_kernels.py --full     # the issue's whole grid (slow on a CPU)
+    python benchmarks/grouped_kernels.py --shapes 1024x4096x64x8x2   # d x T x E x r x k, comma separated
+    python benchmarks/grouped_kernels.py --switch   # the dense/grouped switch point of the torch backend
+    python benchmarks/grouped_kernels.py --gather   # the grouped/gathered switch point (few rows per expert)
+    python benchmarks/grouped_kernels.py --threads 1   # one CPU thread (steadier when the machine is shared)
+    python benchmarks/grouped_kernels.py --threads 1 --clock cpu   # the thread's CPU time, not wall time
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     for item in text.split(","):
         parts = tuple(int(v) for v in item.lower().split("x"))
         if len(parts) != 5:
-            raise SystemExit(f"benchmarks/kernels.py: a shape is d x T x E x r x k; got {item!r}")
+            raise SystemExit(f"benchmarks/grouped_kernels.py: a shape is d x T x E x r x k; got {item!r}")
         shapes.append(parts)
     return shapes
 
@@ -319,14 +319,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         if torch.get_num_threads() != 1:
-            raise SystemExit("benchmarks/kernels.py: --clock cpu times one thread; add --threads 1")
+            raise SystemExit("benchmarks/grouped_kernels.py: --clock cpu times one thread; add --threads 1")
         global CLOCK
         CLOCK = time.thread_time
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
     meta = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "clock": args.clock,
-            "torch": torch.__version__, "command": " ".join(["python", "benchmarks/kernels.py", *(argv or sys.argv[1:])])}
+            "torch": torch.__version__, "command": " ".join(["python", "benchmarks/grouped_kernels.py", *(argv or sys.argv[1:])])}
     results_dir = Path(__file__).resolve().parent / "results"
     # CPU results of more than one thread get their own file: kernels-cpu-threads2.json
     suffix = f"-threads{meta['threads']}" if device.type == "cpu" and meta["threads"] != 1 else ""
