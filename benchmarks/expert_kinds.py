@@ -17,6 +17,8 @@ RiemannLoRA is stepped by its own optimizer (``RiemannianSGD``, heavy-ball 0.9: 
 transport and a QR + 2r x 2r SVD retraction per expert) instead of AdamW; its trainable tensors
 are the gradient probes (``(d_out + d_in) r`` per expert, LoRA's count), the manifold's free
 dimension is ``(d_out + d_in - r) r``.
+``mixed`` is one bank per layer whose experts are of the kinds ``lora, dora, qr_lora, moslora`` in
+turn (:mod:`molora.kinds.mixed`), behind the same router, stepped by AdamW.
 
     python benchmarks/expert_kinds.py --rounds 10
     python benchmarks/expert_kinds.py --device cuda --d 2048 --tokens 4096
@@ -31,6 +33,8 @@ its penalty and projection). Mean test accuracy over the tasks: ``single`` (each
 after its training), ``task_routed`` (the finished bank routed by task id: equal to ``single``
 when training an expert leaves the others untouched), ``soft_routed`` (per-layer sequence-level
 soft routers, trained on the four train splits mixed with every expert frozen; no task id).
+In the ``mixed`` row the four tasks' experts are of four kinds (agnews: LoRA, yelp: DoRA, dbpedia:
+QR-LoRA, sst2: MoSLoRA) in one bank.
 
 ``--unet``: the tiny diffusers UNet of ``examples/diffusers_timestep.py`` on fixed synthetic
 latents and text, ``--unet-steps`` AdamW steps of the epsilon-prediction loss under
@@ -58,12 +62,25 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))  # dif
 from timing import interleaved_medians  # noqa: E402
 
 from molora import MoLoRAConfig, get_molora_model  # noqa: E402
-from molora.kinds import EXPERT_KINDS, ARDLoRABank, QRLoRABank, RiemannLoRABank, ard_penalty, project_ard  # noqa: E402
+from molora.kinds import (EXPERT_KINDS, ARDLoRABank, MixedBank, QRLoRABank, RiemannLoRABank, ard_penalty,  # noqa: E402
+                          project_ard)
 from molora.kinds.riemann_lora import random_orthonormal  # noqa: E402
 from molora.optim import LoFT, RiemannianSGD  # noqa: E402
 
+#: the kinds of the ``mixed`` row's experts, in turn: one bank, one router (molora.kinds.mixed)
+MIXED = ("lora", "dora", "qr_lora", "moslora")
 # row name -> (expert kind, optimizer of the experts)
-VARIANTS = {**{kind: (kind, "adamw") for kind in EXPERT_KINDS}, "lora+loft": ("lora", "loft")}
+VARIANTS = {**{kind: (kind, "adamw") for kind in EXPERT_KINDS}, "lora+loft": ("lora", "loft"), "mixed": (MIXED, "adamw")}
+
+
+def expert_kind(kind, experts: int):
+    """The config's ``expert_kind``: one kind, or MIXED's kinds in turn over the experts."""
+    return kind if isinstance(kind, str) else [kind[e % len(kind)] for e in range(experts)]
+
+
+def kind_banks(banks):
+    """The banks of one kind each: a mixed bank's parts in its place."""
+    return [p for b in banks for p in (b.parts.values() if isinstance(b, MixedBank) else [b])]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,8 +118,9 @@ def build(variant: str, args: argparse.Namespace):
     torch.manual_seed(0)
     model = get_molora_model(Stack(args.d, args.layers).to(args.device),
                              MoLoRAConfig(target_modules=r"layers\.\d+", num_experts=args.experts, rank=args.rank,
-                                          alpha=2.0 * args.rank, router="topk", top_k=args.top_k, expert_kind=kind))
-    banks = [layer.bank for layer in model.routed_layers().values()]
+                                          alpha=2.0 * args.rank, router="topk", top_k=args.top_k,
+                                          expert_kind=expert_kind(kind, args.experts)))
+    banks = kind_banks([layer.bank for layer in model.routed_layers().values()])
     randomize_experts_(banks, args.device)
     stored = sum(p.numel() for b in banks for p in b.parameters() if p.requires_grad)
     free = stored - sum(b.num_experts * b.fixed_rank * (b.fixed_rank - 1) // 2 for b in banks if isinstance(b, QRLoRABank))
@@ -169,7 +187,7 @@ def accuracy_variant(variant: str, tasks, cache, protos, cfg, args) -> dict:
     names = [t.name for t in tasks]
     model = get_molora_model(cache.top_model(), MoLoRAConfig(
         target_modules=list(cfg.target_modules), num_experts=len(tasks), rank=cfg.rank, alpha=cfg.alpha, router="task",
-        expert_names=names, expert_kind=kind))
+        expert_names=names, expert_kind=expert_kind(kind, len(tasks))))
     tok = cache.tokenizer
     kw = dict(max_length=cfg.max_length, prototypes=protos)
     routed = lambda texts, ids: model.routing(task_ids=torch.tensor(ids))  # noqa: E731

@@ -163,6 +163,19 @@ class BaseExpertBank(nn.Module):
         routed layer; ``None`` (the default) for kinds that only add the routed delta."""
         return None
 
+    #: whether the kind rescales the base output (:meth:`output_scale`, :meth:`static_scale`): DoRA
+    rescales_base = False
+
+    def static_scale(self, weights: Sequence[float] | Tensor) -> Tensor | None:
+        """The per-channel factor ``a [d_out]`` (float64) of ``W0`` in a static mixture ``w``
+        of a kind that rescales the base output (DoRA); ``None`` for the others (``a = 1``)."""
+        return None
+
+    def part_of(self, cls: type) -> tuple[BaseExpertBank, list[int]] | None:
+        """The bank of kind class ``cls`` inside this one and the indices, here, of its experts:
+        ``(self, all)`` for a bank of that class, a mixed bank's part of it, else ``None``."""
+        return (self, list(range(self.num_experts))) if isinstance(self, cls) else None
+
     def _sources(self) -> list[Tensor]:
         """Every tensor :meth:`_stack` reads (the cache of :meth:`stacked` is keyed on them)."""
         raise NotImplementedError

@@ -47,7 +47,9 @@ class MoLoRAConfig:
             Ortho-LoRA, Soboleva et al. 2025: ``P diag(lambda) Q`` minus its frozen start; with
             ``router="tlora"`` and rank-1 experts it is T-LoRA, see :mod:`molora.kinds.ortho_lora`)
             or ``"riemann_lora"`` (RiemannLoRA, Bogachev et al. 2025: ``U S V^T`` on the fixed-rank
-            manifold, trained by :class:`molora.optim.RiemannianSGD`). One kind for the whole model.
+            manifold, trained by :class:`molora.optim.RiemannianSGD`). A list gives each expert its
+            kind (``["lora", "dora", "qr_lora", "moslora"]``): each layer holds them in one mixed bank
+            behind one router (:mod:`molora.kinds.mixed`).
         init: ``"kaiming"`` (default), ``"gaussian"`` or ``"orthogonal"`` rows of ``A``; ``B`` = 0.
         router: router name (see :data:`molora.routers.ROUTERS`).
         top_k: experts per token for top-k routers; also the ``k`` of the balancing loss.
@@ -90,7 +92,7 @@ class MoLoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     shared_a: bool = False
-    expert_kind: str = "lora"
+    expert_kind: str | list[str] = "lora"
     init: str = "kaiming"
     router: str = "soft"
     top_k: int | None = None
@@ -128,8 +130,19 @@ class MoLoRAConfig:
         for name in ("use_rslora", "shared_a"):
             if not isinstance(getattr(self, name), bool):
                 raise MoLoRAError(f"{where}: {name} must be true or false; got {getattr(self, name)!r}")
-        if not isinstance(self.expert_kind, str) or self.expert_kind not in EXPERT_KINDS:
-            raise MoLoRAError(f"{where}: expert_kind must be one of {list(EXPERT_KINDS)}; got {self.expert_kind!r}")
+        if isinstance(self.expert_kind, (list, tuple)):
+            kinds = list(self.expert_kind)
+            if len(kinds) != self.num_experts or not all(isinstance(k, str) and k in EXPERT_KINDS for k in kinds):
+                raise MoLoRAError(f"{where}: expert_kind as a list gives each of the num_experts={self.num_experts} "
+                                  f"experts one of {list(EXPERT_KINDS)}; got {self.expert_kind!r}")
+            # one kind for every expert is that kind's bank; several make mixed banks
+            self.expert_kind = kinds[0] if len(set(kinds)) == 1 else kinds
+            if isinstance(self.expert_kind, list) and self.shared_a:
+                raise MoLoRAError(f"{where}: experts of mixed kinds {sorted(set(kinds))} own their A; shared_a=True is "
+                                  "not allowed with them")
+        elif not isinstance(self.expert_kind, str) or self.expert_kind not in EXPERT_KINDS:
+            raise MoLoRAError(f"{where}: expert_kind must be one of {list(EXPERT_KINDS)} or a list of one per expert; "
+                              f"got {self.expert_kind!r}")
         if self.expert_kind == "qr_lora" and self.shared_a:
             raise MoLoRAError(f"{where}: expert_kind 'qr_lora' already shares its B side (Q) across experts; "
                               "shared_a=True is not allowed with it")
@@ -297,6 +310,11 @@ class MoLoRAConfig:
     def saves_module(self, module_name: str) -> bool:
         """Whether ``module_name`` is one of :attr:`modules_to_save` (PEFT's matching rules)."""
         return any(module_name == t or module_name.endswith("." + t) for t in self.modules_to_save or ())
+
+    def kinds(self) -> list[str]:
+        """The kind of each expert (:attr:`expert_kind` given once, or one per expert)."""
+        kind = self.expert_kind
+        return list(kind) if isinstance(kind, list) else [kind] * self.num_experts
 
     def names(self) -> list[str]:
         return list(self.expert_names) if self.expert_names else [f"expert_{i}" for i in range(self.num_experts)]

@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from molora.bank import lora_scaling
 from molora.checks import finite_tensor, mixture_weights
 from molora.errors import MoLoRAError
-from molora.kinds.dora import DoRABank, dora_export
+from molora.kinds.dora import dora_export
 from molora.layer import Conv1D
 from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
@@ -82,7 +82,9 @@ def export_peft(
     # One generator for the whole export, visited in module order: a seed fixes every drop.
     generator = torch.Generator().manual_seed(options.seed) if options.random else None
     layers = model.routed_layers()
-    dora = [n for n, layer in layers.items() if isinstance(layer.bank, DoRABank)]
+    # a mixture that rescales W0 somewhere (a DoRA expert with weight and c != 1) is one DoRA adapter
+    scales = {n: layer.bank.static_scale(per_layer[n]) for n, layer in layers.items() if layer.bank.rescales_base}
+    dora = [n for n, a in scales.items() if a is not None and not bool((a == 1).all())]
     if dora and options.combination != "cat":
         raise MoLoRAError(f"export_peft: modules {dora[:3]} hold DoRA experts, whose mixture is exact only as "
                           f"combination 'cat' (one DoRA adapter); got {options.combination!r}")
@@ -118,7 +120,8 @@ def export_peft(
         scalings = [lora_scaling(bank.alphas[e], bank.ranks[e], bank.rslora[e]) for e in experts]
         A, B = merge_module(As, Bs, [float(w[e]) for e in experts], scalings, options, generator)
         if dora:  # the mixture as one DoRA adapter (a plain LoRA layer: a = 1, m = its own norm)
-            a = layer.bank.static_scale(w) if isinstance(layer.bank, DoRABank) else torch.ones(bank.d_out, dtype=torch.float64)
+            a = scales.get(name)
+            a = torch.ones(bank.d_out, dtype=torch.float64) if a is None else a
             try:
                 B, m = dora_export(layer.base_weight_rows(), A, B, a)
             except MoLoRAError as exc:

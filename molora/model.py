@@ -22,7 +22,7 @@ from molora.layer import (RoutedLoRALinear, base_features, build_routed_layer, l
 from molora.routers import Router, build_router, router_class
 from molora.routers.losses import model_aux_loss
 
-from .bank import ExpertBank
+from .bank import BaseExpertBank, ExpertBank
 
 
 def router_kwargs(config: MoLoRAConfig, module_name: str | None = None) -> dict[str, Any]:
@@ -472,12 +472,17 @@ class MoLoRAModel(nn.Module):
         alpha: float | None = None,
         init: str | None = None,
         trainable: bool = True,
+        kind: str | None = None,
     ) -> int:
         """Add one fresh expert (``B = 0``: it adds nothing yet) to every routed layer and grow
         the routers (its router weights start at 0; a soft router's gates renormalise over the
         larger set, a task router maps a new task to it); returns its global index. Rebuild optimizers afterwards:
-        grown routers have new parameter tensors (the existing experts keep theirs)."""
+        grown routers have new parameter tensors (the existing experts keep theirs).
+
+        ``kind``: the new expert's kind in a model of mixed kinds (``expert_kind`` a list;
+        default ``"lora"``); a model of one kind adds experts of that kind only."""
         from molora.bank import INITS
+        from molora.kinds import EXPERT_KINDS
 
         if not isinstance(name, str) or not name:
             raise MoLoRAError(f"add_expert: the name must be a non-empty string; got {name!r}")
@@ -494,9 +499,15 @@ class MoLoRAModel(nn.Module):
             raise MoLoRAError(f"add_expert {name!r}: alpha must be a finite number > 0; got {alpha!r}")
         if init not in INITS:
             raise MoLoRAError(f"add_expert {name!r}: init must be one of {INITS}; got {init!r}")
+        mixed = isinstance(cfg.expert_kind, list)
+        if kind is not None and (kind not in EXPERT_KINDS or not mixed and kind != cfg.expert_kind):
+            raise MoLoRAError(f"add_expert {name!r}: kind must be one of {list(EXPERT_KINDS)}, and this model's banks hold "
+                              f"{cfg.expert_kind!r} experts only (a model of mixed kinds: MoLoRAConfig(expert_kind=[...]))"
+                              f"; got {kind!r}")
+        kind = (kind or "lora") if mixed else cfg.expert_kind
         layers = self.routed_layers()
         # a bank with a shared factor fixes its rank: the default rank is then the layer's own
-        fixed = {path: layer.bank.fixed_rank for path, layer in layers.items()}
+        fixed = {path: _fixed_rank(layer.bank, kind) for path, layer in layers.items()}
         bad = {path: r for path, r in fixed.items() if r is not None and r != rank and explicit_rank}
         if bad:
             raise MoLoRAError(f"add_expert {name!r}: a bank with a shared factor (HydraLoRA's A, QR-LoRA's Q) adds experts "
@@ -509,11 +520,14 @@ class MoLoRAModel(nn.Module):
         new_id = self.num_experts
         for router in {id(r): r for r in routers}.values():  # a router shared by layers grows once
             router.add_expert(name)
-        for layer in layers.values():
-            layer.bank.add_expert(layer.bank.fixed_rank or rank, float(alpha), use_rslora=cfg.use_rslora, init=init,
-                                  trainable=trainable)
+        for path, layer in layers.items():
+            extra = {"kind": kind} if layer.bank.kind == "mixed" else {}
+            layer.bank.add_expert(fixed[path] or rank, float(alpha), use_rslora=cfg.use_rslora, init=init,
+                                  trainable=trainable, **extra)
             layer.set_expert_ids([*layer.expert_ids, new_id], new_id + 1)
         self.expert_names.append(name)
+        if mixed:
+            cfg.expert_kind = [*cfg.expert_kind, kind]
         if cfg.block_ranks or cfg.block_alphas:  # the config's per-expert lists keep one entry per expert
             cfg.block_ranks, cfg.block_alphas = with_new_expert(cfg.block_ranks, cfg.block_alphas, rank, float(alpha),
                                                                 cfg.shared_a or cfg.expert_kind == "qr_lora")
@@ -589,6 +603,14 @@ def build_shared_router(config: MoLoRAConfig, expert_names: Sequence[str], d_in:
     return router.to(device=device, dtype=config.torch_dtype)
 
 
+def _fixed_rank(bank: BaseExpertBank, kind: str) -> int | None:
+    """The rank a new expert of ``kind`` must have in ``bank`` (a shared factor fixes it), else ``None``."""
+    if bank.kind == "mixed":
+        part = bank.parts[kind] if kind in bank.parts else None
+        return part.fixed_rank if part is not None else None
+    return bank.fixed_rank
+
+
 def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
     """Wrap ``model``: each target linear becomes a :class:`RoutedLoRALinear` with
     ``config.num_experts`` fresh experts (per layer: :meth:`MoLoRAConfig.layer_settings`, so MoLA's
@@ -612,9 +634,11 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
         d_in, d_out, _ = base_features(module)
         layout = settings[name]  # MoLA / Block-wise LoRA: experts, top_k, ranks may differ per layer
         ids, ranks = layout["expert_ids"], layout["ranks"]
-        bank = {"kind": config.expert_kind, "d_in": d_in, "d_out": d_out, "shared_a": config.shared_a,
+        kinds = [config.kinds()[e] for e in ids]
+        mixed = len(set(kinds)) > 1  # one bank of several kinds (molora.kinds.mixed)
+        bank = {"kind": "mixed" if mixed else kinds[0], "d_in": d_in, "d_out": d_out, "shared_a": config.shared_a,
                 "shared_rank": ranks[0] if fixed else None, "init": config.init, "ranks": ranks,
-                "alphas": layout["alphas"], "rslora": [config.use_rslora] * len(ids)}
+                "alphas": layout["alphas"], "rslora": [config.use_rslora] * len(ids), **({"kinds": kinds} if mixed else {})}
         router = None if shared is not None else {"name": config.router, "config": router_kwargs(config, name)}
         layers[name] = build_routed_layer(module, name=name, bank=bank, router=router, expert_ids=ids,
                                           num_global_experts=len(names), dropout=config.dropout, dtype=config.torch_dtype,

@@ -321,23 +321,33 @@ def validate_meta(meta: Any, where: str, prefix: str = "") -> dict[str, Any]:
     return meta
 
 
-def validate_layer_spec(spec: Any, num_experts: int, where: str, prefix: str) -> None:
-    """Check one routed layer's :func:`~molora.layer.layer_spec` record (types, lengths)."""
-    spec = require_object(spec, where, f"field {prefix.rstrip('.')!r}")
-    bank = field(spec, "bank", DICT, where, prefix)
-    p = f"{prefix}bank."
+def validate_bank_spec(bank: dict, where: str, p: str) -> list[int]:
+    """Check one bank's :meth:`~molora.bank.BaseExpertBank.spec` record (types, lengths; a mixed
+    bank's ``kinds`` and each of its ``parts``); returns its ranks."""
     field(bank, "d_in", INT, where, p)
     field(bank, "d_out", INT, where, p)
     field(bank, "shared_a", BOOL, where, p)
     field(bank, "shared_rank", INT, where, p, nullable=True)
     ranks = field(bank, "ranks", INTS, where, p)
     lists = {"alphas": field(bank, "alphas", NUMS, where, p), "rslora": field(bank, "rslora", BOOLS, where, p),
-             "trainable": field(bank, "trainable", BOOLS, where, p, optional=True)}
+             "trainable": field(bank, "trainable", BOOLS, where, p, optional=True),
+             "kinds": field(bank, "kinds", STRS, where, p, optional=True)}
     field(bank, "init", STR, where, p, optional=True)
     field(bank, "kind", STR, where, p, optional=True)  # checked against the kinds when the bank is built
     for key, values in lists.items():
         if values is not None and len(values) != len(ranks):
             raise CheckpointError(f"{where}: field {p + key!r} has {len(values)} entries; {p + 'ranks'!r} has {len(ranks)}")
+    parts = field(bank, "parts", DICT, where, p, optional=True)
+    for kind, part in (parts or {}).items():
+        validate_bank_spec(require_object(part, where, f"field {p + 'parts.' + kind!r}"), where, f"{p}parts.{kind}.")
+    return ranks
+
+
+def validate_layer_spec(spec: Any, num_experts: int, where: str, prefix: str) -> None:
+    """Check one routed layer's :func:`~molora.layer.layer_spec` record (types, lengths)."""
+    spec = require_object(spec, where, f"field {prefix.rstrip('.')!r}")
+    bank = field(spec, "bank", DICT, where, prefix)
+    ranks = validate_bank_spec(bank, where, f"{prefix}bank.")
     ids = field(spec, "expert_ids", INTS, where, prefix)
     if len(ids) != len(ranks) or any(not 0 <= i < num_experts for i in ids):
         raise CheckpointError(f"{where}: field {prefix + 'expert_ids'!r} must list one of the {num_experts} experts "

@@ -93,8 +93,9 @@ def test_init_is_a_zero_delta_with_unit_gates():
     assert all(torch.equal(a, torch.ones(4)) for a in bank.rank_alpha)
     assert all(torch.count_nonzero(b) == 0 for b in bank.B)
     x = torch.randn(5, 16)
-    with torch.no_grad():
-        assert torch.equal(model(x), layer.base_layer(x))
+    assert torch.count_nonzero(bank.delta_weight([1.0] * 3)) == 0
+    with torch.no_grad():  # the base GEMM fused with the shrink may round the base output differently
+        torch.testing.assert_close(model(x), layer.base_layer(x), atol=1e-6, rtol=1e-6)
     assert effective_rank(model) == {"lin": [4, 4, 4]}
     # trainable: A, B and r gates per expert, plus the router
     assert sum(p.numel() for p in bank.parameters() if p.requires_grad) == 3 * (4 * 16 + 12 * 4 + 4)

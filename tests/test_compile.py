@@ -35,6 +35,8 @@ CASES = {
     "ard_lora": dict(router="task", num_experts=3, expert_kind="ard_lora"),
     "dora": dict(router="topk", top_k=2, num_experts=4, expert_kind="dora"),  # + the base-output rescaling
     "ortho_lora": dict(router="soft", num_experts=3, expert_kind="ortho_lora"),  # both terms stacked
+    # a mixed bank: the parts' stacks padded, concatenated and permuted in the graph
+    "mixed": dict(router="topk", top_k=2, num_experts=5, expert_kind=["lora", "dora", "qr_lora", "moslora", "lora"]),
 }
 
 

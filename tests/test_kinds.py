@@ -58,7 +58,7 @@ def _base64(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_names_the_allowed_kinds():
-    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora'\]; got 'vera'"):
+    with pytest.raises(MoLoRAError, match=r"expert_kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora'\] or a list of one per expert; got 'vera'"):
         MoLoRAConfig(target_modules=["q"], expert_kind="vera")
     with pytest.raises(MoLoRAError, match="qr_lora.*shared_a=True is not allowed"):
         MoLoRAConfig(target_modules=["q"], expert_kind="qr_lora", shared_a=True)
@@ -98,8 +98,9 @@ def test_qr_init_is_a_zero_delta_and_q_is_shared_frozen_and_bit_identical():
     assert isinstance(bank, QRLoRABank) and bank.num_experts == 4
     assert all(torch.count_nonzero(p) == 0 for p in bank.dR)
     x = torch.randn(5, 16)
-    with torch.no_grad():
-        assert torch.equal(model(x), layer.base_layer(x))
+    assert torch.count_nonzero(bank.delta_weight([1.0] * 4)) == 0
+    with torch.no_grad():  # the base GEMM fused with the shrink may round the base output differently
+        torch.testing.assert_close(model(x), layer.base_layer(x), atol=1e-6, rtol=1e-6)
     A, B = bank.stacked()
     assert A.shape == (4, 3, 16) and B.shape == (4, 12, 3)
     assert all(torch.equal(B[e], bank.Q) for e in range(4))
@@ -307,7 +308,7 @@ def test_checkpoint_with_an_unknown_kind_is_refused(tmp_path):
     base.add_module("lin", nn.Linear(16, 12))
     torch.manual_seed(0)
     base.lin.load_state_dict(model.routed_layers()["lin"].base_layer.state_dict())
-    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora'\]; got 'vera'"):
+    with pytest.raises(CheckpointError, match=r"expert kind must be one of \['lora', 'qr_lora', 'moslora', 'ard_lora', 'dora', 'ortho_lora', 'riemann_lora', 'mixed'\]; got 'vera'"):
         molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
     assert isinstance(base.lin, nn.Linear)
 

@@ -25,8 +25,9 @@ that defines its parameters and its ``_stack`` (the materialisation, batched ove
   fixed-rank manifold (orthonormal ``U, V``), trained by :class:`molora.optim.RiemannianSGD`
   (:class:`molora.kinds.riemann_lora.RiemannLoRABank`, :func:`~molora.kinds.riemann_lora.riemann_loi_`).
 
-A bank holds experts of one kind (mixing kinds would need per-expert materialisations in one
-stack; one kind per bank keeps the stack one batched op).
+- ``"mixed"``: experts of several of the kinds above in one bank behind one router: one part (a bank)
+  per kind, their stacks concatenated (:class:`molora.kinds.mixed.MixedBank`;
+  ``MoLoRAConfig(expert_kind=[...])`` gives each expert its kind).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from molora.errors import MoLoRAError
 
 from .ard_lora import ARDLoRABank, ard_penalty, effective_rank, project_ard, prune_ard
 from .dora import DoRABank
+from .mixed import MixedBank
 from .moslora import MoSLoRABank
 from .ortho_lora import OrthoLoRABank, ortho_init, ortho_penalty
 from .qr_lora import QRLoRABank, qr_basis
@@ -43,18 +45,20 @@ from .riemann_lora import RiemannLoRABank, loi_point, riemann_loi_
 
 BANK_CLASSES: dict[str, type[BaseExpertBank]] = {"lora": ExpertBank, "qr_lora": QRLoRABank, "moslora": MoSLoRABank,
                                                  "ard_lora": ARDLoRABank, "dora": DoRABank,
-                                                 "ortho_lora": OrthoLoRABank, "riemann_lora": RiemannLoRABank}
-EXPERT_KINDS = tuple(BANK_CLASSES)
+                                                 "ortho_lora": OrthoLoRABank, "riemann_lora": RiemannLoRABank,
+                                                 "mixed": MixedBank}
+#: the kinds an expert can be (``"mixed"`` is a bank of several of them, not an expert's kind)
+EXPERT_KINDS = tuple(k for k in BANK_CLASSES if k != "mixed")
 
 
 def bank_class(kind: str) -> type[BaseExpertBank]:
     """The bank class of an expert kind; MoLoRAError naming the allowed kinds otherwise."""
     cls = BANK_CLASSES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MoLoRAError(f"expert kind must be one of {list(EXPERT_KINDS)}; got {kind!r}")
+        raise MoLoRAError(f"expert kind must be one of {list(BANK_CLASSES)}; got {kind!r}")
     return cls
 
 
-__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MoSLoRABank", "OrthoLoRABank", "QRLoRABank",
+__all__ = ["ARDLoRABank", "BANK_CLASSES", "DoRABank", "EXPERT_KINDS", "MixedBank", "MoSLoRABank", "OrthoLoRABank", "QRLoRABank",
            "RiemannLoRABank", "ard_penalty", "bank_class", "effective_rank", "loi_point", "ortho_init",
            "ortho_penalty", "project_ard", "prune_ard", "qr_basis", "riemann_loi_"]

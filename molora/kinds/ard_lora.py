@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -150,10 +150,24 @@ def _ard_layers(model: nn.Module, where: str) -> dict[str, Any]:
     # a MoLoRAModel's own paths (relative to its base model), as routed_layers() names them
     routed = model.routed_layers() if isinstance(model, MoLoRAModel) else \
         {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)}
-    layers = {n: m for n, m in routed.items() if isinstance(m.bank, ARDLoRABank)}
+    layers = {}
+    for n, m in routed.items():
+        found = m.bank.part_of(ARDLoRABank) if m.bank is not None else None
+        if found is not None and found[0].num_experts:  # the bank, or a mixed bank's ARD part
+            part, local = found
+            layers[n] = _ARDLayer(m, part, [m.expert_ids[i] for i in local])
     if not layers:
         raise MoLoRAError(f"{where}: the model has no 'ard_lora' experts (MoLoRAConfig(expert_kind='ard_lora'))")
     return layers
+
+
+class _ARDLayer(NamedTuple):
+    """A routed layer with ARD experts: the layer, its ARD bank (the layer's own or a mixed bank's
+    part) and the global expert ids of that bank's experts."""
+
+    layer: Any
+    bank: ARDLoRABank
+    expert_ids: list[int]
 
 
 def _threshold(value: Any, where: str) -> float:
@@ -180,7 +194,7 @@ def ard_penalty(model: nn.Module, *, l1: float = 0.0, tv: float = 0.0) -> Tensor
     layers = _ard_layers(model, "ard_penalty")
     device = next(iter(layers.values())).bank.device
     total = torch.zeros((), dtype=torch.float32, device=device)
-    gates = {n: layer.bank.gates().float() for n, layer in layers.items()}
+    gates = {n: ard.bank.gates().float() for n, ard in layers.items()}
     if l1:
         total = total + l1 * sum(g.sum() for g in gates.values())
     if tv:
@@ -209,14 +223,14 @@ def _tv_pair(g_lo: Tensor, ids_lo: list[int], g_hi: Tensor, ids_hi: list[int]) -
 def project_ard(model: nn.Module) -> None:
     """``alpha <- max(alpha, 0)`` in every ARD bank: call after each optimizer step (or register
     it: ``opt.register_step_post_hook(lambda *_: project_ard(model))``)."""
-    for layer in _ard_layers(model, "project_ard").values():
-        layer.bank.project_()
+    for ard in _ard_layers(model, "project_ard").values():
+        ard.bank.project_()
 
 
 def effective_rank(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
     """Per ARD layer (by path): each local expert's number of live channels (gate ``> threshold``)."""
     threshold = _threshold(threshold, "effective_rank")
-    return {n: layer.bank.effective_ranks(threshold) for n, layer in _ard_layers(model, "effective_rank").items()}
+    return {n: ard.bank.effective_ranks(threshold) for n, ard in _ard_layers(model, "effective_rank").items()}
 
 
 def prune_ard(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
@@ -231,11 +245,13 @@ def prune_ard(model: nn.Module, threshold: float = 0.0) -> dict[str, list[int]]:
     nothing, for a merged layer (its folded weight holds the unpruned delta: unmerge first)."""
     threshold = _threshold(threshold, "prune_ard")
     layers = _ard_layers(model, "prune_ard")
-    merged = sorted(n for n, layer in layers.items() if layer.merged_weights is not None)
+    merged = sorted(n for n, ard in layers.items() if ard.layer.merged_weights is not None)
     if merged:
         raise MoLoRAError(f"prune_ard: modules {merged} are merged; unmerge() first")
-    plans = {n: layer.bank._prune_plan(threshold) for n, layer in layers.items()}
-    for n, layer in layers.items():
-        layer.bank._apply_prune(plans[n])
-    return {n: list(layer.bank.ranks) for n, layer in layers.items()}
+    plans = {n: ard.bank._prune_plan(threshold) for n, ard in layers.items()}
+    for n, ard in layers.items():
+        ard.bank._apply_prune(plans[n])
+        if ard.layer.bank is not ard.bank:  # a mixed bank's part: the bank takes the new ranks
+            ard.layer.bank.sync_parts()
+    return {n: list(ard.bank.ranks) for n, ard in layers.items()}
 

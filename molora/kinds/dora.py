@@ -73,6 +73,7 @@ class DoRABank(ExpertBank):
     """
 
     kind = "dora"
+    rescales_base = True
 
     def __init__(self, d_in: int, d_out: int, *, base_weight: Tensor | None = None, init: str = "kaiming",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:

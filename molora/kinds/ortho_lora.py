@@ -256,13 +256,15 @@ class OrthoLoRABank(BaseExpertBank):
 
 
 # ---------------------------------------------------------------------------------------------- model level
-def _ortho_layers(model: nn.Module, where: str) -> dict[str, Any]:
+def _ortho_layers(model: nn.Module, where: str) -> dict[str, OrthoLoRABank]:
     from molora.layer import RoutedLoRALinear
     from molora.model import MoLoRAModel
 
     routed = model.routed_layers() if isinstance(model, MoLoRAModel) else \
         {n: m for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)}
-    layers = {n: m for n, m in routed.items() if isinstance(m.bank, OrthoLoRABank)}
+    # the layer's bank, or a mixed bank's Ortho-LoRA part
+    found = {n: m.bank.part_of(OrthoLoRABank) if m.bank is not None else None for n, m in routed.items()}
+    layers = {n: f[0] for n, f in found.items() if f is not None and f[0].num_experts}
     if not layers:
         raise MoLoRAError(f"{where}: the model has no 'ortho_lora' experts (MoLoRAConfig(expert_kind='ortho_lora'))")
     return layers
@@ -286,9 +288,8 @@ def ortho_penalty(model: nn.Module, *, scope: str = "layer") -> Tensor:
     if scope not in ("layer", "expert"):
         raise MoLoRAError(f"ortho_penalty: scope must be 'layer' or 'expert'; got {scope!r}")
     layers = _ortho_layers(model, "ortho_penalty")
-    total = torch.zeros((), dtype=torch.float32, device=next(iter(layers.values())).bank.device)
-    for layer in layers.values():
-        bank = layer.bank
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(layers.values())).device)
+    for bank in layers.values():
         if scope == "layer":
             groups = [(list(bank.P), list(bank.Q))]
         else:

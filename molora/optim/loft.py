@@ -315,7 +315,9 @@ def _collect(spec: Any, where: str) -> list[tuple[Tensor, Tensor, float, str]]:
     if isinstance(spec, BaseExpertBank):
         return _bank_pairs(spec, "bank", where)
     if isinstance(spec, nn.Module):
-        banks = [(path or "bank", m) for path, m in spec.named_modules() if isinstance(m, BaseExpertBank)]
+        # a mixed bank's parts are banks of their own here (LoFT steps its "lora" part)
+        banks = [(path or "bank", m) for path, m in spec.named_modules() if isinstance(m, BaseExpertBank)
+                 and m.kind != "mixed"]
         if not banks:
             raise MoLoRAError(f"{where}: {type(spec).__name__} holds no expert bank; pass banks or (A, B) pairs")
         return [pair for path, bank in banks for pair in _bank_pairs(bank, path, where)]
