@@ -635,7 +635,9 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig) -> MoLoRAModel:
         layout = settings[name]  # MoLA / Block-wise LoRA: experts, top_k, ranks may differ per layer
         ids, ranks = layout["expert_ids"], layout["ranks"]
         kinds = [config.kinds()[e] for e in ids]
-        mixed = len(set(kinds)) > 1  # one bank of several kinds (molora.kinds.mixed)
+        # one bank of several kinds (molora.kinds.mixed), also where this layer's live experts are
+        # of one kind: an expert of another kind may be added later
+        mixed = isinstance(config.expert_kind, list)
         bank = {"kind": "mixed" if mixed else kinds[0], "d_in": d_in, "d_out": d_out, "shared_a": config.shared_a,
                 "shared_rank": ranks[0] if fixed else None, "init": config.init, "ranks": ranks,
                 "alphas": layout["alphas"], "rslora": [config.use_rslora] * len(ids), **({"kinds": kinds} if mixed else {})}

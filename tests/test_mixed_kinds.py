@@ -273,3 +273,17 @@ def test_config_checks_the_kinds_list():
         MoLoRAConfig(target_modules=["lin"], num_experts=2, expert_kind=["lora", "dora"], shared_a=True, rank=4)
     same = MoLoRAConfig(target_modules=["lin"], num_experts=2, expert_kind=["dora", "dora"])
     assert same.expert_kind == "dora"  # one kind: that kind's bank, not a mixed one
+
+
+def test_a_layer_whose_live_experts_share_one_kind_still_takes_other_kinds():
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(16, 16))
+    base.add_module("lin2", nn.Linear(16, 12))
+    model = get_molora_model(base, MoLoRAConfig(target_modules=["lin", "lin2"], num_experts=2, rank=4, router="task",
+                                                expert_kind=["lora", "dora"], block_ranks={"lin2": [4, 0]}))
+    banks = {n: layer.bank for n, layer in model.routed_layers().items()}
+    assert banks["lin"].kinds == ["lora", "dora"] and banks["lin2"].kinds == ["lora"]
+    assert isinstance(banks["lin2"], MixedBank)
+    model.add_expert("d2", kind="dora")
+    assert banks["lin"].kinds == ["lora", "dora", "dora"] and banks["lin2"].kinds == ["lora", "dora"]
