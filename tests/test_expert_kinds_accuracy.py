@@ -22,8 +22,11 @@ def test_kind_optimizer_moves_the_trained_expert_only(variant):
     kind, _ = ek.VARIANTS[variant]
     torch.manual_seed(0)
     model = get_molora_model(ek.Stack(8, 2), MoLoRAConfig(target_modules=r"layers\.\d+", num_experts=2, rank=2, alpha=4.0,
-                                                          router="soft", expert_kind=kind, expert_names=["a", "b"]))
-    ek.randomize_experts_([layer.bank for layer in model.routed_layers().values()])
+                                                          router="soft", expert_kind=ek.expert_kind(kind, 2),
+                                                          expert_names=["a", "b"]))
+    banks = [layer.bank for layer in model.routed_layers().values()]
+    ek.randomize_experts_(ek.kind_banks(banks))
+    b_before = [p.detach().clone() for bank in banks for p in bank.expert_parameters(1)]
     model.set_experts_trainable(False)
     model.set_experts_trainable(True, ["a"])
     before = {k: v.clone() for k, v in model.state_dict().items() if ".bank." in k}
@@ -39,6 +42,9 @@ def test_kind_optimizer_moves_the_trained_expert_only(variant):
     moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert moved, "expert 'a' did not train"
     assert all(k.endswith(".0") for k in moved), sorted(moved)  # expert index 0 = 'a'; 'b' and shared tensors kept
+    # (in a mixed bank 'b' is index 0 of its own kind's part: compare its tensors directly)
+    b_after = [p.detach() for bank in banks for p in bank.expert_parameters(1)]
+    assert all(torch.equal(u, v) for u, v in zip(b_before, b_after))
 
 
 def test_blockwise_unet_redistributes_lora_rank():
