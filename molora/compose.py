@@ -16,6 +16,7 @@ from molora.config import MoLoRAConfig
 from molora.errors import AdapterError, MoLoRAError
 from molora.genknowsub import subtract_general_knowledge
 from molora.kinds import DoRABank
+from molora.routed_tokens import TiedTokenRows, TokenRows, is_plain_embedding
 from molora.layer import RoutedLoRALinear, base_features, build_routed_layer, layer_device, resident_weight, routed_layer_class
 from molora.model import MoLoRAModel, build_shared_router, router_kwargs
 from molora.routers import router_class
@@ -87,12 +88,19 @@ def compose(
     )
     modules = _check_against_base(base_model, loaded)
     saved = _check_saved_modules(base_model, loaded, modules)
+    tokens = _check_token_rows(base_model, loaded, {**modules, **saved})
     if saved and not router_class(router).shared:
         where = next(iter(saved))
         raise AdapterError(f"compose: adapters {sorted({a.name for a in loaded if where in a.saved_modules})} saved "
                            f"module {where!r} whole (PEFT's modules_to_save); per-adapter copies run per example by a "
                            f"model-level router (router='task', 'static', 'mixture', ...), not router {router!r}, whose "
                            "per-token gates have no per-example copy")
+    if tokens and not router_class(router).shared:
+        where = next(iter(tokens))
+        raise AdapterError(f"compose: adapters {sorted({a.name for a in loaded if where in a.token_rows})} trained "
+                           f"tokens of {where!r} (PEFT's trainable_token_indices); each adapter's rows run per example "
+                           f"by a model-level router (router='task', 'static', 'mixture', ...), not router {router!r}, "
+                           "whose per-token gates have no per-example rows")
     first = next(iter(modules.values()))
     devices = {path: layer_device(base_model, path) for path in modules}  # a meta base without hooks: refused here
     shared = build_shared_router(config, names, routed_layer_class(first).router_dim(first), next(iter(devices.values())))
@@ -129,7 +137,69 @@ def compose(
                 c.requires_grad_(trainable_experts)
         layers[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=sorted(copies),
                                           num_global_experts=len(loaded), copies=copies)
+    for path, (module, head) in tokens.items():
+        # each adapter's trained rows of the embedding (PEFT's trainable tokens), and of the output
+        # layer tied to it
+        rows = {i: TokenRows(module, *adapter.token_rows[path], name=path) for i, adapter in enumerate(loaded)
+                if path in adapter.token_rows}
+        for r in rows.values():
+            r.requires_grad_(trainable_experts)
+        layers[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=sorted(rows),
+                                          num_global_experts=len(loaded), copies=rows)
+        for head_path, head_module in head:
+            tied = {i: TiedTokenRows(head_module, r, name=head_path) for i, r in rows.items()}
+            layers[head_path] = build_routed_layer(head_module, name=head_path, bank=None, router=None,
+                                                   expert_ids=sorted(tied), num_global_experts=len(loaded), copies=tied)
+            layers[head_path].tied_to = path
     return MoLoRAModel(base_model, config, layers, expert_names=names, shared_router=shared)
+
+
+def _check_token_rows(base_model: nn.Module, adapters: list[PeftLoraAdapter], taken: Mapping[str, nn.Module]
+                      ) -> dict[str, tuple[nn.Module, list[tuple[str, nn.Module]]]]:
+    """The embeddings the adapters trained rows of (PEFT's ``trainable_token_indices``), by path,
+    each with the modules tied to it (``[(path, module)]``), checked against the
+    base model (a plain ``nn.Embedding`` no LoRA or saved module of any adapter reaches, token ids
+    inside its vocabulary, rows of its width); an AdapterError naming adapter and module otherwise."""
+    found: dict[str, tuple[nn.Module, list[tuple[str, nn.Module]]]] = {}
+    for adapter in adapters:
+        for path, (ids, values) in adapter.token_rows.items():
+            where = f"adapter {adapter.name!r}, module {path!r} (trainable_token_indices)"
+            try:
+                module = base_model.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"{where}: {type(base_model).__name__} has no such module (was the adapter trained "
+                                   "on a different base model?)") from None
+            if not is_plain_embedding(module):
+                raise AdapterError(f"{where}: trained tokens need a plain nn.Embedding; the base module is "
+                                   f"{type(module).__name__}")
+            clash = [p for p in taken if p == path or p.startswith(path + ".") or path.startswith(p + ".")]
+            if clash:
+                raise AdapterError(f"{where}: an adapter also adapts {clash[0]!r} there (LoRA or modules_to_save); "
+                                   "molora routes trained tokens of an embedding no other adapter changes")
+            V, d = module.weight.shape
+            if values.shape[1] != d or max(ids) >= V:
+                raise AdapterError(f"adapter {adapter.name!r} was made for a different base model: module {path!r} "
+                                   f"is [{V} x {d}] but its trained tokens are {list(values.shape)} with ids up to "
+                                   f"{max(ids)}")
+            if path not in found:
+                found[path] = (module, _tied_output(base_model, module, path, taken, where))
+    return found
+
+
+def _tied_output(base_model: nn.Module, embedding: nn.Module, path: str, taken: Mapping[str, nn.Module],
+                 where: str) -> list[tuple[str, nn.Module]]:
+    """The modules whose weight is ``embedding``'s (tied word embeddings: PEFT runs them with the
+    trained rows too: an output layer's logits, another embedding's lookups), as ``(path, module)``."""
+    tied = [(n, m) for n, m in base_model.named_modules() if m is not embedding
+            and getattr(m, "weight", None) is embedding.weight]
+    for head_path, head in tied:
+        if not (type(head) is nn.Linear and head.bias is None or is_plain_embedding(head)):
+            raise AdapterError(f"{where}: the embedding's weight is shared with {head_path!r} "
+                               f"({type(head).__name__}); molora follows trained tokens into tied plain nn.Embedding "
+                               "and bias-free nn.Linear modules only")
+        if head_path in taken:
+            raise AdapterError(f"{where}: the tied module {head_path!r} is also adapted (LoRA or modules_to_save)")
+    return tied
 
 
 def _check_saved_modules(base_model: nn.Module, adapters: list[PeftLoraAdapter],

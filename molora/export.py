@@ -19,6 +19,7 @@ from molora.layer import Conv1D
 from molora.merging import TENSOR_RULES, merge_module, merge_options
 from molora.persistence import atomic_write
 from molora.routed_copies import ORIGINAL
+from molora.routed_tokens import TokenRows
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -137,12 +138,19 @@ def export_peft(
         raise MoLoRAError("export_peft: every weight is 0; nothing to export")
     # whole per-expert module copies (PEFT's modules_to_save): the one copy the mix picks is
     # written back as PEFT saves it; a blend of several copies is refused (static_choice)
-    saved = []
+    saved, token_indices = [], {}
     for path, copies in model.routed_copies().items():
         pick = copies.static_choice(w_all, "export_peft")
-        if pick == ORIGINAL:
+        if pick == ORIGINAL or copies.tied_to is not None:  # PEFT re-ties the output layer itself
             continue
-        for key, t in copies.copy_of(pick).state_dict().items():
+        chosen = copies.copy_of(pick)
+        if isinstance(chosen, TokenRows):  # trained tokens, as PEFT saves them
+            key = f"base_model.model.{path}.token_adapter.trainable_tokens_delta"
+            state[key] = finite_tensor(chosen.values.detach(), f"export_peft: module {path!r}",
+                                       "trained tokens").cpu().contiguous()
+            token_indices[path] = chosen.indices.tolist()
+            continue
+        for key, t in chosen.state_dict().items():
             name = f"base_model.model.{path}.{key}"
             state[name] = (finite_tensor(t.detach(), f"export_peft: module {path!r}", f"tensor {key!r}")
                            if t.is_floating_point() else t.detach()).cpu().contiguous()
@@ -167,6 +175,7 @@ def export_peft(
         init_lora_weights=True,
         inference_mode=True,
         modules_to_save=saved or None,
+        trainable_token_indices=token_indices or None,
     )
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp:

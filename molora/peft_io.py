@@ -16,7 +16,9 @@ it); an ``nn.Conv2d`` LoRA is ``lora_A.weight [r, c_in, k_h, k_w]`` and ``lora_B
 
 Modules saved whole with the adapter (``modules_to_save``, saved as ``<module>.<param>``) are read
 into :attr:`PeftLoraAdapter.saved_modules`; :func:`molora.compose` runs them as per-expert copies
-(:mod:`molora.routed_copies`).
+(:mod:`molora.routed_copies`). Trained embedding rows (``trainable_token_indices``, saved as
+``<embedding>.token_adapter.trainable_tokens_delta``) are read into
+:attr:`PeftLoraAdapter.token_rows` and run as each expert's rows (:mod:`molora.routed_tokens`).
 
 Only safetensors are read: a legacy ``adapter_model.bin`` is a pickle, which can run code when
 it is loaded, so a folder that only has one gets an AdapterError saying how to convert it.
@@ -26,7 +28,7 @@ NaN/inf, shapes), with an AdapterError naming the file and the field or tensor.
 The config is then read by PEFT itself (``PeftConfig.from_pretrained``), so every field PEFT knows
 is seen: each :class:`peft.LoraConfig` field is either one molora composes exactly, one that does
 not change the forward (training or initialisation only, metadata), or a LoRA variant molora does
-not implement (aLoRA, LoRA bias, trainable tokens, ...), which is an AdapterError naming the
+not implement (aLoRA, LoRA bias, QALoRA, ...), which is an AdapterError naming the
 field and its value when it differs from PEFT's default. A field this table does not list (a newer
 PEFT) is refused the same way when it is not the default, rather than silently ignored.
 """
@@ -68,6 +70,7 @@ _COMPOSED = frozenset({
     "fan_in_fan_out",  # transposes the base weight only; the factors are stored the same way
     "use_dora",  # DoRA: the magnitude vectors load as experts of a "dora" bank (molora.kinds.dora)
     "modules_to_save",  # whole modules saved with the adapter: per-expert copies (molora.routed_copies)
+    "trainable_token_indices",  # trained embedding rows: per-expert rows (molora.routed_tokens)
 })
 # Fields that do not change an eval forward: metadata, runtime, training-only (dropout, VeLoRA's
 # backward) and initialisation-only (the saved factors are what the initialisation produced).
@@ -86,7 +89,6 @@ _REFUSED = {
                                "change every token before them)",
     "lora_bias": "a bias on lora_B",
     "bias": "trained base-layer biases saved with the adapter",
-    "trainable_token_indices": "trained embedding rows (trainable tokens)",
     "use_qalora": "QALoRA (input pooling before lora_A)",
     "layer_replication": "replicated base layers",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampling on the factors)",
@@ -134,6 +136,9 @@ class PeftLoraAdapter:
     # whole modules saved with the adapter (PEFT's modules_to_save), by module path: their state
     # dict (``{param: tensor}``), composed as the expert's own copy (molora.routed_copies)
     saved_modules: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+    # trained embedding rows (PEFT's trainable_token_indices), by embedding path: the token ids
+    # and their values ``[n, d]``, composed as the expert's rows (molora.routed_tokens)
+    token_rows: dict[str, tuple[list[int], Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -287,6 +292,7 @@ def _saved_module(key: str, modules_to_save: list[str] | None) -> tuple[str, str
     return None
 
 
+_TOKENS = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -353,6 +359,7 @@ def load_peft_adapter(
     base_weights: dict[str, Tensor] = {}
     layers: dict[str, str] = {}  # module -> "embedding" / "conv2d" for the factors that say so
     saved_modules: dict[str, dict[str, Tensor]] = {}
+    tokens: dict[str, Tensor] = {}
     for key, value in tensors.items():
         mag = _MAGNITUDE.match(key)
         if mag is not None:
@@ -365,6 +372,10 @@ def load_peft_adapter(
         base = _BASE_WEIGHT.match(key)
         if base is not None:
             base_weights[base["module"]] = value
+            continue
+        tok = _TOKENS.match(key)
+        if tok is not None:
+            tokens[tok["module"]] = value
             continue
         m = _EMBEDDING.match(key) or _KEY.match(key)
         saved = _saved_module(key, config.get("modules_to_save")) if m is None else None
@@ -425,5 +436,49 @@ def load_peft_adapter(
                                       magnitude=magnitude, layer=layer, kernel_size=kernel)
     if not modules:
         raise AdapterError(f"{where}: {st} holds no LoRA weights")
+    token_rows = _token_rows(tokens, config.get("trainable_token_indices"), f"{where}: {st}", cfg_path)
     return PeftLoraAdapter(name=name, path=folder, config=config, modules=modules, peft_config=peft_config,
-                           base_weights=base_weights, saved_modules=saved_modules)
+                           base_weights=base_weights, saved_modules=saved_modules, token_rows=token_rows)
+
+
+def _token_rows(tensors: dict[str, Tensor], indices: Any, where: str, cfg_path: Path) -> dict[str, tuple[list[int], Tensor]]:
+    """Each embedding's trained token ids and values from ``trainable_token_indices`` (a list: the
+    one embedding PEFT wrapped, the input embedding; an object: ``{module name: ids}``, a name
+    matching the end of the path) and the ``token_adapter.trainable_tokens_delta`` tensors;
+    AdapterError for ids and tensors that do not pair up."""
+    if not indices:
+        if tensors:
+            raise AdapterError(f"{where}: tensor {next(iter(tensors))!r}.token_adapter.trainable_tokens_delta is saved but "
+                               f"{cfg_path} has no trainable_token_indices")
+        return {}
+    if isinstance(indices, list):
+        if len(tensors) != 1:
+            raise AdapterError(f"{where}: trainable_token_indices is a list (one embedding) but the file has trained "
+                               f"tokens for {len(tensors)} modules {sorted(tensors)}")
+        by_module = {next(iter(tensors)): indices}
+    elif isinstance(indices, dict):
+        by_module = {}
+        for module in tensors:
+            keys = [k for k in indices if module == k or module.endswith("." + k)]
+            if len(keys) != 1:
+                raise AdapterError(f"{where}: module {module!r} has trained tokens, matched by {len(keys)} entries of "
+                                   f"trainable_token_indices {sorted(indices)} (expected one)")
+            by_module[module] = indices[keys[0]]
+        unused = sorted(set(indices) - {k for k in indices if any(m == k or m.endswith("." + k) for m in tensors)})
+        if unused:
+            raise AdapterError(f"{where}: trainable_token_indices names {unused} but the file has no trained tokens there")
+    else:
+        raise AdapterError(f"{cfg_path}: trainable_token_indices must be a list of token ids or an object "
+                           f"{{module: ids}}; got {indices!r}")
+    out = {}
+    for module, ids in by_module.items():
+        values = tensors[module]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in ids) or len(set(ids)) != len(ids):
+            raise AdapterError(f"{cfg_path}: trainable_token_indices for {module!r} must be distinct token ids >= 0; "
+                               f"got {ids!r}")
+        if not values.is_floating_point() or values.dim() != 2 or values.shape[0] != len(ids):
+            raise AdapterError(f"{where}: module {module!r}: trainable_tokens_delta is {values.dtype} "
+                               f"{list(values.shape)}; expected floating [{len(ids)}, dim] for its {len(ids)} token ids")
+        out[module] = (list(ids), values)
+    return out

@@ -393,6 +393,18 @@ def validate_extras(meta: dict[str, Any], where: str, prefix: str = "") -> None:
                                   f"(and 'pinned' one of them, -1 or null); got {ids}, pinned {pinned}")
         if path in layers:
             raise CheckpointError(f"{where}: field {p.rstrip('.')!r} names a routed LoRA layer")
+        tokens = field(rec, "tokens", DICT, where, p, optional=True)
+        if tokens is not None and set(tokens) != {str(i) for i in ids}:
+            raise CheckpointError(f"{where}: field {p + 'tokens'!r} must list the token ids of each expert {ids}; "
+                                  f"got entries {sorted(tokens)}")
+        for e in tokens or {}:
+            if not field(tokens, e, INTS, where, f"{p}tokens."):
+                raise CheckpointError(f"{where}: field {p + 'tokens.' + e!r} lists no token id")
+        tied_to = field(rec, "tied_to", STR, where, p, optional=True, nullable=True)
+        if tied_to is not None and (tied_to not in copies or not (copies[tied_to] or {}).get("tokens")
+                                    or tokens is not None):
+            raise CheckpointError(f"{where}: field {p + 'tied_to'!r} must name the trained-token embedding of "
+                                  f"'routed_copies'; got {tied_to!r}")
     tied = field(meta, "tied_routers", DICT, where, prefix, optional=True, nullable=True)
     for name, owner in (tied or {}).items():
         p = f"{prefix}tied_routers."
@@ -858,6 +870,7 @@ def _build_copies(base_model: nn.Module, meta: Mapping[str, Any], where: str, ma
     ``meta["routed_copies"]`` records: fresh copies of the base modules, whose values the
     checkpoint's tensors then give; the base model is not changed."""
     from molora.routed_copies import RoutedCopies
+    from molora.routed_tokens import TiedTokenRows, TokenRows
 
     built: dict[str, nn.Module] = {}
     for path, rec in (meta.get("routed_copies") or {}).items():
@@ -868,14 +881,36 @@ def _build_copies(base_model: nn.Module, meta: Mapping[str, Any], where: str, ma
                                   f"(field 'routed_copies'): the checkpoint was made for {made_for}") from None
         if isinstance(module, (RoutedLoRALinear, RoutedCopies)):
             raise CheckpointError(f"{where}: module {path!r} is already routed: load into a plain base model")
-        copies = {i: copy.deepcopy(module) for i in rec["expert_ids"]}
-        trainable = rec.get("trainable") or [False] * len(copies)
-        for c, flag in zip(copies.values(), trainable):
-            c.requires_grad_(bool(flag))
         try:
+            if rec.get("tokens") is not None:  # trained tokens: placeholder rows the tensors then give
+                d = getattr(getattr(module, "weight", None), "shape", (0, 0))[-1]
+                copies = {i: TokenRows(module, rec["tokens"][str(i)],
+                                       torch.zeros(len(rec["tokens"][str(i)]), d, dtype=module.weight.dtype), name=path)
+                          for i in rec["expert_ids"]}
+            elif rec.get("tied_to") is not None:  # built after its embedding (below)
+                continue
+            else:
+                copies = {i: copy.deepcopy(module) for i in rec["expert_ids"]}
+            trainable = rec.get("trainable") or [False] * len(copies)
+            for c, flag in zip(copies.values(), trainable):
+                c.requires_grad_(bool(flag))
             built[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=rec["expert_ids"],
                                              num_global_experts=len(meta["expert_names"]), copies=copies)
         except MoLoRAError as exc:
+            raise CheckpointError(f"{where}: field 'routed_copies.{path}': {exc}") from None
+    for path, rec in (meta.get("routed_copies") or {}).items():
+        if rec.get("tied_to") is None:
+            continue
+        rows = built[rec["tied_to"]]
+        try:
+            if set(rec["expert_ids"]) != set(rows.expert_ids):
+                raise MoLoRAError(f"experts {rec['expert_ids']} differ from the embedding's {rows.expert_ids}")
+            module = base_model.get_submodule(path)
+            tied = {i: TiedTokenRows(module, rows.copies[str(i)], name=path) for i in rec["expert_ids"]}
+            built[path] = build_routed_layer(module, name=path, bank=None, router=None, expert_ids=rec["expert_ids"],
+                                             num_global_experts=len(meta["expert_names"]), copies=tied)
+            built[path].tied_to = rec["tied_to"]
+        except (MoLoRAError, AttributeError) as exc:
             raise CheckpointError(f"{where}: field 'routed_copies.{path}': {exc}") from None
     return built
 

@@ -62,6 +62,7 @@ class RoutedCopies(nn.Module):
         # while the model is merged: the global expert whose copy runs (ORIGINAL: the base module)
         self.pinned: int | None = None
         self._shared_router: list[Router] = []  # a plain list: the model owns the shared router
+        self.tied_to: str | None = None  # trained tokens of a tied output layer: the embedding's path
 
     @property
     def expert_ids(self) -> list[int]:
@@ -171,9 +172,20 @@ class RoutedCopies(nn.Module):
         return weights
 
     def spec(self) -> dict:
-        """JSON description (checkpoints): the experts with a copy, whether each trains, the merged pin."""
+        """JSON description (checkpoints): the experts with a copy, whether each trains, the merged
+        pin; for trained tokens (:mod:`molora.routed_tokens`) each expert's token ids, or the path
+        of the embedding a tied output layer follows."""
+        from molora.routed_tokens import TiedTokenRows, TokenRows
+
         trainable = [any(p.requires_grad for p in self.copies[str(e)].parameters()) for e in self.expert_ids]
-        return {"expert_ids": self.expert_ids, "trainable": trainable, "pinned": self.pinned}
+        spec = {"expert_ids": self.expert_ids, "trainable": trainable, "pinned": self.pinned}
+        first = self.copies[str(self.expert_ids[0])]
+        if isinstance(first, TokenRows):
+            spec["tokens"] = {str(e): self.copies[str(e)].indices.tolist() for e in self.expert_ids}
+        elif isinstance(first, TiedTokenRows):
+            spec["tied_to"] = self.tied_to
+            spec["trainable"] = [False] * len(self.expert_ids)  # its rows train in the embedding's copies
+        return spec
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, copies for experts {self.expert_ids}"
@@ -183,6 +195,13 @@ def build_routed_copies(base_layer: nn.Module, *, name: str, copies: Mapping[int
                         num_global_experts: int) -> RoutedCopies:
     """A :class:`RoutedCopies` around ``base_layer``; every copy must have the original's
     parameters and buffers, of the same shapes (MoLoRAError naming the module and the tensor)."""
+    from molora.routed_tokens import TiedTokenRows, TokenRows
+
+    tokens = [isinstance(c, (TokenRows, TiedTokenRows)) for c in copies.values()]
+    if any(tokens):  # trained rows of an embedding, checked when they were made
+        if not all(tokens) or len({type(c) for c in copies.values()}) != 1:
+            raise MoLoRAError(f"module {name!r}: per-expert copies are either whole modules or trained tokens, of one kind")
+        return RoutedCopies(base_layer, copies, name=name, num_global_experts=num_global_experts)
     reference = {k: tuple(v.shape) for k, v in base_layer.state_dict().items()}
     for e, copy in copies.items():
         got = {k: tuple(v.shape) for k, v in copy.state_dict().items()}

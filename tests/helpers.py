@@ -103,6 +103,8 @@ def make_peft_adapter(base, path: Path, *, seed: int, r: int = 4, alpha: float =
                 p.normal_(0.0, 0.1 * p.shape[1] ** -0.5)
             elif "modules_to_save" in name:  # a module trained in full (a head): its own values
                 p.add_(0.1 * torch.randn_like(p))
+            elif "trainable_tokens_delta" in name:  # trained embedding rows: away from the base's
+                p.add_(torch.randn_like(p))
     peft_model.save_pretrained(str(path))
     return path
 
