@@ -214,3 +214,34 @@ def test_plain_trainer_trains_and_saves_the_head(tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**rows).logits, model(**rows).logits, rtol=0, atol=0)
+
+
+def test_plain_trainer_resumes_from_its_checkpoint_exactly(tmp_path):
+    """Stopped after step 2 and resumed by a plain Trainer into a fresh model (other experts, other
+    head), training reaches the uninterrupted run's experts, routers and head."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    rows = cls_rows(16)
+    ds = datasets.Dataset.from_dict({k: v.tolist() for k, v in rows.items()})
+
+    def run(model, out, **kw):
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=0.05,
+                                 optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True,
+                                 save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
+                                 dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator).train(**kw)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    whole = run(routed_classifier(), tmp_path / "a")
+    fresh = routed_classifier()
+    with torch.no_grad():  # a different start everywhere the checkpoint must restore
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    resumed = run(fresh, tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.keys() == whole.keys()
+    for k, v in whole.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(whole["base_model.classifier.weight"], routed_classifier().base_model.classifier.weight)
