@@ -212,6 +212,10 @@ class AdapterPool:
             raise AdapterError(f"AdapterPool: adapter {name!r} saved modules {sorted(adapter.saved_modules)} whole "
                                "(PEFT's modules_to_save), which a pool slot cannot hold; compose such adapters with "
                                "molora.compose(..., router='task')")
+        if adapter.token_rows:  # the same for trained embedding rows
+            raise AdapterError(f"AdapterPool: adapter {name!r} trained tokens of {sorted(adapter.token_rows)} (PEFT's "
+                               "trainable_token_indices), which a pool slot cannot hold; compose such adapters with "
+                               "molora.compose(..., router='task')")
         factors = {m: self._check_factors(name, m, f) for m, f in adapter.modules.items()}
         self.stats.cold_loads += 1
         self.stats.cold_seconds += time.perf_counter() - t0

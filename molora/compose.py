@@ -66,10 +66,10 @@ def compose(
     if general_adapters is not None:
         general = named_adapters(general_adapters, "compose general_adapters")
         general_loaded = [load_peft_adapter(path, name) for name, path in general.items()]
-        with_modules = [g.name for g in general_loaded if g.saved_modules]
+        with_modules = [g.name for g in general_loaded if g.saved_modules or g.token_rows]
         if with_modules:  # only the LoRA factors are subtracted: their saved modules would be dropped silently
-            raise AdapterError(f"compose: general adapters {with_modules} saved whole modules (PEFT's modules_to_save); "
-                               "GenKnowSub subtracts LoRA factors only")
+            raise AdapterError(f"compose: general adapters {with_modules} saved whole modules or trained tokens (PEFT's "
+                               "modules_to_save, trainable_token_indices); GenKnowSub subtracts LoRA factors only")
         loaded = subtract_general_knowledge(loaded, general_loaded)
     names = [a.name for a in loaded]
     config = MoLoRAConfig(

@@ -225,3 +225,34 @@ def test_t5_shared_embedding_ties_both_stacks_through_a_checkpoint(tmp_path):
                            model(input_ids=ids, decoder_input_ids=dec).last_hidden_state)
     rows = loaded.base_model.shared.copies["0"]
     assert loaded.base_model.encoder.embed_tokens.copies["0"].rows is rows
+
+
+def test_pool_genknowsub_and_nan_rows_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from molora import MoLoRAConfig, get_molora_model
+    from molora.adapter_pool import AdapterPool
+
+    base = tiny_gpt2()
+    a = make_adapter(base, tmp_path / "a", seed=0, ids=[1, 5], targets=["c_attn"])
+    plain = tmp_path / "plain"
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(str(plain))
+    model = get_molora_model(copy.deepcopy(base), MoLoRAConfig(target_modules=["c_attn"], num_experts=2, rank=4,
+                                                               router="task"))
+    pool = AdapterPool(model)
+    pool.register("a", a)  # read when first needed
+    with pytest.raises(AdapterError, match=r"trained tokens of \['transformer.wte'\].*a pool slot cannot hold"):
+        with pool.routing(["a"]):
+            pass
+    target = copy.deepcopy(base)
+    before = snapshot(target)
+    with pytest.raises(AdapterError, match=r"general adapters \['a'\] saved whole modules or trained tokens"):
+        molora.compose(target, {"p": plain}, router="task", general_adapters={"a": a})
+    tensors = load_file(str(a / "adapter_model.safetensors"))
+    key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
+    tensors[key][1, 3] = float("nan")
+    save_file(tensors, str(a / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN|non-finite|inf"):
+        molora.compose(target, {"a": a}, router="task")
+    after = snapshot(target)
+    assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
