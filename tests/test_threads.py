@@ -41,6 +41,8 @@ ROUTERS = {
     "mixture": dict(router="mixture"),
     "retrieval": dict(router="retrieval", router_kwargs={"top_k": 2, "key_dim": 8}),
     "retrieval-hnsw": dict(router="retrieval", router_kwargs={"top_k": 2, "key_dim": 8, "search": "hnsw"}),
+    # a mixed bank (molora.kinds.mixed): the parts' stacks and DoRA's base-output factor per call
+    "topk2-mixed-kinds": dict(router="topk", top_k=2, expert_kind=["lora", "dora", "qr_lora", "moslora"]),
 }
 
 
