@@ -65,6 +65,15 @@ class RoutedCopies(nn.Module):
         self.tied_to: str | None = None  # trained tokens of a tied output layer: the embedding's path
 
     @property
+    def holds(self) -> str:
+        """What the copies are, for messages."""
+        from molora.routed_tokens import TiedTokenRows, TokenRows
+
+        if isinstance(next(iter(self.copies.values())), (TokenRows, TiedTokenRows)):
+            return "per-adapter trained tokens (PEFT's trainable_token_indices)"
+        return "whole per-adapter copies (PEFT's modules_to_save)"
+
+    @property
     def expert_ids(self) -> list[int]:
         """The global indices of the experts that have a copy."""
         return [int(k) for k in self.copies]
@@ -93,7 +102,7 @@ class RoutedCopies(nn.Module):
             return ORIGINAL
         if len(used) == 1 and w[used[0]] == 1.0:
             return used[0]
-        raise MoLoRAError(f"{what}: module {self.name!r} holds whole per-adapter copies (PEFT's modules_to_save) for "
+        raise MoLoRAError(f"{what}: module {self.name!r} holds {self.holds} for "
                           f"experts {self.expert_ids}; the mix gives weights {({e: w[e] for e in used})} to experts with "
                           "a copy, and a blend of whole modules is not one module. Use a mix that gives weight 1 to at "
                           "most one expert with a copy (others may share its LoRA layers), or route per example instead")
@@ -102,7 +111,7 @@ class RoutedCopies(nn.Module):
         from molora.layer import RoutedLoRALinear
 
         if not self._shared_router:
-            raise RoutingError(f"module {self.name!r} holds per-adapter copies (PEFT's modules_to_save), which run "
+            raise RoutingError(f"module {self.name!r} holds {self.holds}, which run "
                                "per example by a model-level router (router='task', 'static', 'mixture', ...); "
                                "this model has per-layer routers, whose per-token gates have no per-example copy")
         scope = current_scope()
@@ -121,7 +130,7 @@ class RoutedCopies(nn.Module):
             return self.copy_of(self.pinned)(x, *args, **kwargs)
         d = self._decision(x)
         if not d.per_example:
-            raise RoutingError(f"module {self.name!r} holds per-adapter copies (PEFT's modules_to_save), which run "
+            raise RoutingError(f"module {self.name!r} holds {self.holds}, which run "
                                f"per example; router {getattr(self._shared_router[0], 'name', '?')!r} decides per "
                                "token")
         batch = x.shape[0] if x.dim() > 1 else 1

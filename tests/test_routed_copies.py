@@ -197,7 +197,7 @@ def test_a_per_layer_router_set_later_is_refused_at_the_head(setup):
 
     model.set_layer_routers(lambda path, layer: build_router("soft", num_experts=layer.bank.num_experts,
                                                              d_in=layer.router_width), "soft")
-    with pytest.raises(RoutingError, match=r"module 'classifier' holds per-adapter copies"):
+    with pytest.raises(RoutingError, match=r"module 'classifier' holds whole per-adapter copies"):
         logits(model, ids)
 
 
