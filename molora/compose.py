@@ -89,18 +89,14 @@ def compose(
     modules = _check_against_base(base_model, loaded)
     saved = _check_saved_modules(base_model, loaded, modules)
     tokens = _check_token_rows(base_model, loaded, {**modules, **saved})
-    if saved and not router_class(router).shared:
-        where = next(iter(saved))
-        raise AdapterError(f"compose: adapters {sorted({a.name for a in loaded if where in a.saved_modules})} saved "
-                           f"module {where!r} whole (PEFT's modules_to_save); per-adapter copies run per example by a "
-                           f"model-level router (router='task', 'static', 'mixture', ...), not router {router!r}, whose "
-                           "per-token gates have no per-example copy")
-    if tokens and not router_class(router).shared:
-        where = next(iter(tokens))
-        raise AdapterError(f"compose: adapters {sorted({a.name for a in loaded if where in a.token_rows})} trained "
-                           f"tokens of {where!r} (PEFT's trainable_token_indices); each adapter's rows run per example "
-                           f"by a model-level router (router='task', 'static', 'mixture', ...), not router {router!r}, "
-                           "whose per-token gates have no per-example rows")
+    per_example = {**{p: ("saved module", "whole (PEFT's modules_to_save)", "saved_modules") for p in saved},
+                   **{p: ("trained tokens of", "(PEFT's trainable_token_indices)", "token_rows") for p in tokens}}
+    if per_example and not router_class(router).shared:
+        where, (what, peft, field) = next(iter(per_example.items()))
+        raise AdapterError(f"compose: adapters {sorted(a.name for a in loaded if where in getattr(a, field))} {what} "
+                           f"{where!r} {peft}; each adapter's version of it runs per example by a model-level router "
+                           f"(router='task', 'static', 'mixture', ...), not router {router!r}, whose per-token gates "
+                           "have no per-example version")
     first = next(iter(modules.values()))
     devices = {path: layer_device(base_model, path) for path in modules}  # a meta base without hooks: refused here
     shared = build_shared_router(config, names, routed_layer_class(first).router_dim(first), next(iter(devices.values())))

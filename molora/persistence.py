@@ -883,10 +883,7 @@ def _build_copies(base_model: nn.Module, meta: Mapping[str, Any], where: str, ma
             raise CheckpointError(f"{where}: module {path!r} is already routed: load into a plain base model")
         try:
             if rec.get("tokens") is not None:  # trained tokens: placeholder rows the tensors then give
-                d = getattr(getattr(module, "weight", None), "shape", (0, 0))[-1]
-                copies = {i: TokenRows(module, rec["tokens"][str(i)],
-                                       torch.zeros(len(rec["tokens"][str(i)]), d, dtype=module.weight.dtype), name=path)
-                          for i in rec["expert_ids"]}
+                copies = {i: TokenRows.placeholder(module, rec["tokens"][str(i)], name=path) for i in rec["expert_ids"]}
             elif rec.get("tied_to") is not None:  # built after its embedding (below)
                 continue
             else:

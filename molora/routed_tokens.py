@@ -64,13 +64,24 @@ class TokenRows(nn.Module):
         """The base weight's original rows ``W[I]`` (what the trained rows replace)."""
         return self.base.weight.index_select(0, self.indices)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        # each id's place among the sorted trained ids: a hit takes its trained row, as is
+    @classmethod
+    def placeholder(cls, base: nn.Embedding, indices: Sequence[int], *, name: str = "embedding") -> TokenRows:
+        """Rows of zeros for ``indices`` (a checkpoint's tensors then give their values)."""
+        if not is_plain_embedding(base):
+            raise MoLoRAError(f"module {name!r}: trainable tokens need a plain nn.Embedding; got {type(base).__name__}")
+        return cls(base, indices, base.weight.new_zeros(len(indices), base.weight.shape[1]), name=name)
+
+    def lookup(self, embedding: nn.Embedding, x: Tensor) -> Tensor:
+        """``embedding(x)`` with the trained ids' rows taken from :attr:`values` (as they are)."""
+        out = embedding(x)
+        # each id's place among the sorted trained ids: a hit takes its trained row
         pos = torch.searchsorted(self.sorted_indices, x).clamp_max(self.sorted_indices.numel() - 1)
         hit = self.sorted_indices[pos] == x
         rows = self.values[self.order[pos]].to(out.dtype)
         return torch.where(hit.unsqueeze(-1), rows, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lookup(self.base, x)
 
     def extra_repr(self) -> str:
         return f"tokens={self.indices.numel()}, dim={self.values.shape[1]}"
@@ -99,8 +110,8 @@ class TiedTokenRows(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self.rows
-        if not self.head:  # the same lookup as the embedding it is tied to
-            return TokenRows.forward(rows, x)
+        if not self.head:  # its own lookup, with the rows of the embedding it is tied to
+            return rows.lookup(self._base[0], x)
         out = self._base[0](x)
         cols = x @ rows.values.to(x.dtype).T
         return out.index_copy(out.dim() - 1, rows.indices, cols.to(out.dtype))

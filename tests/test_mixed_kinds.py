@@ -17,7 +17,7 @@ from molora import MoLoRAConfig, get_molora_model
 from molora.errors import CheckpointError, MoLoRAError
 from molora.kinds import MixedBank, QRLoRABank
 
-from helpers import model_inputs, peft_output, snapshot, tiny_bert
+from helpers import assert_same_snapshot, model_inputs, peft_output, snapshot, tiny_bert
 
 KINDS = ["lora", "dora", "qr_lora", "moslora", "ard_lora", "ortho_lora", "riemann_lora", "lora"]
 
@@ -132,8 +132,7 @@ def test_a_static_mixture_is_the_weighted_sum_of_the_expert_outputs_and_merges_e
         torch.testing.assert_close(static(x), out, atol=1e-5, rtol=1e-5)
         static.unmerge()
         assert torch.equal(static(x), out)
-    after = snapshot(static)
-    assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
+    assert_same_snapshot(before, snapshot(static))
 
 
 def test_stack_is_one_batched_op_per_kind_and_cached_when_frozen(monkeypatch):
@@ -197,8 +196,7 @@ def test_save_load_round_trip_and_malformed_kinds_are_refused(tmp_path):
         before = snapshot(base)
         with pytest.raises(CheckpointError, match=match):
             molora.MoLoRAModel.from_pretrained(base, str(tmp_path / "ck"))
-        after = snapshot(base)
-        assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
+        assert_same_snapshot(before, snapshot(base))
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.0, -0.4, 0.5], [0.6, 0.8, 0.0, -0.3]], ids=["lora_kinds", "with_dora"])
@@ -236,8 +234,7 @@ def test_add_expert_of_a_kind_keeps_the_others_and_refusals_change_nothing():
     for kw, match in [(dict(kind="vera"), "kind must be one of"), (dict(kind="qr_lora", rank=5), "of its own rank only")]:
         with pytest.raises(MoLoRAError, match=match):
             model.add_expert("bad", **kw)
-        after = snapshot(model)
-        assert after.keys() == state.keys() and all(str(after[k]) == str(state[k]) for k in after)
+        assert_same_snapshot(state, snapshot(model))
     single = get_molora_model(_base(), MoLoRAConfig(target_modules=["lin"], num_experts=2, rank=3))
     with pytest.raises(MoLoRAError, match="banks hold 'lora' experts only"):
         single.add_expert("d", kind="dora")

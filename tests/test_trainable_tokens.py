@@ -15,7 +15,7 @@ import molora
 from molora.errors import AdapterError, CheckpointError, MoLoRAError
 from molora.routed_tokens import TiedTokenRows, TokenRows
 
-from helpers import snapshot, tiny_gpt2, tiny_llama
+from helpers import assert_same_snapshot, snapshot, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -157,8 +157,7 @@ def test_checkpoint_with_bad_token_records_is_refused(tmp_path):
         before = snapshot(fresh)
         with pytest.raises(CheckpointError, match=match):
             molora.MoLoRAModel.from_pretrained(fresh, str(tmp_path / "ck"))
-        after = snapshot(fresh)
-        assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
+        assert_same_snapshot(before, snapshot(fresh))
 
 
 def test_malformed_adapters_and_per_token_routers_are_refused_untouched(tmp_path):
@@ -187,8 +186,7 @@ def test_malformed_adapters_and_per_token_routers_are_refused_untouched(tmp_path
             molora.compose(base, {"x": bad}, router="task")
     with pytest.raises(AdapterError, match="trainable_token_indices.*model-level router"):
         molora.compose(base, {"x": folder}, router="soft")
-    after = snapshot(base)
-    assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
+    assert_same_snapshot(before, snapshot(base))
     assert key in tensors
 
 
@@ -254,5 +252,4 @@ def test_pool_genknowsub_and_nan_rows_are_refused(tmp_path):
     save_file(tensors, str(a / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="NaN|non-finite|inf"):
         molora.compose(target, {"a": a}, router="task")
-    after = snapshot(target)
-    assert after.keys() == before.keys() and all(str(after[k]) == str(before[k]) for k in after)
+    assert_same_snapshot(before, snapshot(target))

@@ -139,19 +139,21 @@ class MixedBank(BaseExpertBank):
     def _sources(self) -> list[Tensor]:
         return [t for part in self.parts.values() for t in part._sources()]
 
-    def _order(self, device: torch.device) -> Tensor | None:
-        """The permutation from the parts' concatenation to this bank's order (``None``: identity)."""
+    def _layout(self, device: torch.device) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The permutation from the parts' concatenation to this bank's order (``None``: identity)
+        and each part's experts as an index tensor, made once per layout and device."""
+        cached = self._perm
+        if cached is not None and cached[0] == device:
+            return cached[1], cached[2]
         offsets, start = {}, 0
         for kind, part in self.parts.items():
             offsets[kind] = start
             start += part.num_experts
         order = [offsets[k] + i for k, i in zip(self.kinds, self.local)]
-        if order == list(range(len(order))):
-            return None
-        cached = self._perm
-        if cached is None or cached[0] != order or cached[1].device != device:
-            self._perm = cached = (order, torch.tensor(order, device=device))
-        return cached[1]
+        perm = None if order == list(range(len(order))) else torch.tensor(order, device=device)
+        cols = {kind: torch.tensor(self.members(kind), device=device) for kind in self.parts}
+        self._perm = (device, perm, cols)  # one assignment: a thread sees a whole layout
+        return perm, cols
 
     def _stack(self) -> tuple[Tensor, Tensor]:
         stacks = [(part, part._stack()) for part in self.parts.values()]
@@ -166,7 +168,7 @@ class MixedBank(BaseExpertBank):
         dtype = torch.promote_types(As[0].dtype, Bs[0].dtype)
         A = torch.cat([a.to(dtype) for a in As])
         B = torch.cat([b.to(dtype) for b in Bs])
-        order = self._order(A.device)
+        order, _ = self._layout(A.device)
         if order is not None:
             A, B = A.index_select(0, order), B.index_select(0, order)
         return A, B
@@ -184,10 +186,10 @@ class MixedBank(BaseExpertBank):
         if not scaling:
             return None
         dense = dense_gates(gates, indices, self.num_experts)
+        _, cols = self._layout(dense.device)
         total = None
         for kind, part in scaling:
-            cols = torch.tensor(self.members(kind), device=dense.device)
-            s = part.output_scale(dense.index_select(1, cols), None)
+            s = part.output_scale(dense.index_select(1, cols[kind]), None)
             total = s if total is None else total + s
         return total
 
