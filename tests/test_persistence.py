@@ -275,7 +275,7 @@ def test_fingerprint_reads_a_sample_not_the_whole_weight():
 
 
 @pytest.mark.parametrize("kind,field", [("ard_lora", "rank_alpha"), ("moslora", "M"), ("qr_lora", "dR"),
-                                        ("dora", "magnitude")])
+                                        ("dora", "magnitude"), (("lora", "dora"), "parts.dora.magnitude")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_kind_parameter_in_checkpoint_is_rejected(bert, tmp_path, kind, field, value):
     """A kind's own tensors (ARD gates, MoSLoRA mixers, QR-LoRA's dR, DoRA magnitudes) are checked
